@@ -1,0 +1,43 @@
+# nestprune — targets a newcomer can guess.
+PY      ?= python3
+VENV    ?= .venv
+BIN     := $(VENV)/bin
+TORCH   ?= torch==2.13.0
+STAMP   := $(VENV)/.installed
+
+.PHONY: install test test-all lint demo bench bench-quality bench-materialize bench-registry schemas clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q "$(TORCH)"
+	$(BIN)/python -m pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+install: $(STAMP)  ## create .venv and install nestprune with its test tools (CPU torch)
+
+test: $(STAMP)  ## the CPU test suite (what CI runs)
+	$(BIN)/python -m pytest tests
+
+lint: $(STAMP)
+	$(BIN)/ruff check nestprune cli schemas tests bench
+
+schemas: $(STAMP)  ## regenerate the committed JSON Schema files
+	$(BIN)/python -m schemas.export
+
+demo: $(STAMP)  ## build -> inspect -> materialize two sizes -> generate, on the bundled sample (CPU, a few minutes)
+	$(BIN)/python -m nestprune.demo --workdir runs/demo
+
+bench: bench-materialize  ## benchmarks that run on this machine's CPU
+
+bench-materialize: $(STAMP)
+	$(BIN)/python bench/materialize_speed.py
+
+bench-quality: $(STAMP)
+	$(BIN)/python bench/quality.py
+
+bench-registry: $(STAMP)
+	$(BIN)/python bench/registry_bytes.py
+
+clean:
+	rm -rf runs .pytest_cache .ruff_cache

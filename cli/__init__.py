@@ -1,0 +1,1 @@
+"""nestprune's command-line interface: thin typer commands over the ``nestprune`` library."""

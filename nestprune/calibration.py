@@ -1,0 +1,152 @@
+"""Calibration text → seeded token windows, with provenance.
+
+Accepted files: ``.txt``, ``.txt.xz`` (and ``.xz``/``.gz`` of either), ``.jsonl`` (``{"text": ...}``
+per line). Documents are separated by a line holding only ``<|doc|>`` (the bundled corpus format) or,
+when no such line exists, by blank lines.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import lzma
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from nestprune.errors import NestpruneError
+
+DOC_SEPARATOR = "<|doc|>"
+
+
+def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def open_text(path: Path):
+    path = Path(path)
+    if not path.exists():
+        raise NestpruneError(f"data file {path} does not exist")
+    if path.is_dir():
+        raise NestpruneError(f"data path {path} is a directory; give a .txt, .txt.xz or .jsonl file")
+    if path.suffix == ".xz":
+        return lzma.open(path, "rt", encoding="utf-8")
+    if path.suffix == ".gz":
+        return gzip.open(path, "rt", encoding="utf-8")
+    return open(path, encoding="utf-8")
+
+
+def _base_suffix(path: Path) -> str:
+    suffixes = [s for s in Path(path).suffixes if s not in (".xz", ".gz")]
+    return suffixes[-1] if suffixes else ""
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    """Parse a JSONL file; a malformed line is an error naming the line."""
+    rows = []
+    try:
+        with open_text(path) as f:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise NestpruneError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+                if not isinstance(row, dict):
+                    raise NestpruneError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
+                rows.append(row)
+    except (UnicodeDecodeError, lzma.LZMAError, EOFError, OSError) as e:
+        if isinstance(e, FileNotFoundError):
+            raise
+        raise NestpruneError(f"cannot read {path}: {e}") from None
+    return rows
+
+
+def read_documents(path: Path) -> list[str]:
+    """Documents of a text or JSONL file, in file order, empty ones dropped."""
+    path = Path(path)
+    if _base_suffix(path) == ".jsonl":
+        docs = []
+        for i, row in enumerate(read_jsonl(path), 1):
+            if not isinstance(row.get("text"), str):
+                raise NestpruneError(f"{path}: record {i} has no string field 'text'")
+            docs.append(row["text"])
+        return [d for d in docs if d.strip()]
+    try:
+        with open_text(path) as f:
+            text = f.read()
+    except (UnicodeDecodeError, lzma.LZMAError, EOFError) as e:
+        raise NestpruneError(f"cannot read {path} as UTF-8 text: {e}") from None
+    lines = text.split("\n")
+    if any(line.strip() == DOC_SEPARATOR for line in lines):
+        docs, cur = [], []
+        for line in lines:
+            if line.strip() == DOC_SEPARATOR:
+                docs.append("\n".join(cur))
+                cur = []
+            else:
+                cur.append(line)
+        docs.append("\n".join(cur))
+    else:
+        docs = [d for d in text.split("\n\n")]
+    return [d.strip("\n") for d in docs if d.strip()]
+
+
+@dataclass(frozen=True)
+class CalibrationSet:
+    """Token windows for calibration, plus where they came from."""
+
+    windows: torch.Tensor  # (n, seq_len) int64
+    source: str
+    sha256: str
+    seed: int
+    documents: int
+    tokens_available: int
+
+    @property
+    def tokens_used(self) -> int:
+        return int(self.windows.numel())
+
+
+def tokenize_documents(docs: list[str], tokenizer) -> torch.Tensor:
+    """Concatenate documents into one token stream, an EOS token between documents."""
+    eos = tokenizer.eos_token_id
+    ids: list[int] = []
+    enc = tokenizer(docs, add_special_tokens=False)["input_ids"]
+    for piece in enc:
+        ids.extend(piece)
+        if eos is not None:
+            ids.append(eos)
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def sample_windows(stream: torch.Tensor, n: int, seq_len: int, seed: int) -> torch.Tensor:
+    """``n`` random windows of ``seq_len`` tokens from a token stream (seeded, with replacement)."""
+    if n < 1 or seq_len < 2:
+        raise NestpruneError(f"need at least 1 window of at least 2 tokens, got {n} x {seq_len}")
+    if len(stream) < seq_len:
+        raise NestpruneError(
+            f"calibration data has {len(stream)} tokens, fewer than one window of {seq_len}; "
+            "give more text or a shorter --seq-len"
+        )
+    g = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, len(stream) - seq_len + 1, (n,), generator=g)
+    return torch.stack([stream[s : s + seq_len] for s in starts.tolist()])
+
+
+def load_calibration(path: Path, tokenizer, n: int, seq_len: int, seed: int = 0) -> CalibrationSet:
+    path = Path(path)
+    docs = read_documents(path)
+    if not docs:
+        raise NestpruneError(f"data file {path} holds no text")
+    stream = tokenize_documents(docs, tokenizer)
+    windows = sample_windows(stream, n, seq_len, seed)
+    return CalibrationSet(windows=windows, source=str(path), sha256=sha256_file(path), seed=seed,
+                          documents=len(docs), tokens_available=len(stream))
