@@ -36,7 +36,7 @@ class Objective(Protocol):
 def token_nll(model: torch.nn.Module, input_ids: torch.Tensor, labels: torch.Tensor,
               attention_mask: torch.Tensor | None = None) -> torch.Tensor:
     """Per-sample mean next-token cross-entropy over labelled positions (labels -100 are ignored). (B,)"""
-    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits  # (B, T, V)
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits  # (B, T, V)
     shift_logits = logits[:, :-1].float()
     shift_labels = labels[:, 1:]
     nll = F.cross_entropy(shift_logits.transpose(1, 2), shift_labels, ignore_index=-100, reduction="none")

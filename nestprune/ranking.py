@@ -75,3 +75,42 @@ class Ranking:
         """Indices of one layer's structures of ``kind``, from first removed to last (most important last)."""
         sel = (self.layer == layer) & (self.kind == kind)
         return self.index[sel]
+
+
+@dataclass(frozen=True)
+class StructureTable:
+    """Every structure of a model once, in canonical order (per layer: attention units, then channels)."""
+
+    layer: np.ndarray  # int32 (N,)
+    kind: np.ndarray  # uint8 (N,)
+    index: np.ndarray  # int32 (N,)
+    cost: np.ndarray  # int64 (N,)
+    prunable: np.ndarray  # bool (N,)
+
+    def __len__(self) -> int:
+        return len(self.layer)
+
+
+def structure_table(arch: ArchInfo, gqa_mode: GqaMode, prunable_layers: list[int]) -> StructureTable:
+    akind = arch.attention_kind(gqa_mode)
+    n_attn, n_mlp = arch.num_attention_units(gqa_mode), arch.intermediate_size
+    per_layer = n_attn + n_mlp
+    L = arch.num_layers
+    layer = np.repeat(np.arange(L, dtype=np.int32), per_layer)
+    kind = np.tile(np.r_[np.full(n_attn, KIND_CODES[akind]), np.full(n_mlp, KIND_CODES["channel"])], L)
+    index = np.tile(np.r_[np.arange(n_attn), np.arange(n_mlp)], L).astype(np.int32)
+    cost = np.tile(np.r_[np.full(n_attn, arch.structure_cost(akind)), np.full(n_mlp, arch.structure_cost("channel"))],
+                   L).astype(np.int64)
+    prunable = np.isin(layer, np.asarray(prunable_layers, dtype=np.int32))
+    return StructureTable(layer=layer, kind=kind.astype(np.uint8), index=index, cost=cost, prunable=prunable)
+
+
+def kept_counts(ranking: Ranking, prefix_len: int) -> tuple[np.ndarray, np.ndarray]:
+    """Attention units and channels each layer keeps after removing the first ``prefix_len`` entries. (L,), (L,)"""
+    arch = ranking.arch
+    L = arch.num_layers
+    removed_layer = ranking.layer[:prefix_len]
+    is_ch = ranking.kind[:prefix_len] == KIND_CODES["channel"]
+    attn = arch.num_attention_units(ranking.gqa_mode) - np.bincount(removed_layer[~is_ch], minlength=L)
+    mlp = arch.intermediate_size - np.bincount(removed_layer[is_ch], minlength=L)
+    return attn, mlp
