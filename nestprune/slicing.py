@@ -1,0 +1,252 @@
+"""Removal order + target → kept indices per layer (pure: numpy only, no files, no devices).
+
+Two layouts:
+
+``per-layer``  the exact GISP subnetwork: the complement of the shortest removal prefix that reaches the
+               target, so every layer keeps its own number of heads and channels.
+``uniform``    the same width in every layer (never-pruned layers included), so a stock config holds. The
+               widths are the mean kept widths of the per-layer subnetwork, rounded; inside each layer the
+               kept structures are the last ones the global order removes. GQA query-head mode keeps the
+               same number of query heads in every KV group; group mode keeps whole groups; at least one
+               head / group per layer.
+
+``multiple_of`` rounds kept channel counts to the nearest multiple (capped at the full width); the
+sparsity actually reached is reported as ``achieved_sparsity``.
+
+Nested by construction: within a layer the kept set is always a suffix of the layer's removal order, and
+every kept width is a non-decreasing function of the kept count of the prefix, so for s1 < s2 the kept
+heads/channels of s2 are a subset of those of s1 in every layer (see ``is_nested``).
+
+Under GQA query-head mode a KV head none of whose query heads is kept is dropped from the variant (it can
+no longer influence any output); ``achieved_sparsity`` counts it as removed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+
+from nestprune.arch import KIND_CODES, ArchInfo, GqaMode, Space
+from nestprune.errors import NestpruneError
+from nestprune.ranking import Ranking
+
+Layout = Literal["per-layer", "uniform"]
+LAYOUTS: tuple[str, ...] = ("per-layer", "uniform")
+
+
+@dataclass(frozen=True)
+class LayerKeep:
+    """What one decoder layer keeps, as ascending original indices."""
+
+    heads: np.ndarray  # int64 (h,) kept query heads
+    kv_heads: np.ndarray  # int64 (k,) kept key/value heads
+    kv_of_head: np.ndarray  # int64 (h,) position in ``kv_heads`` of the KV head each kept query head reads
+    channels: np.ndarray  # int64 (c,) kept MLP channels
+
+    @property
+    def num_heads(self) -> int:
+        return len(self.heads)
+
+    @property
+    def num_kv_heads(self) -> int:
+        return len(self.kv_heads)
+
+    @property
+    def intermediate_size(self) -> int:
+        return len(self.channels)
+
+    @property
+    def uniform_groups(self) -> int | None:
+        """Query heads per KV head when ``repeat_kv`` reproduces ``kv_of_head`` (else None)."""
+        h, k = self.num_heads, self.num_kv_heads
+        if k == 0 or h % k:
+            return None
+        expected = np.repeat(np.arange(k), h // k)
+        return h // k if np.array_equal(self.kv_of_head, expected) else None
+
+
+@dataclass(frozen=True)
+class VariantSpec:
+    """Which heads and channels of every layer a variant keeps, and the sparsity that gives."""
+
+    arch: ArchInfo
+    gqa_mode: GqaMode
+    layout: Layout
+    layers: tuple[LayerKeep, ...]
+    requested_sparsity: float
+    achieved_sparsity: float
+    prefix_len: int  # removal prefix the widths come from (per-layer without rounding: exactly removed)
+    decoder_params: int  # base decoder-layer parameters (the denominator of sparsity)
+    kept_decoder_params: int
+    multiple_of: int | None = None
+
+    @property
+    def total_params(self) -> int:
+        """Parameters of the variant: kept decoder layers + embeddings, lm_head and final norm."""
+        return self.kept_decoder_params + non_decoder_params(self.arch)
+
+    def units(self, layer: int) -> np.ndarray:
+        """Kept attention units of ``layer``: KV groups in group mode, else query heads."""
+        keep = self.layers[layer]
+        return keep.kv_heads if self.arch.attention_kind(self.gqa_mode) == "group" else keep.heads
+
+    def space_index(self, layer: int, space: Space) -> np.ndarray:
+        """Kept units of one index space (q heads, kv heads or channels). (n_kept,)"""
+        keep = self.layers[layer]
+        return {"q": keep.heads, "kv": keep.kv_heads, "mlp": keep.channels}[space]
+
+    def rows(self, layer: int, space: Space) -> np.ndarray:
+        """Kept element indices of one index space, units expanded by their width. (n_kept * width,)"""
+        return expand(self.space_index(layer, space), self.arch.space_width(space))
+
+
+def expand(units: np.ndarray, width: int) -> np.ndarray:
+    """[1, 3], width 2 -> [2, 3, 6, 7]. (len(units) * width,)"""
+    units = np.asarray(units, dtype=np.int64)
+    return (units[:, None] * width + np.arange(width)[None, :]).reshape(-1)
+
+
+def non_decoder_params(arch: ArchInfo) -> int:
+    """Embeddings, lm_head (unless tied) and the final norm: never pruned."""
+    return arch.vocab_size * arch.hidden_size * (1 if arch.tie_word_embeddings else 2) + arch.hidden_size
+
+
+def sparsity_for_params(ranking: Ranking, params: int) -> float:
+    """Parameter sparsity at which the whole model holds ``params`` parameters."""
+    other = non_decoder_params(ranking.arch)
+    total = ranking.decoder_params + other
+    if params > total:
+        raise NestpruneError(f"--params {params:,} is more than the base model has ({total:,})")
+    if params <= other:
+        raise NestpruneError(f"--params {params:,} is not more than the embeddings and lm_head alone ({other:,})")
+    return 1.0 - (params - other) / ranking.decoder_params
+
+
+def round_to_multiple(x: float, m: int) -> int:
+    """Nearest multiple of ``m`` (halves up): monotone in ``x``, so nestedness survives rounding."""
+    return int(np.floor(x / m + 0.5)) * m
+
+
+# --- per-layer counts from a prefix -------------------------------------------------------------------------
+
+def removed_counts(ranking: Ranking, prefix_len: int) -> tuple[np.ndarray, np.ndarray]:
+    """Structures removed by the first ``prefix_len`` entries: (attention units (L,), channels (L,))."""
+    n_layers = ranking.arch.num_layers
+    layer, kind = ranking.layer[:prefix_len], ranking.kind[:prefix_len]
+    attn = np.bincount(layer[kind == ranking.attention_kind], minlength=n_layers)
+    mlp = np.bincount(layer[kind == KIND_CODES["channel"]], minlength=n_layers)
+    return attn.astype(np.int64), mlp.astype(np.int64)
+
+
+def last_removed(ranking: Ranking, layer: int, kind: int, keep: int) -> np.ndarray:
+    """The ``keep`` structures of one layer the global order removes last, ascending. (keep,)"""
+    order = ranking.layer_order(layer, kind)
+    return np.sort(order[len(order) - keep:]).astype(np.int64) if keep > 0 else np.zeros(0, np.int64)
+
+
+def keep_from_units(arch: ArchInfo, gqa_mode: GqaMode, units: np.ndarray, channels: np.ndarray) -> LayerKeep:
+    """Expand kept attention units (heads or groups) into query heads, KV heads and the head→KV map."""
+    units = np.sort(np.asarray(units, dtype=np.int64))
+    if arch.attention_kind(gqa_mode) == "group":
+        gs = arch.group_size
+        heads = expand(units, gs)  # group g owns query heads [g*gs, (g+1)*gs)
+        kv_heads = units
+    elif arch.is_gqa:  # query-head mode: KV heads read by at least one kept query head
+        heads = units
+        kv_heads = np.unique(units // arch.group_size)
+    else:  # MHA: head h is KV head h
+        heads = units
+        kv_heads = units
+    kv_of_head = np.searchsorted(kv_heads, heads // arch.group_size).astype(np.int64)
+    return LayerKeep(heads=heads, kv_heads=kv_heads, kv_of_head=kv_of_head,
+                     channels=np.sort(np.asarray(channels, dtype=np.int64)))
+
+
+# --- layouts ------------------------------------------------------------------------------------------------
+
+def per_layer_keeps(ranking: Ranking, prefix_len: int, multiple_of: int | None) -> tuple[LayerKeep, ...]:
+    arch, attn_kind, ch_kind = ranking.arch, ranking.attention_kind, KIND_CODES["channel"]
+    n_units, n_ch = arch.num_attention_units(ranking.gqa_mode), arch.intermediate_size
+    attn_removed, mlp_removed = removed_counts(ranking, prefix_len)
+    keeps = []
+    for layer in range(arch.num_layers):
+        c = int(n_ch - mlp_removed[layer])
+        if multiple_of:
+            c = min(round_to_multiple(c, multiple_of), n_ch)
+        units = last_removed(ranking, layer, attn_kind, int(n_units - attn_removed[layer]))
+        keeps.append(keep_from_units(arch, ranking.gqa_mode, units, last_removed(ranking, layer, ch_kind, c)))
+    return tuple(keeps)
+
+
+def uniform_widths(ranking: Ranking, prefix_len: int, multiple_of: int | None) -> tuple[int, int]:
+    """(attention units per layer — query heads per KV group in GQA query mode —, channels per layer)."""
+    arch = ranking.arch
+    attn_removed, mlp_removed = removed_counts(ranking, prefix_len)
+    n_units = arch.num_attention_units(ranking.gqa_mode)
+    mean_units = n_units - attn_removed.mean()
+    if arch.is_gqa and ranking.gqa_mode == "query":
+        attn = min(max(round_to_multiple(mean_units / arch.num_kv_heads, 1), 1), arch.group_size)
+    else:
+        attn = min(max(round_to_multiple(mean_units, 1), 1), n_units)
+    m = multiple_of or 1
+    mean_ch = arch.intermediate_size - mlp_removed.mean()
+    channels = min(max(round_to_multiple(mean_ch, m), min(m, arch.intermediate_size)), arch.intermediate_size)
+    return attn, channels
+
+
+def uniform_keeps(ranking: Ranking, prefix_len: int, multiple_of: int | None) -> tuple[LayerKeep, ...]:
+    arch, attn_kind, ch_kind = ranking.arch, ranking.attention_kind, KIND_CODES["channel"]
+    attn, channels = uniform_widths(ranking, prefix_len, multiple_of)
+    keeps = []
+    for layer in range(arch.num_layers):
+        if arch.is_gqa and ranking.gqa_mode == "query":
+            order = ranking.layer_order(layer, attn_kind)  # (num_heads,) first removed → last removed
+            units = np.concatenate([order[order // arch.group_size == g][arch.group_size - attn:]
+                                    for g in range(arch.num_kv_heads)])
+        else:
+            units = last_removed(ranking, layer, attn_kind, attn)
+        keeps.append(keep_from_units(arch, ranking.gqa_mode, units, last_removed(ranking, layer, ch_kind, channels)))
+    return tuple(keeps)
+
+
+def kept_decoder_params(arch: ArchInfo, decoder_params: int, layers: tuple[LayerKeep, ...]) -> int:
+    """Base decoder parameters minus the rows/columns (and bias entries) the variant drops."""
+    removed = 0
+    for keep in layers:
+        kept = {"q": keep.num_heads, "kv": keep.num_kv_heads, "mlp": keep.intermediate_size}
+        for s in arch.slices():
+            per_elem = 1 if s.name.endswith(".bias") else arch.hidden_size
+            removed += (arch.space_size(s.space) - kept[s.space]) * arch.space_width(s.space) * per_elem
+    return decoder_params - removed
+
+
+def plan_variant(ranking: Ranking, sparsity: float, layout: Layout = "per-layer",
+                 multiple_of: int | None = None) -> VariantSpec:
+    """Kept heads and channels of every layer for a parameter-sparsity target (GISP.md, "Sparsity")."""
+    if layout not in LAYOUTS:
+        raise NestpruneError(f"unknown layout {layout!r} (use {' or '.join(LAYOUTS)})")
+    if multiple_of is not None and multiple_of < 1:
+        raise NestpruneError(f"--multiple-of must be a positive integer, got {multiple_of}")
+    prefix_len = ranking.prefix_for_sparsity(sparsity)
+    build = per_layer_keeps if layout == "per-layer" else uniform_keeps
+    layers = build(ranking, prefix_len, multiple_of)
+    kept = kept_decoder_params(ranking.arch, ranking.decoder_params, layers)
+    return VariantSpec(
+        arch=ranking.arch, gqa_mode=ranking.gqa_mode, layout=layout, layers=layers,
+        requested_sparsity=float(sparsity), achieved_sparsity=1.0 - kept / ranking.decoder_params,
+        prefix_len=prefix_len, decoder_params=ranking.decoder_params, kept_decoder_params=kept,
+        multiple_of=multiple_of,
+    )
+
+
+def is_nested(larger: VariantSpec, smaller: VariantSpec) -> bool:
+    """True if every head, KV head and channel ``smaller`` keeps is also kept by ``larger``, in every layer."""
+    if len(larger.layers) != len(smaller.layers):
+        return False
+    for big, small in zip(larger.layers, smaller.layers, strict=True):
+        for a, b in ((big.heads, small.heads), (big.kv_heads, small.kv_heads), (big.channels, small.channels)):
+            if not np.isin(b, a).all():
+                return False
+    return True
