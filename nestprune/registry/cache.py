@@ -1,0 +1,50 @@
+"""A local content-addressed cache of verified chunks and blobs: a second pull never reads a byte twice.
+
+Keys are sha256 digests, so entries are shared by every version, name and registry that holds the
+same bytes, and an entry is checked against its key on every read (a damaged entry is dropped and
+fetched again). Writes are atomic (temporary file + rename), so concurrent pulls can share a cache.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import uuid
+from pathlib import Path
+
+DEFAULT_CACHE = Path(os.environ.get("NESTPRUNE_CACHE", "~/.cache/nestprune/chunks")).expanduser()
+
+
+def sha256(data: bytes | bytearray | memoryview) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+class ChunkCache:
+    def __init__(self, root: Path | str = DEFAULT_CACHE):
+        self.root = Path(root).expanduser()
+
+    def _path(self, digest: str) -> Path:
+        return self.root / "sha256" / digest[:2] / digest
+
+    def get(self, digest: str) -> bytes | None:
+        path = self._path(digest)
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            return None
+        if sha256(data) != digest:
+            path.unlink(missing_ok=True)
+            return None
+        return data
+
+    def put(self, digest: str, data: bytes) -> None:
+        path = self._path(digest)
+        if path.exists():
+            return
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{digest}.{uuid.uuid4().hex}.tmp")
+        try:
+            tmp.write_bytes(data)
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)

@@ -1,0 +1,165 @@
+"""The nested layout (pure: tensors and ints in, tensors and bytes out; no I/O).
+
+Within each decoder layer, heads / KV groups / MLP channels are permuted into the reverse of the
+layer's removal order — most important first — and every prunable tensor is stored with its pruned
+axis as the row axis (o_proj and down_proj transposed). A variant of any sparsity then keeps, in each
+layer, a *prefix* of the stored units, so its bytes are a prefix of every prunable pack. The
+permutation is function-preserving: it is applied to the rows of q/k/v/gate/up and the same columns
+of o/down, and undone on read, so a pull hands materialize the original tensors restricted to the
+requested original indices.
+
+Chunks: one per head (``head_dim`` rows), one per block of ``channel_block`` MLP channels, and
+row blocks of about ``WHOLE_CHUNK_BYTES`` for tensors that are never pruned (embeddings, norms,
+lm_head, K/V in GQA query mode), which are stored whole in their original order.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from functools import cache
+
+import numpy as np
+import torch
+
+from nestprune.arch import KIND_CODES, ArchInfo, Space
+from nestprune.errors import NestpruneError
+from nestprune.ranking import Ranking
+
+WHOLE_CHUNK_BYTES = 4 << 20
+DEFAULT_CHANNEL_BLOCK = 128
+
+DTYPE_NAMES: dict[torch.dtype, str] = {
+    torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
+    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
+DTYPES: dict[str, torch.dtype] = {v: k for k, v in DTYPE_NAMES.items()}
+
+
+@dataclass(frozen=True)
+class LayerUnits:
+    """One layer's units in stored order (original indices, most important first).
+
+    In GQA query-head mode K/V heads are not ranked; they keep their original order (still chunked per
+    head, so a variant that drops a KV head none of whose query heads survives skips its bytes).
+    """
+
+    q: np.ndarray
+    kv: np.ndarray
+    mlp: np.ndarray
+
+    def order(self, space: Space) -> np.ndarray:
+        return {"q": self.q, "kv": self.kv, "mlp": self.mlp}[space]
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where a prunable tensor's units live: its layer, index space, pruned axis and rows per unit."""
+
+    layer: int
+    space: Space
+    axis: int
+    unit_rows: int
+
+
+def _check_perm(order: np.ndarray, n: int, what: str) -> np.ndarray:
+    order = np.asarray(order, dtype=np.int64)
+    if len(order) != n or not np.array_equal(np.sort(order), np.arange(n)):
+        raise NestpruneError(f"the ranking does not list each of the {n} {what} exactly once")
+    return order
+
+
+def layer_units(ranking: Ranking) -> dict[int, LayerUnits]:
+    """Stored order of every layer's units: the reverse of the layer's removal order."""
+    arch = ranking.arch
+    att = ranking.attention_kind
+    group_mode = att == KIND_CODES["group"]
+    units: dict[int, LayerUnits] = {}
+    for layer in range(arch.num_layers):
+        what = f"attention units of layer {layer}"
+        a = _check_perm(ranking.layer_order(layer, att)[::-1], arch.num_attention_units(ranking.gqa_mode), what)
+        mlp = _check_perm(ranking.layer_order(layer, KIND_CODES["channel"])[::-1], arch.intermediate_size,
+                          f"MLP channels of layer {layer}")
+        if group_mode:  # a KV head and its query heads, the query heads in their original order
+            gs = arch.group_size
+            q = (a[:, None] * gs + np.arange(gs)[None, :]).reshape(-1)
+            kv = a
+        else:
+            q = a
+            kv = np.arange(arch.num_kv_heads) if arch.is_gqa else a
+        units[layer] = LayerUnits(q=q, kv=kv, mlp=mlp)
+    return units
+
+
+@cache
+def _layer_pattern(prefix: str) -> re.Pattern[str]:
+    return re.compile("^" + re.escape(prefix).replace(r"\{\}", r"(\d+)") + "(.+)$")
+
+
+def placement(arch: ArchInfo, name: str, units: dict[int, LayerUnits]) -> Placement | None:
+    """The placement of tensor ``name`` if it is prunable (its units are permuted), else None."""
+    m = _layer_pattern(arch.fam.layer_prefix).match(name)
+    if not m:
+        return None
+    layer, local = int(m.group(1)), m.group(2)
+    for s in arch.slices():
+        if s.name == local:
+            if layer not in units:
+                return None
+            return Placement(layer=layer, space=s.space, axis=s.axis, unit_rows=arch.space_width(s.space))
+    return None
+
+
+def to_stored(t: torch.Tensor, where: Placement | None, units: dict[int, LayerUnits]) -> torch.Tensor:
+    """The tensor as stored: pruned axis as rows, units in stored order. Whole tensors unchanged."""
+    if where is None:
+        return t.contiguous()
+    rows = t.t() if where.axis == 1 else t
+    order = units[where.layer].order(where.space)
+    perm = torch.as_tensor(unit_rows_of(order, where.unit_rows))
+    return rows.index_select(0, perm).contiguous()
+
+
+def unit_rows_of(units: np.ndarray, width: int) -> np.ndarray:
+    """Element rows of a list of units, each ``width`` rows wide: [2, 0] w=2 -> [4, 5, 0, 1]."""
+    return (np.asarray(units, dtype=np.int64)[:, None] * width + np.arange(width)[None, :]).reshape(-1)
+
+
+def stored_rows(index: np.ndarray, order: np.ndarray, width: int) -> np.ndarray:
+    """Stored row of each original element row in ``index`` (for a unit order of ``width`` rows each)."""
+    pos = np.empty(len(order), dtype=np.int64)
+    pos[order] = np.arange(len(order))
+    index = np.asarray(index, dtype=np.int64)
+    return pos[index // width] * width + index % width
+
+
+def chunk_rows_for(where: Placement | None, stored_shape: tuple[int, ...], itemsize: int,
+                   channel_block: int = DEFAULT_CHANNEL_BLOCK) -> int:
+    """Rows per chunk: one head, a block of channels, or ~WHOLE_CHUNK_BYTES of a whole tensor."""
+    if where is not None:
+        return where.unit_rows if where.space != "mlp" else max(1, channel_block)
+    row_bytes = itemsize * int(np.prod(stored_shape[1:], dtype=np.int64)) if len(stored_shape) > 1 else itemsize
+    return max(1, WHOLE_CHUNK_BYTES // max(1, row_bytes))
+
+
+def tensor_bytes(t: torch.Tensor) -> bytes:
+    """Raw little-endian bits of a contiguous tensor (bf16 stays bit-exact)."""
+    t = t.contiguous()
+    if t.numel() == 0:
+        return b""
+    return t.reshape(-1).view(torch.uint8).numpy().tobytes()
+
+
+def tensor_from_bytes(data: bytes | bytearray, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
+    if len(data) == 0:
+        return torch.empty(shape, dtype=dtype)
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8).view(dtype).reshape(shape)
+
+
+def split_chunks(data: bytes, row_bytes: int, chunk_rows: int) -> list[bytes]:
+    """The pack's bytes cut into chunks of ``chunk_rows`` rows (the last may be shorter)."""
+    step = row_bytes * chunk_rows
+    if not data:
+        return []
+    return [data[i : i + step] for i in range(0, len(data), step)]
