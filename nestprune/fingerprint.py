@@ -11,6 +11,8 @@ from schemas.artifact import BaseFingerprint, FileDigest
 
 
 def config_path(model_dir: Path) -> Path:
+    if not Path(model_dir).is_dir():
+        raise NestpruneError(f"model directory {model_dir} does not exist")
     p = Path(model_dir) / "config.json"
     if not p.exists():
         raise NestpruneError(f"{model_dir} has no config.json; is it a Hugging Face model directory?")
