@@ -235,8 +235,9 @@ def gisp_ranking(
     one_shot = cfg.method == "gisp-oneshot"
     delta = ratio_step(cfg.r_max, steps_planned)
     all_layers = list(range(arch.num_layers))
+    named = dict(model.named_parameters())
     params_for = {
-        tuple(layers): {arch.layer_key(layer, s.name): dict(model.named_parameters())[arch.layer_key(layer, s.name)]
+        tuple(layers): {arch.layer_key(layer, s.name): named[arch.layer_key(layer, s.name)]
                         for layer in layers for s in scored_slices(arch, gqa_mode)}
         for layers in (prunable_layers, all_layers)
     }
