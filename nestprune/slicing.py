@@ -60,11 +60,16 @@ class LayerKeep:
     @property
     def uniform_groups(self) -> int | None:
         """Query heads per KV head when ``repeat_kv`` reproduces ``kv_of_head`` (else None)."""
-        h, k = self.num_heads, self.num_kv_heads
-        if k == 0 or h % k:
-            return None
-        expected = np.repeat(np.arange(k), h // k)
-        return h // k if np.array_equal(self.kv_of_head, expected) else None
+        return uniform_groups(self.kv_of_head, self.num_kv_heads)
+
+
+def uniform_groups(kv_of_head: np.ndarray, num_kv_heads: int) -> int | None:
+    """g if ``kv_of_head`` == [0]*g + [1]*g + … (what ``repeat_kv`` with g groups computes), else None."""
+    h, k = len(kv_of_head), num_kv_heads
+    if k == 0 or h % k:
+        return None
+    expected = np.repeat(np.arange(k), h // k)
+    return h // k if np.array_equal(np.asarray(kv_of_head), expected) else None
 
 
 @dataclass(frozen=True)
@@ -122,6 +127,20 @@ def sparsity_for_params(ranking: Ranking, params: int) -> float:
     if params <= other:
         raise NestpruneError(f"--params {params:,} is not more than the embeddings and lm_head alone ({other:,})")
     return 1.0 - (params - other) / ranking.decoder_params
+
+
+# transformers' LlamaConfig refuses hidden_size % num_attention_heads != 0 even with an explicit head_dim,
+# so a stock (uniform) Llama config can only hold head counts that divide hidden_size.
+HEADS_DIVIDE_HIDDEN = ("llama",)
+
+
+def stock_head_count_ok(arch: ArchInfo, num_heads: int) -> bool:
+    return arch.family not in HEADS_DIVIDE_HIDDEN or arch.hidden_size % num_heads == 0
+
+
+def nearest(candidates: list[int], x: float) -> int:
+    """The candidate closest to ``x`` (ties: the larger). Monotone in ``x``, so nestedness survives."""
+    return min(candidates, key=lambda c: (abs(c - x), -c))
 
 
 def round_to_multiple(x: float, m: int) -> int:
@@ -186,10 +205,12 @@ def uniform_widths(ranking: Ranking, prefix_len: int, multiple_of: int | None) -
     attn_removed, mlp_removed = removed_counts(ranking, prefix_len)
     n_units = arch.num_attention_units(ranking.gqa_mode)
     mean_units = n_units - attn_removed.mean()
-    if arch.is_gqa and ranking.gqa_mode == "query":
-        attn = min(max(round_to_multiple(mean_units / arch.num_kv_heads, 1), 1), arch.group_size)
-    else:
-        attn = min(max(round_to_multiple(mean_units, 1), 1), n_units)
+    if arch.is_gqa and ranking.gqa_mode == "query":  # query heads per KV group, every group kept
+        candidates, heads_per, target = range(1, arch.group_size + 1), arch.num_kv_heads, mean_units / arch.num_kv_heads
+    else:  # heads, or whole groups
+        candidates, target = range(1, n_units + 1), mean_units
+        heads_per = arch.group_size if arch.attention_kind(ranking.gqa_mode) == "group" else 1
+    attn = nearest([u for u in candidates if stock_head_count_ok(arch, u * heads_per)], target)
     m = multiple_of or 1
     mean_ch = arch.intermediate_size - mlp_removed.mean()
     channels = min(max(round_to_multiple(mean_ch, m), min(m, arch.intermediate_size)), arch.intermediate_size)

@@ -62,6 +62,7 @@ def tiny_arch(name: str = "llama-gqa", **over) -> ArchInfo:
         "llama-gqa": dict(model_type="llama", num_key_value_heads=2),
         "qwen2": dict(model_type="qwen2", num_key_value_heads=2),
         "llama-8": dict(model_type="llama", num_attention_heads=8, num_key_value_heads=2, hidden_size=64),
+        "mistral-8": dict(model_type="mistral", num_attention_heads=8, num_key_value_heads=2, hidden_size=64),
     }
     cfg = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=4, num_attention_heads=4,
                vocab_size=300)
@@ -148,7 +149,7 @@ def test_nested_across_sparsities(layout, name, mode):
 
 
 def test_uniform_widths_equal_everywhere():
-    arch = tiny_arch("llama-8")
+    arch = tiny_arch("mistral-8")
     r = synthetic_ranking(arch, "query", seed=7, prunable_layers=[1, 2])
     spec = plan_variant(r, 0.25, "uniform")
     widths = {(k.num_heads, k.num_kv_heads, k.intermediate_size) for k in spec.layers}
@@ -164,6 +165,17 @@ def test_uniform_widths_equal_everywhere():
     # never-pruned layer 0 is cut to the same width
     assert spec.layers[0].intermediate_size == c < arch.intermediate_size
     assert spec.achieved_sparsity == pytest.approx(0.25, abs=0.08)
+
+
+def test_uniform_llama_head_counts_divide_hidden():
+    # LlamaConfig refuses hidden_size % num_attention_heads != 0: 6 of 8 heads (hidden 64) is not a stock config
+    for name, expect_ok in (("llama-8", False), ("mistral-8", True)):
+        arch = tiny_arch(name)
+        r = synthetic_ranking(arch, "query", seed=0)
+        heads = {plan_variant(r, float(s), "uniform").layers[0].num_heads
+                 for s in np.linspace(0, r.max_sparsity, 40)}
+        assert (6 in heads) is expect_ok
+        assert all(64 % h == 0 for h in heads) or expect_ok
 
 
 def test_uniform_keeps_at_least_one_head_and_group():
