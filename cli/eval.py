@@ -1,0 +1,139 @@
+"""``nestprune eval``: perplexity, multiple-choice accuracy and exact match of a model or variant."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from cli.common import console, friendly, is_tty, out
+
+
+def _load(path: Path, device: str, dtype: str):
+    """(model, tokenizer, device) for a plain HF directory or a nestprune variant (either layout)."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from nestprune.errors import NestpruneError
+
+    if not path.is_dir() or not (path / "config.json").exists():
+        raise NestpruneError(f"{path} is not a model directory (no config.json)")
+    if device == "auto":
+        dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    else:
+        try:
+            dev = torch.device(device)
+        except RuntimeError:
+            raise NestpruneError(f"unknown --device {device!r}") from None
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise NestpruneError("--device cuda was asked for but no CUDA device is available")
+    if dtype not in ("auto", "float32", "bfloat16", "float16"):
+        raise NestpruneError("--dtype must be auto, float32, bfloat16 or float16")
+    dt = (torch.bfloat16 if dev.type == "cuda" else torch.float32) if dtype == "auto" else getattr(torch, dtype)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(path))
+    except Exception as e:
+        raise NestpruneError(f"cannot load the tokenizer of {path}: {str(e).splitlines()[0]}") from None
+    try:
+        from nestprune.variant import load_variant
+    except ImportError:  # older checkouts: plain HF directories only
+        load_variant = None
+    try:
+        if load_variant is not None:
+            model = load_variant(path, dtype=dt, device=dev)
+        else:
+            from transformers import AutoModelForCausalLM
+
+            model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dt, use_safetensors=True).to(dev)
+    except NestpruneError:
+        raise
+    except Exception as e:
+        raise NestpruneError(f"cannot load the model in {path}: {str(e).splitlines()[0]}") from None
+    return model.eval(), tokenizer, dev
+
+
+def _table(results: list[dict[str, Any]], model: str) -> Table:
+    t = Table(title=f"nestprune eval — {model}", title_justify="left")
+    for col, just in (("task", "left"), ("file", "left"), ("n", "right"), ("metric", "left"), ("value", "right")):
+        t.add_column(col, justify=just)
+    for r in results:
+        name = Path(r["source"]).name
+        if r["task"] == "perplexity":
+            t.add_row("perplexity", name, f"{r['tokens']:,} tok", f"ppl (seq {r['seq_len']})", f"{r['ppl']:.3f}")
+        elif r["task"] == "multiple_choice":
+            t.add_row("multiple choice", name, str(r["items"]), "acc", f"{r['acc']:.4f}")
+            t.add_row("", "", "", "acc_norm", f"{r['acc_norm']:.4f}")
+        else:
+            t.add_row("exact match", name, str(r["items"]), f"em ({r['extract']})", f"{r['exact_match']:.4f}")
+    return t
+
+
+def evaluate(
+    model: Annotated[Path, typer.Argument(help="Hugging Face model directory or nestprune variant directory")],
+    ppl: Annotated[list[Path] | None, typer.Option("--ppl", help="text file (.txt, .txt.xz, .jsonl) for perplexity; repeatable")] = None,
+    mc: Annotated[list[Path] | None, typer.Option("--mc", help="multiple-choice JSONL {prompt, choices, answer}; repeatable")] = None,
+    gen: Annotated[list[Path] | None, typer.Option("--gen", help="generation JSONL {prompt, answer} for exact match; repeatable")] = None,
+    seq_len: Annotated[int, typer.Option(min=2, help="perplexity window in tokens (reference: 128)")] = 128,
+    batch_size: Annotated[int, typer.Option(min=1, help="sequences per forward pass")] = 8,
+    max_new_tokens: Annotated[int, typer.Option(min=1, help="generation: greedy tokens at most")] = 32,
+    extract: Annotated[str, typer.Option(help="generation: answer extraction: first-line | last-number | full | regex:PATTERN")] = "first-line",
+    limit: Annotated[int | None, typer.Option(min=1, help="use only the first N items of each JSONL task")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print JSON instead of a table")] = False,
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N")] = "auto",
+    dtype: Annotated[str, typer.Option(help="auto (bf16 on CUDA, fp32 on CPU) | float32 | bfloat16 | float16")] = "auto",
+) -> None:
+    """Evaluate MODEL (a base model or any variant): perplexity, multiple-choice accuracy, exact match.
+
+    Perplexity follows the reference protocol: documents joined with blank lines, non-overlapping
+    --seq-len windows. Multiple choice reports acc and acc_norm (per character, as lm-eval).
+    """
+    from nestprune import evaluate as ev
+    from nestprune.errors import NestpruneError
+
+    ppl, mc, gen = ppl or [], mc or [], gen or []
+    if not (ppl or mc or gen):
+        raise NestpruneError("nothing to evaluate: give --ppl, --mc and/or --gen")
+    for f in [*ppl, *mc, *gen]:
+        if not f.is_file():
+            raise NestpruneError(f"task file {f} does not exist")
+    ev.Extractor(extract)  # reject a bad --extract before loading the model
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+    net, tokenizer, dev = _load(model, device, dtype)
+    results: list[dict[str, Any]] = []
+    progress = Progress(TextColumn("{task.description}"), BarColumn(), TaskProgressColumn(), TimeElapsedColumn(),
+                        console=console, disable=not is_tty(), transient=True)
+    with progress:
+        def cb(label: str):
+            task = progress.add_task(label, total=None)
+            return lambda done, total: progress.update(task, completed=done, total=total)
+
+        for f in ppl:
+            r = ev.perplexity_file(net, tokenizer, f, seq_len=seq_len, batch_size=batch_size, device=dev,
+                                   progress=cb(f"ppl {f.name}"))
+            results.append(r.to_dict())
+        for f in mc:
+            r = ev.multiple_choice_file(net, tokenizer, f, limit=limit, batch_size=batch_size, device=dev,
+                                        progress=cb(f"mc {f.name}"))
+            results.append(r.to_dict())
+        for f in gen:
+            r = ev.exact_match_file(net, tokenizer, f, limit=limit, extract=extract, max_new_tokens=max_new_tokens,
+                                    batch_size=batch_size, device=dev, progress=cb(f"gen {f.name}"))
+            results.append(r.to_dict())
+    params = sum(p.numel() for p in net.parameters())
+    if as_json:
+        doc = {"model": str(model), "parameters": params, "device": str(dev),
+               "dtype": str(next(net.parameters()).dtype).removeprefix("torch."), "results": results}
+        typer.echo(json.dumps(doc, indent=2))
+    else:
+        out.print(_table(results, f"{model} ({params / 1e6:.2f}M parameters, {dev})"))
+
+
+def register(app: typer.Typer) -> None:
+    app.command("eval")(friendly(evaluate))

@@ -1,0 +1,463 @@
+"""Evaluation of a (model, tokenizer): perplexity, multiple-choice accuracy, generation exact match.
+
+Protocols (GISP.md, "Evaluation protocol of the reference"):
+
+* **Perplexity** — documents joined with ``"\\n\\n"``, tokenized once, cut into non-overlapping windows
+  of ``seq_len`` tokens (the reference uses 128; a trailing partial window is dropped, as in the
+  reference). Every window is scored independently; PPL = exp(total NLL / predicted tokens), with
+  ``seq_len − 1`` predicted tokens per window, log-probabilities and sums in fp32/fp64.
+* **Multiple choice** (JSONL ``{"prompt", "choices", "answer"}``) — lm-eval-harness style: the
+  log-likelihood of each choice's tokens given the prompt (the prompt/continuation split of
+  lm-eval: tokenize ``prompt + continuation`` and ``prompt``, the continuation is what follows);
+  ``acc`` picks the highest sum, ``acc_norm`` the highest sum per *character* of the choice.
+  A single space joins prompt and choice unless the prompt ends or the choice starts with whitespace.
+* **Exact match** (JSONL ``{"prompt", "answer"}``) — greedy decoding of at most ``max_new_tokens``,
+  then an extraction rule (``first-line``, ``last-number``, ``regex:PATTERN``, ``full``) on the
+  completion; ``last-number`` is applied to the reference answer too (so ``"#### 18"`` works).
+
+Nothing here touches paths except through ``nestprune.calibration``'s readers in the ``*_file``
+helpers; the model is used where it already is (inputs are moved to its device).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from nestprune.calibration import read_documents, read_jsonl
+from nestprune.errors import NestpruneError
+
+Progress = Callable[[int, int], None]  # (done, total)
+
+
+# ---------------------------------------------------------------------------------------------
+# Results
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PerplexityResult:
+    source: str
+    seq_len: int
+    windows: int
+    tokens: int  # predicted tokens: windows * (seq_len - 1)
+    nll: float  # mean negative log-likelihood per predicted token (nats)
+    ppl: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"task": "perplexity", **asdict(self)}
+
+
+@dataclass(frozen=True)
+class ChoiceResult:
+    source: str
+    items: int
+    acc: float
+    acc_norm: float
+    predictions: tuple[int, ...] = field(repr=False, default=())  # argmax of the summed log-likelihood
+    predictions_norm: tuple[int, ...] = field(repr=False, default=())
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"task": "multiple_choice", "source": self.source, "items": self.items, "acc": self.acc,
+                "acc_norm": self.acc_norm}
+
+
+@dataclass(frozen=True)
+class GenerationResult:
+    source: str
+    items: int
+    exact_match: float
+    extract: str
+    completions: tuple[str, ...] = field(repr=False, default=())
+    extracted: tuple[str, ...] = field(repr=False, default=())
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"task": "exact_match", "source": self.source, "items": self.items,
+                "exact_match": self.exact_match, "extract": self.extract}
+
+
+# ---------------------------------------------------------------------------------------------
+# Helpers
+# ---------------------------------------------------------------------------------------------
+
+
+def _device_of(model: torch.nn.Module, device: torch.device | str | None) -> torch.device:
+    if device is not None:
+        return torch.device(device)
+    try:
+        return next(model.parameters()).device
+    except StopIteration:
+        return torch.device("cpu")
+
+
+def _max_positions(model: torch.nn.Module) -> int | None:
+    cfg = getattr(model, "config", None)
+    n = getattr(cfg, "max_position_embeddings", None)
+    return int(n) if isinstance(n, int) and n > 0 else None
+
+
+def _encode(tokenizer, text: str) -> list[int]:
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def _prefix_token(tokenizer) -> int:
+    """A token to condition on when a context is empty (lm-eval uses EOS/BOS)."""
+    for tid in (tokenizer.bos_token_id, tokenizer.eos_token_id):
+        if tid is not None:
+            return int(tid)
+    raise NestpruneError("the tokenizer has neither a BOS nor an EOS token; an empty prompt cannot be scored")
+
+
+# ---------------------------------------------------------------------------------------------
+# Perplexity
+# ---------------------------------------------------------------------------------------------
+
+
+def token_stream(docs: Sequence[str], tokenizer) -> torch.Tensor:
+    """The reference's evaluation stream: documents joined with "\\n\\n", tokenized once. (n_tokens,)"""
+    ids = tokenizer("\n\n".join(docs), add_special_tokens=True, verbose=False)["input_ids"]
+    return torch.tensor(ids, dtype=torch.long)
+
+
+@torch.no_grad()
+def stream_perplexity(
+    model: torch.nn.Module,
+    stream: torch.Tensor,
+    *,
+    seq_len: int = 128,
+    batch_size: int = 8,
+    device: torch.device | str | None = None,
+    progress: Progress | None = None,
+    source: str = "",
+) -> PerplexityResult:
+    """Perplexity of a token stream in non-overlapping windows of ``seq_len`` (partial tail dropped)."""
+    if seq_len < 2:
+        raise NestpruneError(f"--seq-len must be at least 2, got {seq_len}")
+    if batch_size < 1:
+        raise NestpruneError(f"--batch-size must be at least 1, got {batch_size}")
+    n_windows = len(stream) // seq_len
+    if n_windows == 0:
+        raise NestpruneError(
+            f"{source or 'the text'} has {len(stream)} tokens, fewer than one window of {seq_len}; "
+            "give more text or a shorter --seq-len"
+        )
+    dev = _device_of(model, device)
+    windows = stream[: n_windows * seq_len].reshape(n_windows, seq_len)  # (n, T)
+    total = torch.zeros((), dtype=torch.float64)
+    for i in range(0, n_windows, batch_size):
+        ids = windows[i : i + batch_size].to(dev)
+        logits = model(input_ids=ids, use_cache=False).logits[:, :-1].float()  # (B, T-1, V)
+        nll = F.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")  # (B, T-1)
+        total += nll.double().sum().cpu()
+        if progress:
+            progress(min(i + batch_size, n_windows), n_windows)
+    tokens = n_windows * (seq_len - 1)
+    mean = float(total) / tokens
+    return PerplexityResult(source=source, seq_len=seq_len, windows=n_windows, tokens=tokens, nll=mean,
+                            ppl=math.exp(mean) if mean < 700 else math.inf)
+
+
+def perplexity(model: torch.nn.Module, tokenizer, docs: Sequence[str], **kw: Any) -> PerplexityResult:
+    """Perplexity over ``docs`` (joined with "\\n\\n"); keywords as :func:`stream_perplexity`."""
+    if not docs:
+        raise NestpruneError(f"{kw.get('source') or 'the text'} holds no text")
+    return stream_perplexity(model, token_stream(docs, tokenizer), **kw)
+
+
+def perplexity_file(model: torch.nn.Module, tokenizer, path: Path, **kw: Any) -> PerplexityResult:
+    """Perplexity of a .txt / .txt.xz / .jsonl file (``nestprune.calibration.read_documents``)."""
+    return perplexity(model, tokenizer, read_documents(Path(path)), source=str(path), **kw)
+
+
+# ---------------------------------------------------------------------------------------------
+# Multiple choice
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ChoiceItem:
+    prompt: str
+    choices: tuple[str, ...]
+    answer: int
+
+
+def parse_choice_items(rows: Sequence[dict], source: str = "") -> list[ChoiceItem]:
+    """Validate JSONL records ``{"prompt": str, "choices": [str, ...], "answer": int}``."""
+    items = []
+    for i, r in enumerate(rows, 1):
+        where = f"{source or 'task file'}: record {i}"
+        prompt, choices, answer = r.get("prompt"), r.get("choices"), r.get("answer")
+        if not isinstance(prompt, str):
+            raise NestpruneError(f"{where} has no string field 'prompt'")
+        if not (isinstance(choices, list) and len(choices) >= 2 and all(isinstance(c, str) and c for c in choices)):
+            raise NestpruneError(f"{where}: 'choices' must be a list of at least 2 non-empty strings")
+        if isinstance(answer, bool) or not isinstance(answer, int) or not 0 <= answer < len(choices):
+            raise NestpruneError(f"{where}: 'answer' must be an integer index into 'choices' (0..{len(choices) - 1})")
+        items.append(ChoiceItem(prompt, tuple(choices), answer))
+    if not items:
+        raise NestpruneError(f"{source or 'the task file'} holds no items")
+    return items
+
+
+def _join(prompt: str, choice: str, delimiter: str) -> tuple[str, str]:
+    """(context, continuation): lm-eval's target delimiter, and trailing context spaces move over."""
+    cont = choice if (not prompt or prompt[-1:].isspace() or choice[:1].isspace()) else delimiter + choice
+    n_sp = len(prompt) - len(prompt.rstrip(" "))
+    if n_sp:
+        prompt, cont = prompt[:-n_sp], prompt[-n_sp:] + cont
+    return prompt, cont
+
+
+def _encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
+    whole = _encode(tokenizer, context + continuation)
+    ctx = _encode(tokenizer, context)
+    if whole[: len(ctx)] != ctx:  # the merge crossed the boundary: encode separately
+        return ctx, _encode(tokenizer, continuation)
+    return ctx, whole[len(ctx) :]
+
+
+@torch.no_grad()
+def continuation_logprobs(
+    model: torch.nn.Module,
+    requests: Sequence[tuple[list[int], list[int]]],
+    *,
+    batch_size: int = 8,
+    device: torch.device | str | None = None,
+    progress: Progress | None = None,
+) -> list[float]:
+    """Sum of log p(continuation tokens | context) for each (context ids, continuation ids) pair.
+
+    Right-padded batches; sequences longer than the model's positions are cut from the left.
+    """
+    dev = _device_of(model, device)
+    limit = _max_positions(model)
+    out = [0.0] * len(requests)
+    order = sorted(range(len(requests)), key=lambda k: -(len(requests[k][0]) + len(requests[k][1])))
+    for b in range(0, len(order), batch_size):
+        idx = order[b : b + batch_size]
+        seqs, conts = [], []
+        for k in idx:
+            ctx, cont = requests[k]
+            if not cont:
+                raise NestpruneError("a choice tokenizes to no tokens")
+            seq = (ctx + cont)[:-1]  # the last token is predicted, never fed
+            if limit is not None and len(seq) > limit:
+                seq = seq[-limit:]
+            seqs.append(seq)
+            conts.append(cont)
+        width = max(len(s) for s in seqs)
+        ids = torch.zeros(len(seqs), width, dtype=torch.long)
+        mask = torch.zeros(len(seqs), width, dtype=torch.long)
+        for r, s in enumerate(seqs):
+            ids[r, : len(s)] = torch.tensor(s)
+            mask[r, : len(s)] = 1
+        logits = model(input_ids=ids.to(dev), attention_mask=mask.to(dev), use_cache=False).logits
+        logp = torch.log_softmax(logits.float(), dim=-1)  # (B, W, V)
+        for r, (s, cont) in enumerate(zip(seqs, conts, strict=True)):
+            n = len(cont)
+            rows = logp[r, len(s) - n : len(s)]  # positions predicting the continuation, (n, V)
+            target = torch.tensor(cont, device=rows.device)
+            out[idx[r]] = float(rows.gather(1, target[:, None]).double().sum())
+        if progress:
+            progress(min(b + batch_size, len(order)), len(order))
+    return out
+
+
+def multiple_choice(
+    model: torch.nn.Module,
+    tokenizer,
+    items: Sequence[ChoiceItem],
+    *,
+    batch_size: int = 8,
+    delimiter: str = " ",
+    device: torch.device | str | None = None,
+    progress: Progress | None = None,
+    source: str = "",
+) -> ChoiceResult:
+    """acc and acc_norm (log-likelihood per character of the choice, as lm-eval's acc_norm)."""
+    requests, spans = [], []
+    for it in items:
+        start = len(requests)
+        for c in it.choices:
+            ctx, cont = _join(it.prompt, c, delimiter)
+            ctx_ids, cont_ids = _encode_pair(tokenizer, ctx, cont)
+            requests.append((ctx_ids or [_prefix_token(tokenizer)], cont_ids))
+        spans.append((start, len(requests)))
+    ll = continuation_logprobs(model, requests, batch_size=batch_size, device=device, progress=progress)
+    preds, preds_norm = [], []
+    for it, (a, b) in zip(items, spans, strict=True):
+        scores = ll[a:b]
+        norm = [s / len(c) for s, c in zip(scores, it.choices, strict=True)]
+        preds.append(max(range(len(scores)), key=scores.__getitem__))
+        preds_norm.append(max(range(len(norm)), key=norm.__getitem__))
+    n = len(items)
+    return ChoiceResult(
+        source=source, items=n,
+        acc=sum(p == it.answer for p, it in zip(preds, items, strict=True)) / n,
+        acc_norm=sum(p == it.answer for p, it in zip(preds_norm, items, strict=True)) / n,
+        predictions=tuple(preds), predictions_norm=tuple(preds_norm),
+    )
+
+
+def multiple_choice_file(model: torch.nn.Module, tokenizer, path: Path, *, limit: int | None = None,
+                         **kw: Any) -> ChoiceResult:
+    rows = read_jsonl(Path(path))
+    items = parse_choice_items(rows[:limit] if limit else rows, str(path))
+    return multiple_choice(model, tokenizer, items, source=str(path), **kw)
+
+
+# ---------------------------------------------------------------------------------------------
+# Generation: greedy decoding + exact match
+# ---------------------------------------------------------------------------------------------
+
+_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?|-?\.\d+")
+
+
+@dataclass(frozen=True)
+class Extractor:
+    """An answer extraction rule: ``full``, ``first-line``, ``last-number`` or ``regex:PATTERN``.
+
+    ``regex`` takes the first match's first group (the whole match if the pattern has no group);
+    no match extracts the empty string (never equal to an answer).
+    """
+
+    spec: str
+
+    def __post_init__(self) -> None:
+        if self.spec.startswith("regex:"):
+            try:
+                re.compile(self.spec[len("regex:") :])
+            except re.error as e:
+                raise NestpruneError(f"--extract {self.spec!r}: bad regular expression ({e})") from None
+        elif self.spec not in ("full", "first-line", "last-number"):
+            raise NestpruneError(f"--extract must be full, first-line, last-number or regex:PATTERN, got {self.spec!r}")
+
+    def __call__(self, text: str) -> str:
+        if self.spec == "full":
+            return text.strip()
+        if self.spec == "first-line":
+            stripped = text.strip()
+            return stripped.split("\n", 1)[0].strip() if stripped else ""
+        if self.spec == "last-number":
+            nums = _NUMBER.findall(text)
+            return _canonical_number(nums[-1]) if nums else ""
+        m = re.search(self.spec[len("regex:") :], text)
+        if not m:
+            return ""
+        return (m.group(1) if m.re.groups else m.group(0)).strip()
+
+    def reference(self, answer: str) -> str:
+        """The reference answer as compared: numbers canonicalised for last-number, else stripped."""
+        if self.spec == "last-number":
+            nums = _NUMBER.findall(answer)
+            return _canonical_number(nums[-1]) if nums else answer.strip()
+        return answer.strip()
+
+
+def _canonical_number(s: str) -> str:
+    s = s.replace(",", "")
+    if "." in s:
+        s = s.rstrip("0").rstrip(".")
+    return "0" if s in ("-0", "") else s
+
+
+@dataclass(frozen=True)
+class GenerationItem:
+    prompt: str
+    answer: str
+
+
+def parse_generation_items(rows: Sequence[dict], source: str = "") -> list[GenerationItem]:
+    """Validate JSONL records ``{"prompt": str, "answer": str | number}``."""
+    items = []
+    for i, r in enumerate(rows, 1):
+        where = f"{source or 'task file'}: record {i}"
+        prompt, answer = r.get("prompt"), r.get("answer")
+        if not isinstance(prompt, str) or not prompt:
+            raise NestpruneError(f"{where} has no non-empty string field 'prompt'")
+        if isinstance(answer, bool) or not isinstance(answer, str | int | float):
+            raise NestpruneError(f"{where}: 'answer' must be a string or a number")
+        items.append(GenerationItem(prompt, str(answer)))
+    if not items:
+        raise NestpruneError(f"{source or 'the task file'} holds no items")
+    return items
+
+
+@torch.no_grad()
+def greedy_generate(
+    model: torch.nn.Module,
+    tokenizer,
+    prompts: Sequence[str],
+    *,
+    max_new_tokens: int = 32,
+    batch_size: int = 8,
+    device: torch.device | str | None = None,
+    progress: Progress | None = None,
+) -> list[str]:
+    """Greedy completions (decoded new tokens, special tokens dropped); stops at EOS. Left-padded batches."""
+    if max_new_tokens < 1:
+        raise NestpruneError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
+    dev = _device_of(model, device)
+    eos = tokenizer.eos_token_id
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos if eos is not None else 0)
+    limit = _max_positions(model)
+    outs: list[str] = [""] * len(prompts)
+    for b in range(0, len(prompts), batch_size):
+        enc = [_encode(tokenizer, p) or [_prefix_token(tokenizer)] for p in prompts[b : b + batch_size]]
+        if limit is not None:
+            keep = max(1, limit - max_new_tokens)
+            enc = [e[-keep:] for e in enc]
+        width = max(len(e) for e in enc)
+        ids = torch.full((len(enc), width), pad, dtype=torch.long)
+        mask = torch.zeros(len(enc), width, dtype=torch.long)
+        for r, e in enumerate(enc):
+            ids[r, width - len(e) :] = torch.tensor(e)
+            mask[r, width - len(e) :] = 1
+        gen = model.generate(
+            input_ids=ids.to(dev), attention_mask=mask.to(dev), max_new_tokens=max_new_tokens, do_sample=False,
+            num_beams=1, pad_token_id=pad, eos_token_id=eos, temperature=None, top_p=None, top_k=None,
+        )
+        for r in range(len(enc)):
+            new = gen[r, width:].tolist()
+            if eos is not None and eos in new:
+                new = new[: new.index(eos)]
+            outs[b + r] = tokenizer.decode(new, skip_special_tokens=True)
+        if progress:
+            progress(min(b + batch_size, len(prompts)), len(prompts))
+    return outs
+
+
+def exact_match(
+    model: torch.nn.Module,
+    tokenizer,
+    items: Sequence[GenerationItem],
+    *,
+    extract: str = "first-line",
+    max_new_tokens: int = 32,
+    batch_size: int = 8,
+    device: torch.device | str | None = None,
+    progress: Progress | None = None,
+    source: str = "",
+) -> GenerationResult:
+    """Share of items whose extracted greedy completion equals the (extracted) reference answer."""
+    rule = Extractor(extract)
+    completions = greedy_generate(model, tokenizer, [it.prompt for it in items], max_new_tokens=max_new_tokens,
+                                  batch_size=batch_size, device=device, progress=progress)
+    extracted = [rule(c) for c in completions]
+    hits = sum(bool(x) and x == rule.reference(it.answer) for x, it in zip(extracted, items, strict=True))
+    return GenerationResult(source=source, items=len(items), exact_match=hits / len(items), extract=extract,
+                            completions=tuple(completions), extracted=tuple(extracted))
+
+
+def exact_match_file(model: torch.nn.Module, tokenizer, path: Path, *, limit: int | None = None,
+                     **kw: Any) -> GenerationResult:
+    rows = read_jsonl(Path(path))
+    items = parse_generation_items(rows[:limit] if limit else rows, str(path))
+    return exact_match(model, tokenizer, items, source=str(path), **kw)
