@@ -1,0 +1,399 @@
+"""Benchmark task data: a decision task built from real text and a generation task the proxies can learn.
+
+Decision task — identifier cloze (multiple choice). GISP.md warns that "which sentence comes next"
+barely moves under pruning at proxy scale, so the blanks here are the specifics a model has to know or
+copy: an identifier, constant, dotted name, ``literal`` or number in the corpus text. The prompt is the
+text before the blank (up to ``context_chars``, cut at a whitespace boundary); the choices are the true
+term and distractors *of the same kind and similar length* taken from other documents of the same
+split and absent from the prompt. ``prompt + " " + choice`` reproduces the original text for the true
+choice (the margin objective's default format). Each item records its kind and whether the answer
+occurs in the prompt (``in_context``: answerable by copying; otherwise by recall), so a benchmark can
+report both. Calibration items come from one split (valid), evaluation items from another (test):
+documents are disjoint by construction of the corpus, and an evaluation item whose prompt tail and
+answer also occur in the calibration items is dropped.
+
+Generation task — short problems with one exact answer (``add``, ``sub``, ``lookup``, ``copy``),
+written as prompt/response pairs (``"Q: 47+38=? A:"`` → ``" 85"``; the answer objective's default
+separator is ""). ``mix_problems`` puts a share of such problems (never the held-out calibration or
+evaluation prompts) into training documents so proxy models learn them and exact match is measurable.
+
+Everything is deterministic from a seed. CLI: ``python -m nestprune.tasks decision|generation ...``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import lzma
+import random
+import re
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from nestprune.calibration import DOC_SEPARATOR, read_documents, sha256_file
+from nestprune.errors import NestpruneError
+
+# ---------------------------------------------------------------------------------------------------
+# Decision task: identifier cloze
+
+# A blank: preceded by one space, optionally wrapped in rst ``literal`` markup, not followed by more
+# identifier characters. Group 1/3: the markup, group 2: the term.
+_BLANK = re.compile(
+    r"(?<= )(``)?([A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)*|0x[0-9A-Fa-f]+|[0-9]+)((?(1)``|))(?![A-Za-z0-9_`])"
+)
+_KINDS: tuple[tuple[str, re.Pattern], ...] = (
+    ("number", re.compile(r"0x[0-9A-Fa-f]+|[0-9]{2,}")),
+    ("dotted", re.compile(r"[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)+")),
+    ("constant", re.compile(r"[A-Z][A-Z0-9]*(?:_[A-Z0-9]+)+")),
+    ("snake", re.compile(r"_*[a-z][a-z0-9]*(?:_+[a-z0-9]+)+")),
+    ("camel", re.compile(r"[A-Z]?[a-z0-9]+(?:[A-Z][a-z0-9]*)+")),
+)
+KINDS = tuple(k for k, _ in _KINDS) + ("word",)  # "word": any other term, only inside ``literal``
+
+
+def term_kind(term: str, literal: bool = False) -> str | None:
+    """The kind of a blank's term, or None when it is not specific enough to be a blank."""
+    for kind, rx in _KINDS:
+        if rx.fullmatch(term):
+            return kind
+    if literal and len(term) >= 3 and not term.isdigit():
+        return "word"
+    return None
+
+
+@dataclass(frozen=True)
+class Blank:
+    """A candidate blank: where it starts in its document and the choice text (markup included)."""
+
+    doc: int
+    start: int
+    choice: str
+    kind: str  # "snake", "literal:snake", ...
+
+
+def find_blanks(doc: str, doc_index: int = 0, min_context_chars: int = 200) -> list[Blank]:
+    out = []
+    for m in _BLANK.finditer(doc):
+        if m.start() < min_context_chars:
+            continue
+        literal = bool(m.group(1))
+        kind = term_kind(m.group(2), literal)
+        if kind is None:
+            continue
+        out.append(Blank(doc_index, m.start(), m.group(0), ("literal:" if literal else "") + kind))
+    return out
+
+
+def cloze_prompt(doc: str, start: int, context_chars: int) -> str:
+    """The text before the space that precedes a blank at ``start``, at most ``context_chars`` long and
+    starting after a whitespace (no partial first word)."""
+    end = start - 1  # the space before the blank
+    lo = max(0, end - context_chars)
+    if lo > 0:
+        cut = re.search(r"\s", doc[lo:end])
+        lo = lo + cut.end() if cut else lo
+    return doc[lo:end]
+
+
+def _pick_distractors(answer: str, pool: Sequence[str], prompt: str, k: int, rng: random.Random,
+                      nearest: int = 40) -> list[str] | None:
+    """``k`` terms from ``pool`` (distinct, sorted; same kind, other documents), none equal to the answer (case
+    folded) nor present in the prompt, drawn from the ``nearest`` in length."""
+    folded = answer.casefold()
+    cands = [t for t in pool if t.casefold() != folded and t not in prompt]
+    if len(cands) < k:
+        return None
+    cands.sort(key=lambda t: (abs(len(t) - len(answer)), t))
+    near = cands[: max(nearest, k)]
+    return rng.sample(near, k)
+
+
+def cloze_items(
+    docs: Sequence[str],
+    n: int,
+    *,
+    seed: int = 0,
+    n_choices: int = 4,
+    context_chars: int = 600,
+    min_context_chars: int = 200,
+    per_doc: int = 80,
+    mode: str = "any",
+) -> list[dict]:
+    """Up to ``n`` identifier-cloze items from ``docs`` (one split). ``mode``: ``any``, ``copy``
+    (the answer occurs in the prompt) or ``recall`` (it does not). At most ``per_doc`` items per
+    document, drawn round-robin over documents in a seeded order."""
+    if mode not in ("any", "copy", "recall"):
+        raise NestpruneError(f"cloze mode must be any, copy or recall, got {mode!r}")
+    if n_choices < 2:
+        raise NestpruneError(f"a multiple-choice item needs at least 2 choices, got {n_choices}")
+    rng = random.Random(seed)
+    per_doc_blanks = [find_blanks(d, i, min_context_chars) for i, d in enumerate(docs)]
+    docs_of: dict[str, dict[str, set[int]]] = defaultdict(lambda: defaultdict(set))  # kind -> term -> docs
+    for blanks in per_doc_blanks:
+        for b in blanks:
+            docs_of[b.kind][b.choice].add(b.doc)
+    pools = {kind: sorted(terms.items()) for kind, terms in docs_of.items()}
+    candidates: list[list[Blank]] = []
+    for blanks in per_doc_blanks:
+        blanks = list(blanks)
+        rng.shuffle(blanks)
+        candidates.append(blanks)
+    order = list(range(len(docs)))
+    rng.shuffle(order)
+    items: list[dict] = []
+    taken = [0] * len(docs)
+    seen: set[tuple[str, str]] = set()
+    cursor = [0] * len(docs)
+    while len(items) < n:
+        progressed = False
+        for d in order:
+            if len(items) >= n:
+                break
+            while taken[d] < per_doc and cursor[d] < len(candidates[d]):
+                b = candidates[d][cursor[d]]
+                cursor[d] += 1
+                item = _make_item(docs[d], b, pools[b.kind], rng, n_choices, context_chars, mode, seen)
+                if item is not None:
+                    items.append(item)
+                    taken[d] += 1
+                    progressed = True
+                    break
+        if not progressed:
+            break
+    return items
+
+
+def _make_item(doc: str, b: Blank, pool: list[tuple[str, set[int]]], rng: random.Random, n_choices: int,
+               context_chars: int, mode: str, seen: set) -> dict | None:
+    prompt = cloze_prompt(doc, b.start, context_chars)
+    in_context = b.choice in prompt
+    if (mode == "copy" and not in_context) or (mode == "recall" and in_context):
+        return None
+    key = (prompt[-200:], b.choice)
+    if key in seen:
+        return None
+    others = [t for t, in_docs in pool if in_docs - {b.doc}]
+    distractors = _pick_distractors(b.choice, others, prompt, n_choices - 1, rng)
+    if distractors is None:
+        return None
+    seen.add(key)
+    choices = distractors + [b.choice]
+    rng.shuffle(choices)
+    return {"prompt": prompt, "choices": choices, "answer": choices.index(b.choice), "kind": b.kind,
+            "in_context": in_context, "doc": b.doc, "offset": b.start}
+
+
+def item_key(item: dict) -> tuple[str, str]:
+    """What makes two cloze items the same question: the prompt's last 200 characters and the answer."""
+    return item["prompt"][-200:], item["choices"][item["answer"]]
+
+
+def decision_task(calib_docs: Sequence[str], eval_docs: Sequence[str], n_calib: int, n_eval: int, *,
+                  seed: int = 0, **options) -> tuple[list[dict], list[dict]]:
+    """Calibration items from ``calib_docs``, evaluation items from ``eval_docs`` (seeds differ per
+    split); evaluation items that repeat a calibration question are dropped."""
+    calib = cloze_items(calib_docs, n_calib, seed=seed, **options)
+    keys = {item_key(it) for it in calib}
+    evals = [it for it in cloze_items(eval_docs, n_eval + len(keys), seed=seed + 1, **options)
+             if item_key(it) not in keys][:n_eval]
+    return calib, evals
+
+
+# ---------------------------------------------------------------------------------------------------
+# Generation task: short problems with exact answers
+
+PROBLEM_KINDS = ("add", "sub", "lookup", "copy")
+_KEYS = "abcdefghijklmnopqrstuvwxyz"
+_WORDS = ("page", "file", "lock", "task", "node", "list", "byte", "port", "mode", "user", "time", "path",
+          "disk", "code", "data", "line", "size", "type", "name", "key")
+
+
+def make_problem(kind: str, rng: random.Random) -> dict:
+    """One problem: ``{"prompt", "response", "kind"}``; the response starts with a space."""
+    if kind == "add":
+        a, b = rng.randint(10, 99), rng.randint(10, 99)
+        prompt, answer = f"Q: {a}+{b}=? A:", str(a + b)
+    elif kind == "sub":
+        a, b = sorted((rng.randint(10, 99), rng.randint(10, 99)), reverse=True)
+        prompt, answer = f"Q: {a}-{b}=? A:", str(a - b)
+    elif kind == "lookup":
+        keys = rng.sample(_KEYS, rng.randint(3, 6))
+        values = [rng.randint(0, 9) for _ in keys]
+        q = rng.randrange(len(keys))
+        table = " ".join(f"{k}={v}" for k, v in zip(keys, values, strict=True))
+        prompt, answer = f"Q: {table}. {keys[q]}? A:", str(values[q])
+    elif kind == "copy":
+        words = [rng.choice(_WORDS) for _ in range(rng.randint(2, 5))]
+        prompt, answer = f"Q: repeat {' '.join(words)} A:", " ".join(words)
+    else:
+        raise NestpruneError(f"unknown problem kind {kind!r}; choose from {', '.join(PROBLEM_KINDS)}")
+    return {"prompt": prompt, "response": " " + answer, "kind": kind}
+
+
+def problems(n: int, *, seed: int = 0, kinds: Sequence[str] = PROBLEM_KINDS,
+             exclude: Iterable[str] = ()) -> list[dict]:
+    """``n`` distinct problems (by prompt), kinds in rotation, none whose prompt is in ``exclude``."""
+    rng = random.Random(seed)
+    banned = set(exclude)
+    out: list[dict] = []
+    tries = 0
+    while len(out) < n:
+        p = make_problem(kinds[len(out) % len(kinds)], rng)
+        tries += 1
+        if tries > 100 * n + 1000:
+            raise NestpruneError(f"cannot draw {n} distinct problems of kinds {list(kinds)}")
+        if p["prompt"] in banned:
+            continue
+        banned.add(p["prompt"])
+        out.append(p)
+    return out
+
+
+def generation_task(n_calib: int, n_eval: int, *, seed: int = 0,
+                    kinds: Sequence[str] = PROBLEM_KINDS) -> tuple[list[dict], list[dict]]:
+    """Calibration and evaluation problems with disjoint prompts."""
+    evals = problems(n_eval, seed=seed + 1, kinds=kinds)
+    calib = problems(n_calib, seed=seed, kinds=kinds, exclude=[p["prompt"] for p in evals])
+    return calib, evals
+
+
+def problem_text(p: dict) -> str:
+    """How a problem appears in training text: prompt, response, newline (the model learns to stop)."""
+    return p["prompt"] + p["response"] + "\n"
+
+
+def mix_problems(docs: Sequence[str], share: float, *, seed: int = 0, kinds: Sequence[str] = PROBLEM_KINDS,
+                 exclude: Iterable[str] = (), per_block: int = 16) -> list[str]:
+    """``docs`` with blocks of ``per_block`` problems inserted as extra documents at seeded positions,
+    so that problems make up ``share`` of the characters. Prompts in ``exclude`` (held-out calibration
+    and evaluation problems) never appear."""
+    if not 0 <= share < 1:
+        raise NestpruneError(f"problem share must be in [0, 1), got {share}")
+    rng = random.Random(seed)
+    banned = set(exclude)
+    target = share / (1 - share) * sum(len(d) for d in docs)
+    blocks: list[str] = []
+    chars = 0
+    while chars < target:
+        block = []
+        while len(block) < per_block:
+            p = make_problem(rng.choice(list(kinds)), rng)
+            if p["prompt"] not in banned:
+                block.append(problem_text(p))
+        text = "".join(block).rstrip("\n")
+        blocks.append(text)
+        chars += len(text)
+    out = list(docs)
+    for block in blocks:
+        out.insert(rng.randint(0, len(out)), block)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------
+# Files
+
+
+def write_jsonl(path: Path, rows: Iterable[dict]) -> int:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    n = 0
+    with open(path, "w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+            n += 1
+    return n
+
+
+def write_documents(path: Path, docs: Sequence[str]) -> None:
+    """Documents in the corpus format (``<|doc|>`` lines between them), xz-compressed if ``.xz``."""
+    text = f"\n{DOC_SEPARATOR}\n".join(docs) + "\n"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix == ".xz":
+        with lzma.open(path, "wt", encoding="utf-8", preset=1) as f:
+            f.write(text)
+    else:
+        path.write_text(text, encoding="utf-8")
+
+
+def _summary(items: list[dict], field: str) -> dict[str, int]:
+    counts: dict[str, int] = defaultdict(int)
+    for it in items:
+        counts[str(it[field])] += 1
+    return dict(sorted(counts.items()))
+
+
+def build_decision_files(corpus: Path, out: Path, n_calib: int, n_eval: int, seed: int = 0,
+                         **options) -> dict:
+    """decision_calib.jsonl (from valid) and decision_eval.jsonl (from test) under ``out``."""
+    valid, test = corpus / "valid.txt.xz", corpus / "test.txt.xz"
+    calib, evals = decision_task(read_documents(valid), read_documents(test), n_calib, n_eval, seed=seed, **options)
+    write_jsonl(out / "decision_calib.jsonl", calib)
+    write_jsonl(out / "decision_eval.jsonl", evals)
+    info = {"task": "identifier cloze", "seed": seed, "options": options,
+            "calib": {"source": str(valid), "sha256": sha256_file(valid), "items": len(calib),
+                      "kinds": _summary(calib, "kind"), "in_context": _summary(calib, "in_context")},
+            "eval": {"source": str(test), "sha256": sha256_file(test), "items": len(evals),
+                     "kinds": _summary(evals, "kind"), "in_context": _summary(evals, "in_context")}}
+    (out / "decision.json").write_text(json.dumps(info, indent=2) + "\n")
+    return info
+
+
+def build_generation_files(out: Path, n_calib: int, n_eval: int, seed: int = 0, train: Path | None = None,
+                           share: float = 0.05, kinds: Sequence[str] = PROBLEM_KINDS) -> dict:
+    """generation_calib.jsonl, generation_eval.jsonl and, with ``train``, train_mix.txt.xz (the
+    training text with ``share`` of problems mixed in, held-out prompts excluded)."""
+    calib, evals = generation_task(n_calib, n_eval, seed=seed, kinds=kinds)
+    write_jsonl(out / "generation_calib.jsonl", calib)
+    write_jsonl(out / "generation_eval.jsonl", evals)
+    info: dict = {"task": "generated problems", "seed": seed, "kinds": list(kinds),
+                  "calib": {"items": len(calib), "kinds": _summary(calib, "kind")},
+                  "eval": {"items": len(evals), "kinds": _summary(evals, "kind")}}
+    if train is not None:
+        docs = read_documents(train)
+        held_out = [p["prompt"] for p in calib + evals]
+        mixed = mix_problems(docs, share, seed=seed + 2, kinds=kinds, exclude=held_out)
+        write_documents(out / "train_mix.txt.xz", mixed)
+        info["train_mix"] = {"source": str(train), "sha256": sha256_file(train), "share": share,
+                             "documents": len(mixed), "problem_blocks": len(mixed) - len(docs)}
+    (out / "generation.json").write_text(json.dumps(info, indent=2) + "\n")
+    return info
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(prog="python -m nestprune.tasks", description=__doc__.split("\n\n")[0])
+    sub = ap.add_subparsers(dest="task", required=True)
+    d = sub.add_parser("decision", help="identifier-cloze multiple choice: calib from valid, eval from test")
+    d.add_argument("--corpus", type=Path, default=Path("../shared/corpus"))
+    d.add_argument("--out", type=Path, required=True)
+    d.add_argument("--calib-items", type=int, default=1000)
+    d.add_argument("--eval-items", type=int, default=2000)
+    d.add_argument("--choices", type=int, default=4)
+    d.add_argument("--context-chars", type=int, default=600)
+    d.add_argument("--per-doc", type=int, default=80)
+    d.add_argument("--mode", choices=("any", "copy", "recall"), default="any")
+    d.add_argument("--seed", type=int, default=0)
+    g = sub.add_parser("generation", help="generated problems (prompt/response) and a training mix")
+    g.add_argument("--out", type=Path, required=True)
+    g.add_argument("--calib-items", type=int, default=1000)
+    g.add_argument("--eval-items", type=int, default=1000)
+    g.add_argument("--train", type=Path, default=None, help="training text to mix problems into")
+    g.add_argument("--share", type=float, default=0.05, help="share of training characters that are problems")
+    g.add_argument("--kinds", default=",".join(PROBLEM_KINDS))
+    g.add_argument("--seed", type=int, default=0)
+    a = ap.parse_args(argv)
+    try:
+        if a.task == "decision":
+            info = build_decision_files(a.corpus, a.out, a.calib_items, a.eval_items, a.seed,
+                                        n_choices=a.choices, context_chars=a.context_chars,
+                                        per_doc=a.per_doc, mode=a.mode)
+        else:
+            info = build_generation_files(a.out, a.calib_items, a.eval_items, a.seed, a.train, a.share,
+                                          tuple(k for k in a.kinds.split(",") if k))
+    except NestpruneError as e:
+        raise SystemExit(f"error: {e}") from None
+    print(json.dumps(info, indent=2))
+
+
+if __name__ == "__main__":
+    main()
