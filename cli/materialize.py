@@ -1,0 +1,100 @@
+"""``nestprune materialize``: one artifact + the base weights → a loadable model at any sparsity."""
+
+from __future__ import annotations
+
+import re
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    Progress,
+    TextColumn,
+    TimeRemainingColumn,
+    TransferSpeedColumn,
+)
+
+from cli.common import console, friendly, out
+from nestprune.errors import NestpruneError
+
+PROGRESS_MIN_BYTES = 256 * 1024**2  # show a progress bar above this many bytes of tensors
+_SUFFIX = {"": 1, "K": 10**3, "M": 10**6, "B": 10**9, "G": 10**9, "T": 10**12}
+
+
+class LayoutChoice(StrEnum):
+    per_layer = "per-layer"
+    uniform = "uniform"
+
+
+def parse_params(text: str) -> int:
+    """'4.5B' → 4_500_000_000, '120M', '3k', '1,200,000'."""
+    m = re.fullmatch(r"\s*([0-9][0-9_,]*(?:\.[0-9]+)?)\s*([kKmMbBgGtT]?)\s*", text)
+    if not m:
+        raise NestpruneError(f"--params {text!r} is not a parameter count (e.g. 4.5B, 120M, 1200000)")
+    return int(round(float(m.group(1).replace(",", "").replace("_", "")) * _SUFFIX[m.group(2).upper()]))
+
+
+class ByteProgress:
+    """Rich bar over the bytes written, started only once a large write begins."""
+
+    def __init__(self) -> None:
+        self.progress = Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
+                                 TransferSpeedColumn(), TimeRemainingColumn(), console=console, transient=True)
+        self.task: int | None = None
+
+    def __call__(self, name: str, done: int, total: int) -> None:
+        if total < PROGRESS_MIN_BYTES:
+            return
+        if self.task is None:
+            self.progress.start()
+            self.task = self.progress.add_task("writing", total=total)
+        self.progress.update(self.task, completed=done, description=f"writing {name}")
+
+    def stop(self) -> None:
+        if self.task is not None:
+            self.progress.stop()
+
+
+def materialize(
+    artifact: Annotated[Path, typer.Argument(help="the artifact written by `nestprune build`")],
+    base: Annotated[Path, typer.Option("--base", help="the base model directory the artifact was built from")],
+    out_dir: Annotated[Path, typer.Option("--out", help="variant directory to write")],
+    sparsity: Annotated[float | None, typer.Option(min=0.0, max=1.0, help="parameter sparsity of the decoder layers, e.g. 0.3")] = None,
+    params: Annotated[str | None, typer.Option("--params", help="total parameters instead, e.g. 4.5B or 120M")] = None,
+    layout: Annotated[LayoutChoice, typer.Option(help="per-layer: the exact GISP subnetwork (load with nestprune.load_variant); uniform: same width in every layer, a stock config")] = LayoutChoice.per_layer,
+    multiple_of: Annotated[int | None, typer.Option("--multiple-of", min=1, help="round kept MLP widths to a multiple (e.g. 64, 128)")] = None,
+    force: Annotated[bool, typer.Option("--force", help="replace an existing --out")] = False,
+    verify: Annotated[bool, typer.Option("--verify", help="check fp32 logits against the masked base model (≤ 1e-5)")] = False,
+    full_check: Annotated[bool, typer.Option("--full-check", help="check the sha256 of every base file, not only names and sizes")] = False,
+) -> None:
+    """Write a model directory at one size from ARTIFACT and the base weights, in seconds, on CPU.
+
+    The kept heads and channels are the shortest prefix of the artifact's removal order that reaches
+    the target, so every size is nested in the larger ones.
+    """
+    from nestprune.materialize import materialize as run
+
+    if (sparsity is None) == (params is None):
+        raise NestpruneError("give exactly one target: --sparsity or --params")
+    n_params = parse_params(params) if params is not None else None
+    bar = ByteProgress()
+    try:
+        res = run(artifact, base, out_dir, sparsity=sparsity, params=n_params, layout=layout.value,
+                  multiple_of=multiple_of, force=force, verify=verify, full_check=full_check, progress=bar)
+    finally:
+        bar.stop()
+    s = res.spec
+    asked = (f"{n_params:,} parameters (sparsity {s.requested_sparsity:.4f})" if n_params
+             else f"sparsity {s.requested_sparsity:.4f}")
+    out.print(f"wrote {res.out_dir} ({s.layout}): requested {asked}, achieved sparsity {s.achieved_sparsity:.4f}, "
+              f"{s.total_params:,} parameters", highlight=False, soft_wrap=True)
+    if res.max_abs_diff is not None:
+        out.print(f"verified: fp32 logits match the masked base model (max abs diff {res.max_abs_diff:.2e})",
+                  highlight=False)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("materialize")(friendly(materialize))
