@@ -277,3 +277,22 @@ def test_ranking_for_returns_trajectory_for_the_build():
             assert len(traj) <= 257 and [t.step for t in traj] == sorted({t.step for t in traj})
     with pytest.raises(NestpruneError, match="unknown baseline"):
         bl.ranking_for("snip", model, arch, objective, cfg)
+
+
+@pytest.mark.parametrize("method", ["wanda-sp", "magnitude", "random"])
+def test_each_baseline_writes_a_valid_artifact(method, tiny_model_dir, sample_text_file, tmp_path):
+    from nestprune.artifact import read_artifact
+    from nestprune.build import BuildConfig, build_artifact
+
+    model_dir = tiny_model_dir("llama-gqa", num_hidden_layers=5)
+    cfg = BuildConfig(method=method, samples=4, seq_len=16, batch_size=2, max_sparsity=0.3, device="cpu")
+    path = build_artifact(model_dir, sample_text_file, tmp_path / f"{method}.nestprune", cfg)
+    manifest, ranking = read_artifact(path)
+    assert manifest.schedule.method == method
+    _check_complete(ranking, ranking.arch, "query", ranking.arch.prunable_layers())
+    assert ranking.max_sparsity >= 0.3
+    k = ranking.prefix_for_sparsity(0.3)
+    attn, mlp = kept_counts(ranking, bl.step_boundary_prefix(ranking, k))
+    prunable = ranking.arch.prunable_layers()
+    if method == "wanda-sp":  # a step boundary: the same share in every prunable layer
+        assert np.ptp(attn[prunable]) == 0 and np.ptp(mlp[prunable]) == 0

@@ -270,3 +270,27 @@ def test_cli_eval_errors_are_one_line(tiny_model_dir, tmp_path):
     res = runner.invoke(app, ["eval", str(tmp_path), "--gen", str(tmp_path / "t.txt"), "--extract", "regex:("])
     assert res.exit_code == 2 and "bad regular expression" in res.output
     assert "Traceback" not in res.output
+
+
+def test_cli_eval_of_a_per_layer_variant(tiny_model_dir, sample_text_file, tmp_path):
+    from typer.testing import CliRunner
+
+    from cli.main import app
+    from nestprune.build import BuildConfig, build_artifact
+    from nestprune.materialize import materialize
+
+    base = tiny_model_dir("llama-gqa", num_hidden_layers=4)
+    art = build_artifact(base, sample_text_file, tmp_path / "a.nestprune",
+                         BuildConfig(method="magnitude", samples=2, seq_len=16, device="cpu"))
+    variant = tmp_path / "v30"
+    materialize(art, base, variant, sparsity=0.3, layout="per-layer")
+    runner = CliRunner()
+    ppl = {}
+    for name, d in (("dense", base), ("v30", variant)):
+        res = runner.invoke(app, ["eval", str(d), "--ppl", str(sample_text_file), "--seq-len", "32", "--json",
+                                  "--device", "cpu"])
+        assert res.exit_code == 0, res.output
+        doc = json.loads(res.stdout)
+        ppl[name] = (doc["results"][0]["ppl"], doc["parameters"])
+    assert ppl["v30"][1] < ppl["dense"][1]  # the variant really is smaller
+    assert math.isfinite(ppl["v30"][0]) and ppl["v30"][0] != pytest.approx(ppl["dense"][0], rel=1e-4)
