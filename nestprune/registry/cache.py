@@ -12,7 +12,10 @@ import os
 import uuid
 from pathlib import Path
 
-DEFAULT_CACHE = Path(os.environ.get("NESTPRUNE_CACHE", "~/.cache/nestprune/chunks")).expanduser()
+
+def default_cache_dir() -> Path:
+    """``$NESTPRUNE_CACHE``, else ``~/.cache/nestprune/chunks``."""
+    return Path(os.environ.get("NESTPRUNE_CACHE") or "~/.cache/nestprune/chunks").expanduser()
 
 
 def sha256(data: bytes | bytearray | memoryview) -> str:
@@ -20,8 +23,8 @@ def sha256(data: bytes | bytearray | memoryview) -> str:
 
 
 class ChunkCache:
-    def __init__(self, root: Path | str = DEFAULT_CACHE):
-        self.root = Path(root).expanduser()
+    def __init__(self, root: Path | str | None = None):
+        self.root = Path(root).expanduser() if root is not None else default_cache_dir()
 
     def _path(self, digest: str) -> Path:
         return self.root / "sha256" / digest[:2] / digest

@@ -101,7 +101,10 @@ def push(
     on_bytes: Callable[[int], None] | None = None,
     store: Store | None = None,
 ) -> PushResult:
-    """Publish ``artifact`` (a build artifact) with the weights of ``base`` as a new version of ``name``."""
+    """Publish ``artifact`` (a build artifact) with the weights of ``base`` as a new version of ``name``.
+
+    The version is tagged ``tag`` and ``latest`` (which always names the last version published).
+    """
     store = store or open_store(registry)
     if store.read_only:
         raise NestpruneError(f"{store.url} is read-only; push to the store that backs it")
@@ -155,6 +158,7 @@ def push(
         record = VersionRecord(name=name, digest=mref.digest, created_at=now(), total_size=manifest.total_size,
                                nestprune_version=__version__)
         store.write(version_key(name, mref.digest), record.model_dump_json(indent=1).encode())
-    write_tag(store, name, tag, mref.digest)
+    for t in dict.fromkeys((tag, DEFAULT_TAG)):  # `latest` always names the last version published
+        write_tag(store, name, t, mref.digest)
     refresh_index(store)
     return PushResult(record=record, tag=tag, bytes_written=up.written, bytes_total=up.total)

@@ -17,7 +17,10 @@ from typing import Protocol
 
 from nestprune.errors import NestpruneError
 
-DEFAULT_REGISTRY = Path(os.environ.get("NESTPRUNE_REGISTRY", "~/.cache/nestprune/registry")).expanduser()
+
+def default_registry_dir() -> Path:
+    """``$NESTPRUNE_REGISTRY``, else ``~/.cache/nestprune/registry``."""
+    return Path(os.environ.get("NESTPRUNE_REGISTRY") or "~/.cache/nestprune/registry").expanduser()
 
 
 class KeyNotFound(NestpruneError):
@@ -130,7 +133,9 @@ class FsspecStore:
         return self._call("read", key, self.fs.cat_file, self._path(key))
 
     def read_range(self, key: str, start: int, end: int) -> bytes:
-        return self._call("read", key, self.fs.cat_file, self._path(key), start, end)
+        if end <= start:
+            return b""
+        return self._call("read", key, lambda: self.fs.cat_file(self._path(key), start=start, end=end))
 
     def write(self, key: str, data: bytes) -> None:
         self._call("write", key, self.fs.pipe_file, self._path(key), data)
@@ -203,7 +208,7 @@ class HttpStore:
 def open_store(location: str | Path | None = None, **storage_options: object) -> Store:
     """A store for a registry location: a path (default ``~/.cache/nestprune/registry``), s3://, http(s)://."""
     if location is None or str(location) == "":
-        return LocalStore(DEFAULT_REGISTRY)
+        return LocalStore(default_registry_dir())
     loc = str(location)
     if loc.startswith(("http://", "https://")):
         return HttpStore(loc)

@@ -1,0 +1,93 @@
+"""Pull a size variant: the same spec and the same writer as ``nestprune materialize``, fed by the registry.
+
+A pull resolves the reference to a version, verifies its manifest against the digest, rebuilds the
+build artifact and the base's aux files from their (verified) blobs, plans the variant with
+``plan_variant`` exactly as materialize does, and calls ``materialize_variant`` with a
+``RegistrySource`` in place of the local safetensors — so the output is byte-identical to
+``nestprune materialize`` on the same artifact and base. Only the chunks the variant keeps are read;
+any chunk failing its sha256 aborts the pull before the output directory appears.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from nestprune.artifact import read_artifact
+from nestprune.errors import NestpruneError
+from nestprune.materialize import DEFAULT_SHARD_BYTES, Progress, check_out, materialize_variant
+from nestprune.registry.cache import ChunkCache
+from nestprune.registry.source import RegistrySource, TransferStats
+from nestprune.registry.stores import Store, open_store
+from nestprune.registry.versions import Reference, parse_reference, read_manifest, resolve
+from nestprune.slicing import Layout, VariantSpec, plan_variant, sparsity_for_params
+from schemas.registry import FileRef, VersionRecord
+from schemas.variant import VariantManifest
+
+_DEFAULT = object()
+
+
+@dataclass(frozen=True)
+class PullResult:
+    out_dir: Path
+    record: VersionRecord
+    spec: VariantSpec
+    manifest: VariantManifest
+    stats: TransferStats
+    variant_bytes: int  # bytes of the variant's tensors (what a perfect pull would read)
+
+
+def _write_files(src: RegistrySource, files: dict[str, FileRef], into: Path, what: str) -> None:
+    for rel, ref in files.items():
+        path = into / rel
+        if ".." in Path(rel).parts or Path(rel).is_absolute():
+            raise NestpruneError(f"the registry manifest names an unsafe path {rel!r}")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(src.read_file(ref, f"{what} {rel}"))
+
+
+def pull(
+    ref: str | Reference,
+    out: Path,
+    sparsity: float | None = None,
+    params: int | None = None,
+    layout: Layout = "per-layer",
+    multiple_of: int | None = None,
+    *,
+    force: bool = False,
+    cache: ChunkCache | None | object = _DEFAULT,
+    stats: TransferStats | None = None,
+    progress: Progress | None = None,
+    shard_bytes: int = DEFAULT_SHARD_BYTES,
+    store: Store | None = None,
+) -> PullResult:
+    """Write the variant of ``ref`` (``REGISTRY/NAME[:TAG|@DIGEST]``) at one target to ``out``.
+
+    ``cache``: a ChunkCache (default ``~/.cache/nestprune/chunks``) or None for no cache.
+    """
+    if (sparsity is None) == (params is None):
+        raise NestpruneError("give exactly one target: --sparsity or --params")
+    ref = parse_reference(ref) if isinstance(ref, str) else ref
+    store = store or open_store(ref.registry)
+    cache = ChunkCache() if cache is _DEFAULT else cache
+    out = check_out(Path(out), force)
+    record = resolve(store, ref)
+    manifest = read_manifest(store, record.digest)
+    src = RegistrySource(store, manifest, cache, stats)  # type: ignore[arg-type]
+    with tempfile.TemporaryDirectory(prefix=".nestprune-pull.", dir=out.parent) as work:
+        art_dir, aux_dir = Path(work) / "artifact", Path(work) / "aux"
+        _write_files(src, manifest.artifact, art_dir, "artifact file")
+        _write_files(src, manifest.aux, aux_dir, "base file")
+        a_manifest, ranking = read_artifact(art_dir)
+        if a_manifest.digest() != manifest.artifact_digest:
+            raise NestpruneError(f"{store.url}: the stored artifact does not match its recorded digest")
+        target = sparsity if sparsity is not None else sparsity_for_params(ranking, int(params))  # type: ignore[arg-type]
+        spec = plan_variant(ranking, target, layout, multiple_of)
+        written = materialize_variant(
+            src, ranking, spec, aux_dir, out, base=a_manifest.base, artifact_digest=a_manifest.digest(),
+            requested_params=params, shard_bytes=shard_bytes, force=force, progress=progress,
+        )
+    variant_bytes = sum(f.stat().st_size for f in out.glob("*.safetensors"))
+    return PullResult(out_dir=out, record=record, spec=spec, manifest=written, stats=src.stats,
+                      variant_bytes=variant_bytes)
