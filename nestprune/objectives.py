@@ -3,8 +3,10 @@
 Every objective here satisfies :class:`nestprune.objective.Objective`: ``loss(model, batch)`` summed
 over ``batches(batch_size)`` is the whole objective, so ``build`` only has to call ``.backward()``.
 
-- ``margin`` (decision tasks, GISP.md): one sequence per (item, choice) = prompt + separator + choice.
-  CE on the choice tokens only (prompt and pad labelled -100), per-sequence mean over those tokens.
+- ``margin`` (decision tasks, GISP.md): one sequence per (item, choice) = prompt + " " + choice
+  (the separator is dropped when the prompt ends or the choice starts with whitespace, exactly as
+  ``nestprune.evaluate`` and lm-eval join them; the prompt may first go through a template such as the
+  reference's "Question: {prompt}\nAnswer:"). CE on the choice tokens only (prompt and pad labelled -100), per-sequence mean over those tokens.
   Objective = mean CE over correct options − mean CE over incorrect options, so the accumulated
   gradient is ``mean_pos ∇ℓ − mean_neg ∇ℓ``. Each sequence carries its signed weight
   (+1/N_pos or −1/N_neg) in the batch.
@@ -15,7 +17,9 @@ over ``batches(batch_size)`` is the whole objective, so ``build`` only has to ca
   ``load_objective("path/to/file.py:fn", ...)``; ``fn(tokenizer, data_path, options)`` returns any
   object with ``name``, ``batches``, ``loss`` and ``provenance`` (the Objective protocol).
 
-Sequence length: by default the ``percentile`` (99th) of the tokenised lengths of the selected items;
+Tokens: the continuation's tokens are those that follow the prompt's in the encoding of the whole
+text, no special tokens added (as ``nestprune.evaluate`` scores and generates), so calibration sees
+what evaluation sees. Sequence length: by default the ``percentile`` (99th) of the tokenised lengths of the selected items;
 longer sequences lose prompt tokens from the LEFT (a leading BOS is kept); the answer is never cut
 (an answer longer than the limit keeps one prompt token and makes its sequence longer than the limit).
 Batches are formed by length (longest first), padded on the right with an attention mask.
@@ -232,10 +236,43 @@ def _pad_id(tokenizer) -> int:
     return 0
 
 
-def _encode(tokenizer, texts: list[str], add_special_tokens: bool) -> list[list[int]]:
+def join_choice(prompt: str, choice: str, separator: str = " ") -> tuple[str, str]:
+    """(context, continuation) as lm-eval and ``nestprune.evaluate`` join them: ``separator`` goes
+    between prompt and choice unless the prompt ends or the choice starts with whitespace, and
+    trailing spaces of the prompt move over to the continuation."""
+    cont = choice if (not prompt or prompt[-1:].isspace() or choice[:1].isspace()) else separator + choice
+    n_sp = len(prompt) - len(prompt.rstrip(" "))
+    if n_sp:
+        prompt, cont = prompt[:-n_sp], prompt[-n_sp:] + cont
+    return prompt, cont
+
+
+def _encode(tokenizer, texts: list[str]) -> list[list[int]]:
     if not texts:
         return []
-    return [list(x) for x in tokenizer(texts, add_special_tokens=add_special_tokens)["input_ids"]]
+    return [list(x) for x in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+
+
+def encode_pairs(tokenizer, pairs: Sequence[tuple[str, str]]) -> list[tuple[list[int], list[int]]]:
+    """(context ids, continuation ids) per (context, continuation): the continuation's tokens are those
+    that follow the context's in the encoding of the whole text (so calibration sees the tokens that
+    training text and evaluation see); where a merge crosses the boundary, each is encoded alone. No
+    special tokens are added (as in ``nestprune.evaluate``); an empty context becomes BOS (or EOS)."""
+    ctxs = _encode(tokenizer, [c for c, _ in pairs])
+    wholes = _encode(tokenizer, [c + x for c, x in pairs])
+    out = []
+    for (_, cont_text), ctx, whole in zip(pairs, ctxs, wholes, strict=True):
+        if whole[: len(ctx)] == ctx:
+            cont = whole[len(ctx) :]
+        else:
+            cont = _encode(tokenizer, [cont_text])[0]
+        if not ctx:
+            prefix = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+            if prefix is None:
+                raise NestpruneError("an empty prompt needs a BOS or EOS token to condition on; the tokenizer has neither")
+            ctx = [int(prefix)]
+        out.append((ctx, cont))
+    return out
 
 
 @dataclass
@@ -350,19 +387,14 @@ class MarginObjective:
             raise NestpruneError("the margin objective needs at least one item")
         chosen = [items[i] for i in _select(len(items), samples, seed)]
         prompts = [_format_prompt(prompt_template, it.prompt) for it in chosen]
-        prompt_ids = _encode(tokenizer, prompts, add_special_tokens=True)
-        flat_choices = [separator + c for it in chosen for c in it.choices]
-        choice_ids = _encode(tokenizer, flat_choices, add_special_tokens=False)
-        groups, labels, k = [], [], 0
-        for n, (it, p) in enumerate(zip(chosen, prompt_ids, strict=True)):
-            if not p:
-                raise NestpruneError(f"item {n} (after shuffling) has an empty prompt and the tokenizer adds no BOS")
-            g = []
-            for j in range(len(it.choices)):
-                if not choice_ids[k]:
-                    raise NestpruneError(f"choice {j} of item {n!r} tokenises to nothing")
-                g.append((p, choice_ids[k]))
-                k += 1
+        encoded = iter(encode_pairs(tokenizer, [join_choice(p, c, separator)
+                                                for p, it in zip(prompts, chosen, strict=True) for c in it.choices]))
+        groups, labels = [], []
+        for n, it in enumerate(chosen):
+            g = [next(encoded) for _ in it.choices]
+            for j, (_, cont) in enumerate(g):
+                if not cont:
+                    raise NestpruneError(f"choice {j} of item {n} (after shuffling) tokenises to nothing")
             groups.append(g)
             labels.append(it.answer)
         kept, limit, truncated = _prepare(
@@ -466,18 +498,14 @@ class AnswerObjective:
         chosen = [items[i] for i in _select(len(items), samples, seed)]
         use_template = bool(chat_template and getattr(tokenizer, "chat_template", None))
         if use_template:
-            pairs = [render_chat(tokenizer, it.prompt, it.response) for it in chosen]
-            prompt_ids = _encode(tokenizer, [p for p, _ in pairs], add_special_tokens=False)
-            answer_ids = _encode(tokenizer, [r for _, r in pairs], add_special_tokens=False)
+            texts = [render_chat(tokenizer, it.prompt, it.response) for it in chosen]
         else:
-            prompt_ids = _encode(tokenizer, [it.prompt for it in chosen], add_special_tokens=True)
-            answer_ids = _encode(tokenizer, [separator + it.response for it in chosen], add_special_tokens=False)
-            if append_eos and tokenizer.eos_token_id is not None:
-                answer_ids = [a + [tokenizer.eos_token_id] for a in answer_ids]
+            texts = [(it.prompt, separator + it.response) for it in chosen]
+        encoded = encode_pairs(tokenizer, texts)
+        if append_eos and not use_template and tokenizer.eos_token_id is not None:
+            encoded = [(p, a + [int(tokenizer.eos_token_id)]) for p, a in encoded]
         groups = []
-        for n, (p, a) in enumerate(zip(prompt_ids, answer_ids, strict=True)):
-            if not p:
-                raise NestpruneError(f"item {n} (after shuffling) has an empty prompt and the tokenizer adds no BOS")
+        for n, (p, a) in enumerate(encoded):
             if not a:
                 raise NestpruneError(f"item {n} (after shuffling) has a response that tokenises to nothing")
             groups.append([(p, a)])

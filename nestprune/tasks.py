@@ -5,8 +5,8 @@ barely moves under pruning at proxy scale, so the blanks here are the specifics 
 copy: an identifier, constant, dotted name, ``literal`` or number in the corpus text. The prompt is the
 text before the blank (up to ``context_chars``, cut at a whitespace boundary); the choices are the true
 term and distractors *of the same kind and similar length* taken from other documents of the same
-split and absent from the prompt. ``prompt + " " + choice`` reproduces the original text for the true
-choice (the margin objective's default format). Each item records its kind and whether the answer
+split and absent from the prompt. Prompt and true choice joined as the margin objective and the
+evaluator join them (a space unless the prompt ends with whitespace) reproduce the original text. Each item records its kind and whether the answer
 occurs in the prompt (``in_context``: answerable by copying; otherwise by recall), so a benchmark can
 report both. Calibration items come from one split (valid), evaluation items from another (test):
 documents are disjoint by construction of the corpus, and an evaluation item whose prompt tail and
@@ -87,9 +87,11 @@ def find_blanks(doc: str, doc_index: int = 0, min_context_chars: int = 200) -> l
 
 
 def cloze_prompt(doc: str, start: int, context_chars: int) -> str:
-    """The text before the space that precedes a blank at ``start``, at most ``context_chars`` long and
-    starting after a whitespace (no partial first word)."""
-    end = start - 1  # the space before the blank
+    """The text before a blank at ``start``, at most ``context_chars`` long, starting after a whitespace
+    (no partial first word). The single space before the blank is left out when a non-space precedes
+    it, so that ``prompt + " " + choice`` — joined as ``nestprune.objectives.join_choice`` and
+    ``nestprune.evaluate`` do, no separator after whitespace — is the original text."""
+    end = start - 1 if start >= 2 and not doc[start - 2].isspace() else start
     lo = max(0, end - context_chars)
     if lo > 0:
         cut = re.search(r"\s", doc[lo:end])

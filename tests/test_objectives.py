@@ -19,6 +19,7 @@ from nestprune.objectives import (
     AnswerObjective,
     ChoiceItem,
     MarginObjective,
+    join_choice,
     length_batches,
     length_limit,
     load_objective,
@@ -56,6 +57,14 @@ def write_jsonl(path: Path, rows: list) -> Path:
     return path
 
 
+def split_encode(tokenizer, prompt: str, continuation: str) -> tuple[list[int], list[int]]:
+    """The continuation's tokens as those following the prompt's in the whole text's encoding."""
+    ctx = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    whole = tokenizer(prompt + continuation, add_special_tokens=False)["input_ids"]
+    assert whole[: len(ctx)] == ctx
+    return ctx, whole[len(ctx) :]
+
+
 def answer_ce(model, prompt: list[int], answer: list[int]) -> torch.Tensor:
     """Mean CE of ``answer`` given ``prompt``, one unpadded sequence, by hand."""
     ids = torch.tensor([prompt + answer])
@@ -77,9 +86,8 @@ def test_margin_score_equals_brute_force(tokenizer):
     # brute force: separate passes over the correct and the incorrect options, plain autograd
     pos, neg = [], []
     for it in CHOICE_ITEMS:
-        p = tokenizer(it.prompt)["input_ids"]
         for j, c in enumerate(it.choices):
-            (pos if j == it.answer else neg).append((p, tokenizer(" " + c)["input_ids"]))
+            (pos if j == it.answer else neg).append(split_encode(tokenizer, it.prompt, " " + c))
     weights = decoder_weights(model)
     grad_sets, values = [], []
     for group in (pos, neg):
@@ -127,6 +135,24 @@ def _rows_by_length(objective, batch_size=100):
     return batch, batch["attention_mask"].sum(1).tolist()
 
 
+def test_join_and_encoding_follow_the_evaluator(tokenizer):
+    from nestprune import evaluate
+
+    assert join_choice("Answer:", "85") == ("Answer:", " 85")
+    assert join_choice("line\n", "x") == ("line\n", "x")  # no separator after whitespace
+    assert join_choice("call  ", "foo") == ("call", "  foo")  # trailing spaces move over
+    assert join_choice("a", " b") == ("a", " b")
+    objective = MarginObjective(CHOICE_ITEMS, tokenizer, seq_len=64, prompt_template="Q: {prompt}\nA:")
+    got = sorted((p, a) for p, a in objective.data.sequences)
+    expected = sorted(
+        evaluate._encode_pair(tokenizer, *evaluate._join("Q: " + it.prompt + "\nA:", c, " "))
+        for it in CHOICE_ITEMS for c in it.choices
+    )
+    assert got == expected
+    empty = MarginObjective([ChoiceItem("", ("page", "file"), 0)], tokenizer)
+    assert [p for p, _ in empty.data.sequences] == [[tokenizer.bos_token_id]] * 2
+
+
 def test_answer_labels_mask_prompt_and_padding_exactly(tokenizer):
     items = [AnswerItem("the kernel maps each page of memory into", " the process"),
              AnswerItem("python reads", " the file in order"),
@@ -137,8 +163,7 @@ def test_answer_labels_mask_prompt_and_padding_exactly(tokenizer):
     width = batch["input_ids"].shape[1]
     expected_rows = []
     for it in items:
-        p, a = tokenizer(it.prompt)["input_ids"], tokenizer(it.response)["input_ids"]
-        expected_rows.append((p, a))
+        expected_rows.append(split_encode(tokenizer, it.prompt, it.response))
     expected_rows.sort(key=lambda pa: -(len(pa[0]) + len(pa[1])))
     assert lengths == [len(p) + len(a) for p, a in expected_rows]
     for r, (p, a) in enumerate(expected_rows):
@@ -187,8 +212,7 @@ def test_left_truncation_keeps_the_answer(tokenizer):
 
     long_prompt = " ".join(["the kernel maps each page of memory"] * 6) + " python reads"
     items = [AnswerItem(long_prompt, " the file in order"), AnswerItem("memory", " page")]
-    full_prompt = tokenizer(long_prompt)["input_ids"]
-    answer = tokenizer(" the file in order")["input_ids"]
+    full_prompt, answer = split_encode(tokenizer, long_prompt, " the file in order")
     objective = AnswerObjective(items, tokenizer, seq_len=len(answer) + 4)
     batch = next(objective.batches(8))
     row = batch["input_ids"][0].tolist()
@@ -203,7 +227,7 @@ def test_sequence_length_from_data_percentile(tokenizer):
     short = [ChoiceItem("memory", ("page", "file"), 0)] * 199
     long = [ChoiceItem(" ".join(["python reads the file in order"] * 5), ("page", "file"), 1)]
     objective = MarginObjective(short + long, tokenizer)
-    limit = len(tokenizer("memory")["input_ids"]) + len(tokenizer(" page")["input_ids"])
+    limit = len(tokenizer("memory page")["input_ids"])
     prov = objective.provenance()
     assert prov["seq_len"] == limit and prov["seq_len_rule"] == "p99 of lengths"
     assert prov["truncated"] == 2  # both options of the long item lost prompt tokens

@@ -11,7 +11,7 @@ import pytest
 
 from nestprune.calibration import read_documents
 from nestprune.errors import NestpruneError
-from nestprune.objectives import AnswerObjective, MarginObjective
+from nestprune.objectives import AnswerObjective, MarginObjective, join_choice
 from nestprune.tasks import (
     cloze_items,
     decision_task,
@@ -43,6 +43,7 @@ def synthetic_docs(n_docs: int, seed: int) -> list[str]:
                 f"Call {rng.choice(names)} with {rng.choice(consts)} set, then read "
                 f"``{sub}.state{d}`` and pass {rng.randint(10, 999)} as the size of PageTable{d} here."
             )
+            lines.append(f"    {rng.choice(consts)} = {rng.randint(10, 99)}")  # indented code: blank after spaces
         docs.append("\n".join(lines))
     return docs
 
@@ -67,9 +68,11 @@ def test_cloze_items_are_well_formed():
     for it in items:
         doc, choices, answer = docs[it["doc"]], it["choices"], it["choices"][it["answer"]]
         assert len(choices) == 4 and len(set(choices)) == 4
-        # prompt + " " + true choice is the original text, the blank at the recorded offset
-        assert doc[it["offset"] - 1 - len(it["prompt"]) : it["offset"] + len(answer)] == it["prompt"] + " " + answer
-        start = it["offset"] - 1 - len(it["prompt"])
+        # prompt and true choice, joined as objective and evaluator join them, are the original text
+        ctx, cont = join_choice(it["prompt"], answer)
+        start = it["offset"] + len(answer) - len(ctx + cont)
+        assert doc[start : it["offset"] + len(answer)] == ctx + cont
+        assert start == it["offset"] - len(it["prompt"]) - (not it["prompt"][-1].isspace())
         assert 0 < len(it["prompt"]) <= 200 and (start == 0 or doc[start - 1].isspace())  # no partial word
         assert it["in_context"] == (answer in it["prompt"])
         kind = it["kind"].removeprefix("literal:")
@@ -80,6 +83,7 @@ def test_cloze_items_are_well_formed():
                 assert c not in it["prompt"]
                 assert any(c in other for j, other in enumerate(docs) if j != it["doc"])
     assert {it["kind"] for it in items} >= {"snake", "constant", "literal:dotted", "number", "camel"}
+    assert any(it["prompt"].endswith("\n    ") for it in items)  # indented blanks keep their spaces
     assert 0.15 < sum(it["answer"] == 0 for it in items) / len(items) < 0.4  # answer positions shuffled
 
 
