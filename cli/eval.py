@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -63,7 +64,7 @@ def _table(results: list[dict[str, Any]], model: str) -> Table:
     for r in results:
         name = Path(r["source"]).name
         if r["task"] == "perplexity":
-            t.add_row("perplexity", name, f"{r['tokens']:,} tok", f"ppl (seq {r['seq_len']})", f"{r['ppl']:.3f}")
+            t.add_row("perplexity", name, f"{r['tokens']:,} tok", f"ppl (seq {r['seq_len']})", f"{r['ppl']:.3f}" if r["ppl"] is not None else "inf")
         elif r["task"] == "multiple_choice":
             t.add_row("multiple choice", name, str(r["items"]), "acc", f"{r['acc']:.4f}")
             t.add_row("", "", "", "acc_norm", f"{r['acc_norm']:.4f}")
@@ -127,6 +128,8 @@ def evaluate(
                                     batch_size=batch_size, device=dev, progress=cb(f"gen {f.name}"))
             results.append(r.to_dict())
     params = sum(p.numel() for p in net.parameters())
+    for r in results:  # JSON has no infinity: a diverged perplexity is null
+        r.update({k: None for k, v in r.items() if isinstance(v, float) and not math.isfinite(v)})
     if as_json:
         doc = {"model": str(model), "parameters": params, "device": str(dev),
                "dtype": str(next(net.parameters()).dtype).removeprefix("torch."), "results": results}

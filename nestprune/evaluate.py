@@ -121,7 +121,8 @@ def _prefix_token(tokenizer) -> int:
 
 
 def token_stream(docs: Sequence[str], tokenizer) -> torch.Tensor:
-    """The reference's evaluation stream: documents joined with "\\n\\n", tokenized once. (n_tokens,)"""
+    """The reference's evaluation stream: documents joined with "\\n\\n", tokenized once (with the
+    tokenizer's own special tokens, e.g. a leading BOS, as the reference's ``tokenizer(text)``). (n_tokens,)"""
     ids = tokenizer("\n\n".join(docs), add_special_tokens=True, verbose=False)["input_ids"]
     return torch.tensor(ids, dtype=torch.long)
 
@@ -258,11 +259,11 @@ def continuation_logprobs(
         for r, s in enumerate(seqs):
             ids[r, : len(s)] = torch.tensor(s)
             mask[r, : len(s)] = 1
-        logits = model(input_ids=ids.to(dev), attention_mask=mask.to(dev), use_cache=False).logits
-        logp = torch.log_softmax(logits.float(), dim=-1)  # (B, W, V)
+        logits = model(input_ids=ids.to(dev), attention_mask=mask.to(dev), use_cache=False).logits  # (B, W, V)
         for r, (s, cont) in enumerate(zip(seqs, conts, strict=True)):
             n = len(cont)
-            rows = logp[r, len(s) - n : len(s)]  # positions predicting the continuation, (n, V)
+            # positions predicting the continuation, (n, V); log-softmax in fp32 on those rows only
+            rows = torch.log_softmax(logits[r, len(s) - n : len(s)].float(), dim=-1)
             target = torch.tensor(cont, device=rows.device)
             out[idx[r]] = float(rows.gather(1, target[:, None]).double().sum())
         if progress:
