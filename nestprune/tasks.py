@@ -14,7 +14,7 @@ answer also occur in the calibration items is dropped.
 
 Generation task — short problems with one exact answer (``add``, ``sub``, ``lookup``, ``copy``),
 written as prompt/response pairs (``"Q: 47+38=? A:"`` → ``" 85"``; the answer objective's default
-separator is ""). ``mix_problems`` puts a share of such problems (never the held-out calibration or
+separator is "") with the bare ``answer`` ("85") for exact match (``nestprune eval``, first line). ``mix_problems`` puts a share of such problems (never the held-out calibration or
 evaluation prompts) into training documents so proxy models learn them and exact match is measurable.
 
 Everything is deterministic from a seed. CLI: ``python -m nestprune.tasks decision|generation ...``.
@@ -213,7 +213,9 @@ _WORDS = ("page", "file", "lock", "task", "node", "list", "byte", "port", "mode"
 
 
 def make_problem(kind: str, rng: random.Random) -> dict:
-    """One problem: ``{"prompt", "response", "kind"}``; the response starts with a space."""
+    """One problem: ``{"prompt", "response", "answer", "kind"}``. ``response`` (" 85", read by the answer
+    objective) is what follows the prompt in training text; ``answer`` ("85") is what
+    ``nestprune.evaluate``'s exact match compares the first generated line with."""
     if kind == "add":
         a, b = rng.randint(10, 99), rng.randint(10, 99)
         prompt, answer = f"Q: {a}+{b}=? A:", str(a + b)
@@ -231,7 +233,7 @@ def make_problem(kind: str, rng: random.Random) -> dict:
         prompt, answer = f"Q: repeat {' '.join(words)} A:", " ".join(words)
     else:
         raise NestpruneError(f"unknown problem kind {kind!r}; choose from {', '.join(PROBLEM_KINDS)}")
-    return {"prompt": prompt, "response": " " + answer, "kind": kind}
+    return {"prompt": prompt, "response": " " + answer, "answer": answer, "kind": kind}
 
 
 def problems(n: int, *, seed: int = 0, kinds: Sequence[str] = PROBLEM_KINDS,

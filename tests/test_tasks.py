@@ -134,7 +134,7 @@ def _solve(prompt: str) -> str:
 def test_problems_are_correct_distinct_and_split():
     calib, evals = generation_task(200, 200, seed=0)
     for p in calib + evals:
-        assert p["response"] == " " + _solve(p["prompt"])
+        assert p["response"] == " " + _solve(p["prompt"]) and p["answer"] == _solve(p["prompt"])
     assert len({p["prompt"] for p in calib}) == 200 and len({p["prompt"] for p in evals}) == 200
     assert not {p["prompt"] for p in calib} & {p["prompt"] for p in evals}
     assert {p["kind"] for p in calib} == {"add", "sub", "lookup", "copy"}
