@@ -58,8 +58,8 @@ def build(
     objective: Annotated[str, typer.Option(help="lm | margin | answer (task-aligned objectives)")] = "lm",
     objective_fn: Annotated[str | None, typer.Option("--objective-fn", help="custom objective: 'pkg.module:callable' or 'file.py:callable'")] = None,
     no_chat_template: Annotated[bool, typer.Option("--no-chat-template", help="answer objective: do not apply the tokenizer's chat template")] = False,
-    samples: Annotated[int, typer.Option(min=1, help="calibration windows (reference: 2000)")] = 2000,
-    seq_len: Annotated[int, typer.Option(min=2, help="tokens per window (reference: 256)")] = 256,
+    samples: Annotated[int | None, typer.Option(min=1, help="lm: calibration windows (default 2000, the reference's); margin/answer: cap on items (default all)")] = None,
+    seq_len: Annotated[int | None, typer.Option(min=2, help="lm: tokens per window (default 256); margin/answer: length limit (default: 99th percentile of the data)")] = None,
     batch_size: Annotated[int, typer.Option(min=1, help="windows per forward/backward")] = 8,
     seed: Annotated[int, typer.Option(help="seed of the calibration windows")] = 0,
     r_max: Annotated[float, typer.Option(min=0.0, max=1.0, help="final structure ratio of the schedule")] = 0.7,
@@ -82,11 +82,12 @@ def build(
     from nestprune.build import BuildConfig, build_artifact
 
     hf_logging.disable_progress_bar()
-    cfg = BuildConfig(method=method, samples=samples, seq_len=seq_len, batch_size=batch_size, seed=seed,
+    cfg = BuildConfig(method=method, samples=samples or 2000, seq_len=seq_len or 256, batch_size=batch_size, seed=seed,
                       r_max=r_max, steps=steps, max_sparsity=max_sparsity, gqa_mode=gqa_mode,
                       normalisation=normalisation, skip_first_frac=skip_first_frac, skip_last=skip_last,
                       device=device, dtype=dtype)
-    factory = objective_factory(objective, objective_fn, data, cfg, chat_template=not no_chat_template)
+    factory = objective_factory(objective, objective_fn, data, samples, seq_len, seed,
+                                chat_template=not no_chat_template)
     columns = (TextColumn("{task.description}"), BarColumn(), TaskProgressColumn(), TimeElapsedColumn(),
                TextColumn("eta"), TimeRemainingColumn(), TextColumn("{task.fields[info]}"))
     reporter = RichReporter(Progress(*columns, console=console))
@@ -104,20 +105,17 @@ def build(
     )
 
 
-def objective_factory(objective: str, objective_fn: str | None, data: Path | None, cfg, chat_template: bool):
-    """None for the default LM objective; else a factory(tokenizer) from nestprune.objectives."""
+def objective_factory(objective: str, objective_fn: str | None, data: Path | None, samples: int | None,
+                      seq_len: int | None, seed: int, chat_template: bool):
+    """None for the default LM objective (built by build_artifact); else a factory(tokenizer)."""
     if objective == "lm" and objective_fn is None:
         return None
-    from nestprune.errors import NestpruneError
+    from nestprune.objectives import make_objective
 
-    try:
-        from nestprune.objectives import make_objective
-    except ImportError:
-        raise NestpruneError(f"objective {objective!r} is not available in this installation") from None
     kind = "custom" if objective_fn else objective
 
     def factory(tokenizer):
-        return make_objective(kind, data, tokenizer, samples=cfg.samples, seq_len=cfg.seq_len, seed=cfg.seed,
+        return make_objective(kind, data, tokenizer, samples=samples, seq_len=seq_len, seed=seed,
                               chat_template=chat_template, custom=objective_fn)
 
     return factory
