@@ -1,0 +1,220 @@
+"""``python -m nestprune.demo`` (``make demo``): the whole product on a laptop CPU, nothing downloaded.
+
+1. train a byte-level BPE tokenizer and a tiny Llama on the bundled English sample (about a minute);
+2. ``build``: rank every head and MLP channel by GISP once, into one artifact;
+3. ``inspect`` the artifact;
+4. ``materialize`` two sizes from that one artifact;
+5. load each (``nestprune.load_variant``), measure perplexity on held-out text and generate a line.
+
+Everything lands in ``--workdir`` (default ``runs/demo``). A second run reuses the trained model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.resources
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+console = Console()
+
+PROMPTS = ("The kernel", "In Python, a list")
+
+
+def sample_path() -> Path:
+    """The bundled English text sample (see nestprune/data/README.md)."""
+    return Path(str(importlib.resources.files("nestprune") / "data" / "sample.txt.xz"))
+
+
+def split_sample(src: Path, out_dir: Path, valid_every: int = 20) -> tuple[Path, Path]:
+    """Write train/valid text files from the sample: every ``valid_every``-th document is held out."""
+    from nestprune.calibration import DOC_SEPARATOR, read_documents
+
+    train, valid = out_dir / "train.txt", out_dir / "valid.txt"
+    if train.exists() and valid.exists():
+        return train, valid
+    docs = read_documents(src)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    sep = f"\n{DOC_SEPARATOR}\n"
+    train.write_text(sep.join(d for i, d in enumerate(docs) if i % valid_every) + "\n", encoding="utf-8")
+    valid.write_text(sep.join(d for i, d in enumerate(docs) if i % valid_every == 0) + "\n", encoding="utf-8")
+    return train, valid
+
+
+def stage(n: int, title: str) -> float:
+    console.rule(f"[bold cyan]{n}. {title}")
+    return time.perf_counter()
+
+
+def done(t0: float) -> None:
+    console.print(f"[dim]  ({time.perf_counter() - t0:.1f}s)[/]")
+
+
+class BuildProgress:
+    """A rich display for ``build_artifact``: GISP steps, sparsity, calibration loss, ETA."""
+
+    def __init__(self):
+        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+        self.progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.fields[info]}"),
+                                 TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=console)
+        self.steps = self.progress.add_task("GISP steps", total=None, info="")
+
+    def __enter__(self):
+        self.progress.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.progress.stop()
+
+    def on_batch(self, step: int, batches_done: int, total: int) -> None:
+        pass
+
+    def on_step(self, record, steps_planned: int) -> None:
+        loss = f"{record.loss:.3f}" if record.loss is not None else "-"
+        self.progress.update(self.steps, completed=record.step + 1, total=max(steps_planned, record.step + 1),
+                             info=f"sparsity {record.param_sparsity:5.1%}  loss {loss}")
+
+
+def generate_line(model, tokenizer, prompt: str, max_new_tokens: int = 24) -> str:
+    """Greedy continuation of ``prompt`` (no repeated trigrams), on one line."""
+    import torch
+
+    ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)["input_ids"]
+    with torch.no_grad():
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                             do_sample=False, no_repeat_ngram_size=3, pad_token_id=tokenizer.pad_token_id)
+    text = tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+    return " ".join((prompt + text).split())  # newlines and runs of spaces as one space
+
+
+def held_out_perplexity(model, tokenizer, valid: Path, max_chars: int) -> float | None:
+    """PPL (128-token windows) on the first ``max_chars`` characters of held-out documents, if evaluate exists."""
+    try:
+        from nestprune.evaluate import perplexity
+    except ImportError:
+        return None
+    from nestprune.calibration import read_documents
+
+    docs, total = [], 0
+    for d in read_documents(valid):
+        if total >= max_chars:
+            break
+        docs.append(d)
+        total += len(d)
+    return perplexity(model, tokenizer, docs, seq_len=128, batch_size=16, source=str(valid)).ppl
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m nestprune.demo", description=__doc__.split("\n")[0])
+    ap.add_argument("--workdir", type=Path, default=Path("runs/demo"))
+    ap.add_argument("--family", default="llama-mha", help="llama-mha | llama-gqa | qwen3")
+    ap.add_argument("--tokens", type=int, default=1_000_000, help="training token budget")
+    ap.add_argument("--train-seconds", type=float, default=120.0, help="training time cap (0: none)")
+    ap.add_argument("--sparsities", default="0.2,0.4", help="the two (or more) sizes to materialize")
+    ap.add_argument("--samples", type=int, default=128, help="calibration windows of 128 tokens")
+    ap.add_argument("--retrain", action="store_true", help="train again even if the workdir holds a model")
+    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: all cores)")
+    args = ap.parse_args(argv)
+
+    import torch
+    from transformers.utils import logging as hf_logging
+
+    from nestprune.errors import NestpruneError
+    from nestprune.proxy import load_or_train_proxy, prepare_corpus, proxy_spec, train_proxy
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    work: Path = args.workdir
+    sparsities = [float(x) for x in args.sparsities.split(",")]
+    started = time.perf_counter()
+    try:
+        # 1. tokenizer + tiny model -----------------------------------------------------------------
+        t0 = stage(1, f"train a tokenizer and a tiny {args.family} on the bundled sample")
+        train_txt, valid_txt = split_sample(sample_path(), work / "data")
+        spec = proxy_spec(args.family, "tiny", tokens=args.tokens, seconds=args.train_seconds or None)
+        corpus = prepare_corpus(train_txt, work / "corpus", spec.vocab_size, valid_path=valid_txt)
+        console.print(f"  tokenizer: {len(corpus.tokenizer)} tokens; {corpus.info['train_tokens']:,} training "
+                      f"tokens, {corpus.info['valid_tokens']:,} held-out")
+        model_dir = work / "model"
+        if args.retrain:
+            from dataclasses import asdict
+
+            record = asdict(train_proxy(spec, corpus, model_dir))
+        else:
+            record = load_or_train_proxy(spec, corpus, model_dir)
+        console.print(f"  {model_dir}: {record['parameters']:,} parameters, {record['tokens']:,} tokens in "
+                      f"{record['seconds']}s on {record['device']}; valid loss {record['valid_loss']:.3f}")
+        done(t0)
+
+        # 2. build -----------------------------------------------------------------------------------
+        from nestprune.build import BuildConfig, build_artifact
+
+        t0 = stage(2, "nestprune build: GISP ranks every head and channel, once")
+        artifact = work / "artifact.nestprune"
+        cfg = BuildConfig(samples=args.samples, seq_len=128, batch_size=16, max_sparsity=max(sparsities) + 0.05,
+                          device="cpu")
+        console.print(f"  $ nestprune build {model_dir} --data {train_txt} --out {artifact} --samples "
+                      f"{cfg.samples} --seq-len {cfg.seq_len} --max-sparsity {cfg.max_sparsity:.2f} --force")
+        with BuildProgress() as rep:
+            build_artifact(model_dir, train_txt, artifact, cfg, force=True, reporter=rep)
+        done(t0)
+
+        # 3. inspect (the CLI, as a user would run it) -----------------------------------------------
+        t0 = stage(3, "nestprune inspect")
+        console.print(f"  $ nestprune inspect {artifact}")
+        levels = ",".join(f"{s:g}" for s in sorted({0.1, *sparsities}))
+        env = dict(os.environ, COLUMNS=os.environ.get("COLUMNS", "110"))
+        subprocess.run([sys.executable, "-m", "cli.main", "inspect", str(artifact), "--levels", levels],
+                       check=False, env=env)
+        done(t0)
+
+        # 4. materialize two sizes ---------------------------------------------------------------------
+        from nestprune.materialize import materialize
+
+        t0 = stage(4, "nestprune materialize: any size from the one artifact")
+        variants: list[tuple[str, Path, float]] = [("dense", model_dir, 0.0)]
+        for s in sparsities:
+            out = work / f"variant-{round(s * 100)}"
+            console.print(f"  $ nestprune materialize {artifact} --base {model_dir} --sparsity {s:g} --out {out} --force")
+            res = materialize(artifact, model_dir, out, sparsity=s, force=True)
+            console.print(f"    achieved sparsity {res.spec.achieved_sparsity:.1%}, "
+                          f"{res.spec.total_params:,} parameters")
+            variants.append((f"{s:.0%}", out, res.spec.achieved_sparsity))
+        done(t0)
+
+        # 5. load, evaluate, generate ------------------------------------------------------------------
+        from nestprune import load_variant
+
+        t0 = stage(5, "load each with nestprune.load_variant, measure held-out perplexity, generate")
+        from transformers import AutoTokenizer
+
+        table = Table(title="one build, several sizes")
+        for col in ("variant", "params", "sparsity", "held-out PPL", f"greedy continuation of {PROMPTS[0]!r}"):
+            table.add_column(col, overflow="fold")
+        for name, path, sparsity in variants:
+            model = load_variant(path)
+            tok = AutoTokenizer.from_pretrained(str(path))
+            params = sum(p.numel() for p in model.parameters())
+            ppl = held_out_perplexity(model, tok, valid_txt, max_chars=60_000)
+            line = generate_line(model, tok, PROMPTS[0])
+            table.add_row(name, f"{params:,}", f"{sparsity:.1%}", "-" if ppl is None else f"{ppl:.1f}", line)
+        console.print(table)
+        done(t0)
+    except NestpruneError as e:
+        console.print(f"[red]error:[/] {e}")
+        return 1
+    console.rule(f"[bold green]demo finished in {time.perf_counter() - started:.0f}s — everything is in {work}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
