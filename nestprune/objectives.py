@@ -19,9 +19,12 @@ over ``batches(batch_size)`` is the whole objective, so ``build`` only has to ca
 
 Tokens: the continuation's tokens are those that follow the prompt's in the encoding of the whole
 text, no special tokens added (as ``nestprune.evaluate`` scores and generates), so calibration sees
-what evaluation sees. Sequence length: by default the ``percentile`` (99th) of the tokenised lengths of the selected items;
-longer sequences lose prompt tokens from the LEFT (a leading BOS is kept); the answer is never cut
-(an answer longer than the limit keeps one prompt token and makes its sequence longer than the limit).
+what evaluation sees.
+
+Sequence length: the ``percentile`` (99th) of the tokenised lengths of the selected items, at most
+``seq_len`` when one is given (e.g. the model's context); longer sequences lose prompt tokens from the
+LEFT (a leading BOS is kept); the answer is never cut (an answer longer than the limit keeps one
+prompt token and makes its sequence longer than the limit).
 Batches are formed by length (longest first), padded on the right with an attention mask.
 """
 
@@ -333,11 +336,12 @@ def _prepare(
     keep_head: list[int],
 ) -> tuple[list[list[tuple[list[int], list[int]]]], int, int]:
     """Length limit + left truncation + token budget over groups of sequences (one group per item;
-    a group is kept or dropped whole). Returns (kept groups, length limit, truncated count)."""
-    if seq_len is None:
-        seq_len = length_limit([len(p) + len(a) for g in groups for p, a in g], percentile)
-    if seq_len < 2:
+    a group is kept or dropped whole). The limit is the ``percentile`` of the lengths, capped at
+    ``seq_len`` when given. Returns (kept groups, length limit, truncated count)."""
+    if seq_len is not None and seq_len < 2:
         raise NestpruneError(f"sequence length must be at least 2, got {seq_len}")
+    from_data = length_limit([len(p) + len(a) for g in groups for p, a in g], percentile)
+    seq_len = from_data if seq_len is None else min(seq_len, from_data)
     out, used, truncated = [], 0, 0
     for g, keep in zip(groups, keep_head, strict=True):
         new = []
@@ -351,6 +355,10 @@ def _prepare(
         out.append(new)
         used += cost
     return out, seq_len, truncated
+
+
+def _rule(percentile: float, cap: int | None) -> str:
+    return f"p{percentile:g} of lengths" + (f", at most {cap}" if cap is not None else "")
 
 
 def _bos_head(tokenizer, prompt_ids: list[int]) -> int:
@@ -425,7 +433,7 @@ class MarginObjective:
             "tokens_used": self.data.tokens_used,
             "answer_tokens": self.data.answer_tokens,
             "seq_len": limit,
-            "seq_len_rule": "given" if seq_len is not None else f"p{percentile:g} of lengths",
+            "seq_len_rule": _rule(percentile, seq_len),
             "truncated": truncated,
             "truncation": "left (prompt only)",
             "prompt_template": prompt_template,
@@ -526,7 +534,7 @@ class AnswerObjective:
             "tokens_used": self.data.tokens_used,
             "answer_tokens": self.data.answer_tokens,
             "seq_len": limit,
-            "seq_len_rule": "given" if seq_len is not None else f"p{percentile:g} of lengths",
+            "seq_len_rule": _rule(percentile, seq_len),
             "truncated": truncated,
             "truncation": "left (prompt only)",
             "chat_template": use_template,
@@ -722,8 +730,9 @@ def make_objective(
     kind: ``lm`` (text → ``samples`` random windows of ``seq_len`` tokens; defaults 2000 × 256),
     ``margin`` (multiple-choice JSONL), ``answer`` (prompt/response JSONL) or ``custom`` (``custom`` =
     ``module:fn`` / ``file.py:fn`` / a callable, called with (tokenizer, data_path, options)).
-    For margin/answer: ``samples`` caps the items (seeded shuffle), ``seq_len`` None derives the length
-    limit from the data (``percentile`` of lengths), ``max_tokens`` caps the tokens used.
+    For margin/answer: ``samples`` caps the items (seeded shuffle), the length limit is the
+    ``percentile`` of the items' lengths, at most ``seq_len`` when given (longer prompts are cut from
+    the left), ``max_tokens`` caps the tokens used (whole items).
     ``separator`` defaults to " " for margin and "" for answer.
     """
     if custom is not None and kind in ("lm", "custom"):

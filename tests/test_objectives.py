@@ -230,6 +230,12 @@ def test_sequence_length_from_data_percentile(tokenizer):
     limit = len(tokenizer("memory page")["input_ids"])
     prov = objective.provenance()
     assert prov["seq_len"] == limit and prov["seq_len_rule"] == "p99 of lengths"
+    cap = limit - 1
+    capped = MarginObjective(short + long, tokenizer, seq_len=cap).provenance()
+    over = sum(len(tokenizer(f"memory {c}")["input_ids"]) > cap for c in ("page", "file"))
+    assert capped["seq_len"] == cap and capped["seq_len_rule"] == f"p99 of lengths, at most {cap}"
+    assert capped["truncated"] == 199 * over + 2 and over >= 1
+    assert MarginObjective(short + long, tokenizer, seq_len=1000).provenance()["seq_len"] == limit
     assert prov["truncated"] == 2  # both options of the long item lost prompt tokens
     assert max(objective.data.lengths) == limit
 
