@@ -74,10 +74,10 @@ def _table(results: list[dict[str, Any]], model: str) -> Table:
 
 
 def evaluate(
-    model: Annotated[Path, typer.Argument(help="Hugging Face model directory or nestprune variant directory")],
-    ppl: Annotated[list[Path] | None, typer.Option("--ppl", help="text file (.txt, .txt.xz, .jsonl) for perplexity; repeatable")] = None,
-    mc: Annotated[list[Path] | None, typer.Option("--mc", help="multiple-choice JSONL {prompt, choices, answer}; repeatable")] = None,
-    gen: Annotated[list[Path] | None, typer.Option("--gen", help="generation JSONL {prompt, answer} for exact match; repeatable")] = None,
+    model: Annotated[Path, typer.Argument(metavar="MODEL_OR_VARIANT", help="Hugging Face model directory or nestprune variant directory")],
+    ppl: Annotated[list[Path] | None, typer.Option("--ppl", metavar="FILE", help="text file (.txt, .txt.xz, .jsonl) for perplexity; repeatable")] = None,
+    mc: Annotated[list[Path] | None, typer.Option("--mc", metavar="FILE", help="multiple-choice JSONL {prompt, choices, answer}; repeatable")] = None,
+    gen: Annotated[list[Path] | None, typer.Option("--gen", metavar="FILE", help="generation JSONL {prompt, answer} for exact match; repeatable")] = None,
     seq_len: Annotated[int, typer.Option(min=2, help="perplexity window in tokens (reference: 128)")] = 128,
     batch_size: Annotated[int, typer.Option(min=1, help="sequences per forward pass")] = 8,
     max_new_tokens: Annotated[int, typer.Option(min=1, help="generation: greedy tokens at most")] = 32,
