@@ -15,6 +15,7 @@ Per-layer variants carry their widths in ``config.json["nestprune"]["layers"]``;
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -65,8 +66,9 @@ def is_per_layer(config: dict[str, Any]) -> bool:
 
 
 def linear_like(old: nn.Linear, in_features: int, out_features: int) -> nn.Linear:
-    return nn.utils.skip_init(nn.Linear, in_features, out_features, bias=old.bias is not None, device="meta",
-                              dtype=old.weight.dtype)
+    with warnings.catch_warnings():  # a zero-width layer is legitimate here
+        warnings.filterwarnings("ignore", message="Initializing zero-element tensors")
+        return nn.Linear(in_features, out_features, bias=old.bias is not None, device="meta", dtype=old.weight.dtype)
 
 
 def resize_layer_(layer: nn.Module, widths: dict[str, Any], head_dim: int) -> int | None:
