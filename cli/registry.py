@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Annotated
 
@@ -11,22 +10,9 @@ from rich.progress import DownloadColumn, Progress, TextColumn, TimeElapsedColum
 from rich.table import Table
 
 from cli.common import console, friendly, out
+from cli.materialize import LayoutChoice, parse_params  # the same targets as `nestprune materialize`
 
 REGISTRY_HELP = "a directory (default ~/.cache/nestprune/registry), s3://bucket/prefix or https://host/prefix"
-_SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([kKmMbBtT]?)\s*$")
-
-
-def parse_params(text: str) -> int:
-    """'4.5B' -> 4_500_000_000; '350M', '12k', '123456' also accepted."""
-    from nestprune.errors import NestpruneError
-
-    m = _SIZE.match(text)
-    if not m:
-        raise NestpruneError(f"--params {text!r} is not a parameter count (e.g. 4.5B, 350M, 1200000)")
-    scale = {"": 1, "k": 10**3, "m": 10**6, "b": 10**9, "t": 10**12}[m.group(2).lower()]
-    return int(round(float(m.group(1)) * scale))
-
-
 def _mib(n: int) -> str:
     return f"{n / 2**20:,.1f} MiB"
 
@@ -36,7 +22,8 @@ def push(
     base: Annotated[Path, typer.Option("--base", help="the base model directory the artifact was built from")],
     registry: Annotated[str | None, typer.Argument(help=REGISTRY_HELP)] = None,
     name: Annotated[str | None, typer.Option("--name", help="model name (default: the base directory's name)")] = None,
-    tag: Annotated[str, typer.Option("--tag", help="tag to point at the new version")] = "latest",
+    tag: Annotated[str, typer.Option("--tag", help="tag to point at the new version (latest is always moved too)")] = "latest",
+    channel_block: Annotated[int, typer.Option("--channel-block", min=1, help="MLP channels per chunk")] = 32,
 ) -> None:
     """Publish ARTIFACT with the weights of --base in the nested layout, as a new immutable version."""
     from nestprune.registry import push as do_push
@@ -44,7 +31,7 @@ def push(
     columns = (TextColumn("push"), DownloadColumn(), TransferSpeedColumn(), TimeElapsedColumn())
     with Progress(*columns, console=console, transient=True) as progress:
         task = progress.add_task("push", total=None)
-        res = do_push(registry, artifact, base, name=name, tag=tag,
+        res = do_push(registry, artifact, base, name=name, tag=tag, channel_block=channel_block,
                       on_bytes=lambda n: progress.advance(task, n))
     r = res.record
     console.print(
@@ -57,9 +44,9 @@ def push(
 def pull(
     ref: Annotated[str, typer.Argument(help="REGISTRY/NAME[:TAG|@DIGEST] (no REGISTRY: the default local one)")],
     out_dir: Annotated[Path, typer.Option("--out", help="variant directory to write")],
-    sparsity: Annotated[float | None, typer.Option(min=0.0, max=0.999, help="parameter sparsity of the variant")] = None,
+    sparsity: Annotated[float | None, typer.Option(min=0.0, max=1.0, help="parameter sparsity of the decoder layers, e.g. 0.3")] = None,
     params: Annotated[str | None, typer.Option("--params", help="total parameters instead, e.g. 4.5B")] = None,
-    layout: Annotated[str, typer.Option(help="per-layer (exact GISP subnetwork) | uniform (stock config)")] = "per-layer",
+    layout: Annotated[LayoutChoice, typer.Option(help="per-layer: the exact GISP subnetwork; uniform: same width in every layer, a stock config")] = LayoutChoice.per_layer,
     multiple_of: Annotated[int | None, typer.Option("--multiple-of", min=1, help="round kept channel counts to a multiple")] = None,
     force: Annotated[bool, typer.Option("--force", help="replace an existing --out")] = False,
     no_cache: Annotated[bool, typer.Option("--no-cache", help="do not use or fill the local chunk cache")] = False,
@@ -72,10 +59,6 @@ def pull(
     from nestprune.registry.cache import ChunkCache
     from nestprune.registry.pull import pull as do_pull
     from nestprune.registry.source import TransferStats
-    from nestprune.slicing import LAYOUTS
-
-    if layout not in LAYOUTS:
-        raise NestpruneError(f"--layout must be one of {', '.join(LAYOUTS)}")
     if (sparsity is None) == (params is None):
         raise NestpruneError("give exactly one target: --sparsity or --params")
     n_params = parse_params(params) if params is not None else None
@@ -85,7 +68,7 @@ def pull(
         task = progress.add_task("pull", total=None, info="")
         stats = TransferStats(on_update=lambda s: progress.update(
             task, completed=s.fetched, info=f"{_mib(s.cached)} from cache"))
-        res = do_pull(ref, out_dir, sparsity=sparsity, params=n_params, layout=layout,  # type: ignore[arg-type]
+        res = do_pull(ref, out_dir, sparsity=sparsity, params=n_params, layout=layout.value,
                       multiple_of=multiple_of, force=force, stats=stats,
                       cache=None if no_cache else ChunkCache())
     s, m = res.stats, res.manifest
