@@ -133,6 +133,8 @@ def parse_answer_item(row: Mapping, where: str) -> AnswerItem:
     if not isinstance(prompt, str):
         raise NestpruneError(f"{where}: needs a string field 'prompt' (or one of {', '.join(PROMPT_KEYS[1:])})")
     _, response = _first(row, RESPONSE_KEYS)
+    if isinstance(response, int | float) and not isinstance(response, bool):
+        response = str(response)  # {"question": ..., "answer": 18}
     if not isinstance(response, str) or not response.strip():
         raise NestpruneError(f"{where}: needs a non-empty string field 'response' (or answer/completion/output)")
     return AnswerItem(prompt=prompt, response=response)
@@ -472,8 +474,14 @@ def render_chat(tokenizer, prompt: str, response: str) -> tuple[str, str]:
     """Prompt and response rendered with the tokenizer's chat template: (text up to and including the
     assistant header, the assistant turn that follows — response plus any end-of-turn markers)."""
     user = [{"role": "user", "content": prompt}]
-    head = tokenizer.apply_chat_template(user, tokenize=False, add_generation_prompt=True)
-    full = tokenizer.apply_chat_template(user + [{"role": "assistant", "content": response}], tokenize=False)
+    try:
+        head = tokenizer.apply_chat_template(user, tokenize=False, add_generation_prompt=True)
+        full = tokenizer.apply_chat_template(user + [{"role": "assistant", "content": response}], tokenize=False)
+    except Exception as e:  # a Jinja template's own error: one line, and the way out
+        raise NestpruneError(
+            f"the tokenizer's chat template failed ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+            "turn it off with --no-chat-template"
+        ) from None
     if isinstance(full, str) and isinstance(head, str) and full.startswith(head) and len(full) > len(head):
         return head, full[len(head) :]
     return head, response

@@ -196,6 +196,11 @@ def test_answer_labels_with_chat_template(tokenizer):
         "<s>user: maps each page</s><s>assistant:": " of memory</s>",
         "<s>user: python reads the file</s><s>assistant:": " in order</s>",
     }
+    broken = copy.deepcopy(tokenizer)
+    broken.chat_template = "{{ raise_exception('needs a system turn') }}"
+    with pytest.raises(NestpruneError, match="chat template failed.*needs a system turn.*--no-chat-template"):
+        AnswerObjective(items, broken)
+    assert AnswerObjective(items, broken, chat_template=False).provenance()["chat_template"] is False
     # turned off: the same tokenizer, plain prompt + response
     plain = AnswerObjective(items, chat_tok, chat_template=False)
     assert plain.provenance()["chat_template"] is False
@@ -286,8 +291,11 @@ def test_lm_eval_aliases(tmp_path, tokenizer):
     ])
     objective = MarginObjective.from_jsonl(path, tokenizer, seed=0)
     assert objective.provenance()["items"] == 3 and objective.provenance()["positives"] == 3
-    gsm = write_jsonl(tmp_path / "g.jsonl", [{"question": "1+1=", "answer": "2"}])
-    assert AnswerObjective.from_jsonl(gsm, tokenizer).provenance()["items"] == 1
+    gsm = write_jsonl(tmp_path / "g.jsonl", [{"question": "1+1=", "answer": "2"}, {"question": "2+2=", "answer": 4}])
+    answer = AnswerObjective.from_jsonl(gsm, tokenizer, separator=" ")
+    assert answer.provenance()["items"] == 2
+    labelled = sorted(tokenizer.decode([t for t in row if t != -100]) for row in next(answer.batches(2))["labels"].tolist())
+    assert labelled == [" 2", " 4"]
 
 
 def test_provenance_records_data_and_tokens(tmp_path, tokenizer):
