@@ -15,7 +15,13 @@ over ``batches(batch_size)`` is the whole objective, so ``build`` only has to ca
   prompt (and the response as the assistant turn) when the tokenizer has one, unless turned off.
 - Plug-in: ``load_objective("pkg.module:fn", tokenizer, data_path, options)`` or
   ``load_objective("path/to/file.py:fn", ...)``; ``fn(tokenizer, data_path, options)`` returns any
-  object with ``name``, ``batches``, ``loss`` and ``provenance`` (the Objective protocol).
+  object with ``name``, ``batches``, ``loss`` and ``provenance`` (the Objective protocol). E.g.::
+
+      # my_objectives.py — nestprune build MODEL --objective-fn my_objectives.py:make --data items.jsonl
+      def make(tokenizer, data_path, options):
+          return MarginObjective.from_jsonl(data_path, tokenizer, prompt_template="Q: {prompt}\nA:")
+
+  Library users may instead pass any Objective instance to ``build_artifact(objective=...)``.
 
 Tokens: the continuation's tokens are those that follow the prompt's in the encoding of the whole
 text, no special tokens added (as ``nestprune.evaluate`` scores and generates), so calibration sees
@@ -346,16 +352,13 @@ def _prepare(
     seq_len = from_data if seq_len is None else min(seq_len, from_data)
     out, used, truncated = [], 0, 0
     for g, keep in zip(groups, keep_head, strict=True):
-        new = []
-        for p, a in g:
-            q = truncate_left(p, a, seq_len, keep)
-            truncated += len(q) < len(p)
-            new.append((q, a))
+        new = [(truncate_left(p, a, seq_len, keep), a) for p, a in g]
         cost = sum(len(p) + len(a) for p, a in new)
         if max_tokens is not None and out and used + cost > max_tokens:
             break
         out.append(new)
         used += cost
+        truncated += sum(len(q) < len(p) for (q, _), (p, _) in zip(new, g, strict=True))
     return out, seq_len, truncated
 
 
@@ -400,11 +403,11 @@ class MarginObjective:
         encoded = iter(encode_pairs(tokenizer, [join_choice(p, c, separator)
                                                 for p, it in zip(prompts, chosen, strict=True) for c in it.choices]))
         groups, labels = [], []
-        for n, it in enumerate(chosen):
+        for it in chosen:
             g = [next(encoded) for _ in it.choices]
-            for j, (_, cont) in enumerate(g):
+            for c, (_, cont) in zip(it.choices, g, strict=True):
                 if not cont:
-                    raise NestpruneError(f"choice {j} of item {n} (after shuffling) tokenises to nothing")
+                    raise NestpruneError(f"choice {c!r} of the item with prompt {it.prompt[:40]!r} tokenises to nothing")
             groups.append(g)
             labels.append(it.answer)
         kept, limit, truncated = _prepare(
@@ -521,9 +524,9 @@ class AnswerObjective:
         if append_eos and not use_template and tokenizer.eos_token_id is not None:
             encoded = [(p, a + [int(tokenizer.eos_token_id)]) for p, a in encoded]
         groups = []
-        for n, (p, a) in enumerate(encoded):
+        for it, (p, a) in zip(chosen, encoded, strict=True):
             if not a:
-                raise NestpruneError(f"item {n} (after shuffling) has a response that tokenises to nothing")
+                raise NestpruneError(f"the response of the item with prompt {it.prompt[:40]!r} tokenises to nothing")
             groups.append([(p, a)])
         kept, limit, truncated = _prepare(
             groups, seq_len=seq_len, percentile=percentile, max_tokens=max_tokens,
