@@ -49,14 +49,13 @@ def pull(
     layout: Annotated[LayoutChoice, typer.Option(help="per-layer: the exact GISP subnetwork; uniform: same width in every layer, a stock config")] = LayoutChoice.per_layer,
     multiple_of: Annotated[int | None, typer.Option("--multiple-of", min=1, help="round kept channel counts to a multiple")] = None,
     force: Annotated[bool, typer.Option("--force", help="replace an existing --out")] = False,
-    no_cache: Annotated[bool, typer.Option("--no-cache", help="do not use or fill the local chunk cache")] = False,
+    no_cache: Annotated[bool, typer.Option("--no-cache", help="do not use or fill the local chunk cache ($NESTPRUNE_CACHE or ~/.cache/nestprune/chunks; used for S3 and HTTP registries)")] = False,
 ) -> None:
     """Write a size variant of REF, reading and verifying only the chunks it keeps.
 
     The directory is byte-identical to what `nestprune materialize` writes for the same artifact and base.
     """
     from nestprune.errors import NestpruneError
-    from nestprune.registry.cache import ChunkCache
     from nestprune.registry.pull import pull as do_pull
     from nestprune.registry.source import TransferStats
     if (sparsity is None) == (params is None):
@@ -69,8 +68,7 @@ def pull(
         stats = TransferStats(on_update=lambda s: progress.update(
             task, completed=s.fetched, info=f"{_mib(s.cached)} from cache"))
         res = do_pull(ref, out_dir, sparsity=sparsity, params=n_params, layout=layout.value,
-                      multiple_of=multiple_of, force=force, stats=stats,
-                      cache=None if no_cache else ChunkCache())
+                      multiple_of=multiple_of, force=force, stats=stats, **({"cache": None} if no_cache else {}))
     s, m = res.stats, res.manifest
     console.print(
         f"wrote [bold]{res.out_dir}[/] from {res.record.name}@sha256:{res.record.digest[:12]}: "

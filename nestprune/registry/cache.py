@@ -40,7 +40,7 @@ class ChunkCache:
             return None
         return data
 
-    def put(self, digest: str, data: bytes) -> None:
+    def put(self, digest: str, data: bytes | memoryview) -> None:
         path = self._path(digest)
         if path.exists():
             return

@@ -19,6 +19,7 @@ they keep their original order but are still chunked per head (a variant may dro
 from __future__ import annotations
 
 import re
+import warnings
 from dataclasses import dataclass
 from functools import cache
 
@@ -155,9 +156,12 @@ def tensor_bytes(t: torch.Tensor) -> bytes:
 
 
 def tensor_from_bytes(data: bytes | bytearray, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
+    """A tensor over ``data`` (no copy). Read-only bytes give a tensor that must not be written to."""
     if len(data) == 0:
         return torch.empty(shape, dtype=dtype)
-    return torch.frombuffer(bytearray(data), dtype=torch.uint8).view(dtype).reshape(shape)
+    with warnings.catch_warnings():  # "buffer is not writable": callers copy (index_select) before use
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.frombuffer(data, dtype=torch.uint8).view(dtype).reshape(shape)
 
 
 def split_chunks(data: bytes, row_bytes: int, chunk_rows: int) -> list[bytes]:

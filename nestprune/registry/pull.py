@@ -19,7 +19,7 @@ from nestprune.errors import NestpruneError
 from nestprune.materialize import DEFAULT_SHARD_BYTES, Progress, check_out, materialize_variant
 from nestprune.registry.cache import ChunkCache
 from nestprune.registry.source import RegistrySource, TransferStats
-from nestprune.registry.stores import Store, open_store
+from nestprune.registry.stores import LocalStore, Store, open_store
 from nestprune.registry.versions import Reference, parse_reference, read_manifest, resolve
 from nestprune.slicing import Layout, VariantSpec, plan_variant, sparsity_for_params
 from schemas.registry import FileRef, VersionRecord
@@ -64,13 +64,16 @@ def pull(
 ) -> PullResult:
     """Write the variant of ``ref`` (``REGISTRY/NAME[:TAG|@DIGEST]``) at one target to ``out``.
 
-    ``cache``: a ChunkCache (default ``~/.cache/nestprune/chunks``) or None for no cache.
+    ``cache``: a ChunkCache, or None for none. Default: ``$NESTPRUNE_CACHE`` or ``~/.cache/nestprune/chunks``
+    for remote registries (S3, HTTP); none for a local directory, which already is a local
+    content-addressed store whose chunks are verified on every read.
     """
     if (sparsity is None) == (params is None):
         raise NestpruneError("give exactly one target: --sparsity or --params")
     ref = parse_reference(ref) if isinstance(ref, str) else ref
     store = store or open_store(ref.registry)
-    cache = ChunkCache() if cache is _DEFAULT else cache
+    if cache is _DEFAULT:  # a local registry is itself a local content-addressed store: no second copy
+        cache = None if isinstance(store, LocalStore) else ChunkCache()
     out = check_out(Path(out), force)
     record = resolve(store, ref)
     manifest = read_manifest(store, record.digest)

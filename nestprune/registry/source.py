@@ -116,11 +116,11 @@ class RegistrySource:
         local = slot * e.chunk_rows + rows % e.chunk_rows
         return block.index_select(0, torch.as_tensor(local, dtype=torch.long))
 
-    def _chunks(self, name: str, e: TensorEntry, ids: list[int]) -> list[bytes]:
+    def _chunks(self, name: str, e: TensorEntry, ids: list[int]) -> list[bytes | memoryview]:
         """Verified bytes of chunks ``ids`` (ascending) of a pack: cache first, then ranged reads."""
         step = _row_bytes(e) * e.chunk_rows
         span = [(c * step, min((c + 1) * step, e.size)) for c in range(len(e.chunks))]
-        got: dict[int, bytes] = {}
+        got: dict[int, bytes | memoryview] = {}
         missing: list[int] = []
         for c in ids:
             data = self.cache.get(e.chunks[c]) if self.cache else None
@@ -136,7 +136,7 @@ class RegistrySource:
             else:
                 runs.append([c])
 
-        def fetch(run: list[int]) -> dict[int, bytes]:
+        def fetch(run: list[int]) -> dict[int, memoryview]:
             start, end = span[run[0]][0], span[run[-1]][1]
             try:
                 data = self.store.read_range(blob_key(e.blob), start, end)
@@ -146,10 +146,11 @@ class RegistrySource:
                     "the registry is damaged (push this model again)"
                 ) from None
             self.stats.add(fetched=len(data), requests=1)
+            view = memoryview(data)
             out = {}
             for c in run:
                 a, b = span[c][0] - start, span[c][1] - start
-                piece = data[a:b]
+                piece = view[a:b]
                 if len(piece) != b - a or sha256(piece) != e.chunks[c]:
                     raise NestpruneError(
                         f"{self.store.url}: chunk {c} of tensor {name} (blob sha256:{e.blob[:12]}, bytes "
