@@ -99,17 +99,27 @@ def cloze_prompt(doc: str, start: int, context_chars: int) -> str:
     return doc[lo:end]
 
 
-def _pick_distractors(answer: str, pool: Sequence[str], prompt: str, k: int, rng: random.Random,
+Pool = dict[int, list[tuple[str, frozenset[int]]]]  # term length -> (term, documents holding it), sorted
+
+
+def _pick_distractors(answer: str, doc: int, pool: Pool, prompt: str, k: int, rng: random.Random,
                       nearest: int = 40) -> list[str] | None:
-    """``k`` terms from ``pool`` (distinct, sorted; same kind, other documents), none equal to the answer (case
-    folded) nor present in the prompt, drawn from the ``nearest`` in length."""
-    folded = answer.casefold()
-    cands = [t for t in pool if t.casefold() != folded and t not in prompt]
+    """``k`` terms of the answer's kind that occur in a document other than ``doc``, none equal to the
+    answer (case folded) nor present in the prompt, drawn from the ``nearest`` in length (ties by
+    text); None when there are not ``k``."""
+    folded, size = answer.casefold(), len(answer)
+    want = max(nearest, k)
+    cands: list[str] = []
+    for dist in sorted({abs(n - size) for n in pool}):
+        if len(cands) >= want:
+            break
+        for n in (size - dist, size + dist) if dist else (size,):
+            cands.extend(t for t, in_docs in pool.get(n, ())
+                         if (len(in_docs) > 1 or doc not in in_docs) and t.casefold() != folded and t not in prompt)
     if len(cands) < k:
         return None
-    cands.sort(key=lambda t: (abs(len(t) - len(answer)), t))
-    near = cands[: max(nearest, k)]
-    return rng.sample(near, k)
+    cands.sort(key=lambda t: (abs(len(t) - size), t))
+    return rng.sample(cands[:want], k)
 
 
 def cloze_items(
@@ -136,7 +146,12 @@ def cloze_items(
     for blanks in per_doc_blanks:
         for b in blanks:
             docs_of[b.kind][b.choice].add(b.doc)
-    pools = {kind: sorted(terms.items()) for kind, terms in docs_of.items()}
+    pools: dict[str, Pool] = {}
+    for kind, terms in docs_of.items():
+        by_len: Pool = defaultdict(list)
+        for term in sorted(terms):
+            by_len[len(term)].append((term, frozenset(terms[term])))
+        pools[kind] = dict(by_len)
     candidates: list[list[Blank]] = []
     for blanks in per_doc_blanks:
         blanks = list(blanks)
@@ -167,7 +182,7 @@ def cloze_items(
     return items
 
 
-def _make_item(doc: str, b: Blank, pool: list[tuple[str, set[int]]], rng: random.Random, n_choices: int,
+def _make_item(doc: str, b: Blank, pool: Pool, rng: random.Random, n_choices: int,
                context_chars: int, mode: str, seen: set) -> dict | None:
     prompt = cloze_prompt(doc, b.start, context_chars)
     in_context = b.choice in prompt
@@ -176,8 +191,7 @@ def _make_item(doc: str, b: Blank, pool: list[tuple[str, set[int]]], rng: random
     key = (prompt[-200:], b.choice)
     if key in seen:
         return None
-    others = [t for t, in_docs in pool if in_docs - {b.doc}]
-    distractors = _pick_distractors(b.choice, others, prompt, n_choices - 1, rng)
+    distractors = _pick_distractors(b.choice, b.doc, pool, prompt, n_choices - 1, rng)
     if distractors is None:
         return None
     seen.add(key)
@@ -327,17 +341,38 @@ def _summary(items: list[dict], field: str) -> dict[str, int]:
     return dict(sorted(counts.items()))
 
 
-def build_decision_files(corpus: Path, out: Path, n_calib: int, n_eval: int, seed: int = 0,
+SPLITS = ("train", "valid", "test")
+
+
+def _split_docs(corpus: Path, splits: Sequence[str]) -> tuple[list[str], list[dict]]:
+    docs, sources = [], []
+    for split in splits:
+        if split not in SPLITS:
+            raise NestpruneError(f"unknown corpus split {split!r}; choose from {', '.join(SPLITS)}")
+        path = corpus / f"{split}.txt.xz"
+        docs.extend(read_documents(path))
+        sources.append({"split": split, "source": str(path), "sha256": sha256_file(path)})
+    return docs, sources
+
+
+def build_decision_files(corpus: Path, out: Path, n_calib: int, n_eval: int, seed: int = 0, *,
+                         calib_splits: Sequence[str] = ("valid",), eval_splits: Sequence[str] = ("test",),
                          **options) -> dict:
-    """decision_calib.jsonl (from valid) and decision_eval.jsonl (from test) under ``out``."""
-    valid, test = corpus / "valid.txt.xz", corpus / "test.txt.xz"
-    calib, evals = decision_task(read_documents(valid), read_documents(test), n_calib, n_eval, seed=seed, **options)
+    """decision_calib.jsonl (from ``calib_splits``, default valid) and decision_eval.jsonl (from
+    ``eval_splits``, default test) under ``out``, plus decision.json describing them. The corpus puts
+    each source document in one split, so distinct splits share no document. Evaluating on
+    valid+test (calibrating on train, where the proxies learnt the specifics) doubles the items."""
+    if set(calib_splits) & set(eval_splits):
+        raise NestpruneError(f"calibration and evaluation splits overlap: {sorted(set(calib_splits) & set(eval_splits))}")
+    calib_docs, calib_src = _split_docs(corpus, calib_splits)
+    eval_docs, eval_src = _split_docs(corpus, eval_splits)
+    calib, evals = decision_task(calib_docs, eval_docs, n_calib, n_eval, seed=seed, **options)
     write_jsonl(out / "decision_calib.jsonl", calib)
     write_jsonl(out / "decision_eval.jsonl", evals)
     info = {"task": "identifier cloze", "seed": seed, "options": options,
-            "calib": {"source": str(valid), "sha256": sha256_file(valid), "items": len(calib),
+            "calib": {"sources": calib_src, "items": len(calib),
                       "kinds": _summary(calib, "kind"), "in_context": _summary(calib, "in_context")},
-            "eval": {"source": str(test), "sha256": sha256_file(test), "items": len(evals),
+            "eval": {"sources": eval_src, "items": len(evals),
                      "kinds": _summary(evals, "kind"), "in_context": _summary(evals, "in_context")}}
     (out / "decision.json").write_text(json.dumps(info, indent=2) + "\n")
     return info
@@ -364,6 +399,10 @@ def build_generation_files(out: Path, n_calib: int, n_eval: int, seed: int = 0, 
     return info
 
 
+def _names(csv: str) -> tuple[str, ...]:
+    return tuple(k.strip() for k in csv.split(",") if k.strip())
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m nestprune.tasks", description=__doc__.split("\n\n")[0])
     sub = ap.add_subparsers(dest="task", required=True)
@@ -376,6 +415,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     d.add_argument("--context-chars", type=int, default=600)
     d.add_argument("--per-doc", type=int, default=80)
     d.add_argument("--mode", choices=("any", "copy", "recall"), default="any")
+    d.add_argument("--calib-split", default="valid", help="split(s) for calibration items, comma-separated")
+    d.add_argument("--eval-split", default="test", help="split(s) for evaluation items, comma-separated")
     d.add_argument("--seed", type=int, default=0)
     g = sub.add_parser("generation", help="generated problems (prompt/response) and a training mix")
     g.add_argument("--out", type=Path, required=True)
@@ -389,11 +430,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     try:
         if a.task == "decision":
             info = build_decision_files(a.corpus, a.out, a.calib_items, a.eval_items, a.seed,
+                                        calib_splits=_names(a.calib_split), eval_splits=_names(a.eval_split),
                                         n_choices=a.choices, context_chars=a.context_chars,
                                         per_doc=a.per_doc, mode=a.mode)
         else:
             info = build_generation_files(a.out, a.calib_items, a.eval_items, a.seed, a.train, a.share,
-                                          tuple(k for k in a.kinds.split(",") if k))
+                                          _names(a.kinds))
     except NestpruneError as e:
         raise SystemExit(f"error: {e}") from None
     print(json.dumps(info, indent=2))
