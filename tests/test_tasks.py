@@ -180,10 +180,10 @@ def test_cli_writes_the_files(tmp_path, capsys, tokenizer):
     assert all(set(it) >= {"prompt", "choices", "answer"} for it in calib + evals)
     write_documents(corpus / "train.txt.xz", synthetic_docs(12, seed=6))
     main(["decision", "--corpus", str(corpus), "--out", str(out / "tr"), "--calib-split", "train",
-          "--eval-split", "valid,test", "--calib-items", "10", "--eval-items", "500", "--context-chars", "200"])
+          "--eval-split", "valid,test", "--calib-items", "10", "--eval-items", "2000", "--context-chars", "200"])
     info = json.loads((out / "tr" / "decision.json").read_text())
     assert [s["split"] for s in info["eval"]["sources"]] == ["valid", "test"]
-    one_split = cloze_items(synthetic_docs(8, seed=5), 500, seed=1, context_chars=200)
+    one_split = cloze_items(synthetic_docs(8, seed=5), 2000, seed=1, context_chars=200)
     assert info["eval"]["items"] > len(one_split)  # two splits hold more items than one
     with pytest.raises(SystemExit, match="overlap"):
         main(["decision", "--corpus", str(corpus), "--out", str(out), "--calib-split", "valid,test"])
