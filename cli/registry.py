@@ -36,7 +36,7 @@ def push(
     r = res.record
     console.print(
         f"pushed [bold]{r.name}@sha256:{r.digest[:12]}[/] ({_mib(res.bytes_total)}, {_mib(res.bytes_written)} new) "
-        f"tagged {res.tag!r}", highlight=False,
+        f"tagged {', '.join(dict.fromkeys((res.tag, 'latest')))}", highlight=False, soft_wrap=True,
     )
     out.print(f"sha256:{r.digest}", highlight=False)
 
@@ -73,11 +73,11 @@ def pull(
     console.print(
         f"wrote [bold]{res.out_dir}[/] from {res.record.name}@sha256:{res.record.digest[:12]}: "
         f"sparsity {m.requested_sparsity:.4f} requested, {m.achieved_sparsity:.4f} achieved, "
-        f"{m.total_params:,} parameters ({m.layout})", highlight=False,
+        f"{m.total_params:,} parameters ({m.layout})", highlight=False, soft_wrap=True,
     )
     console.print(
         f"read {_mib(s.fetched)} from the registry in {s.requests} request(s), {_mib(s.cached)} from the cache; "
-        f"variant {_mib(res.variant_bytes)}; {s.seconds:.1f}s ({_mib(int(s.rate))}/s)", highlight=False,
+        f"variant {_mib(res.variant_bytes)}; {s.seconds:.1f}s ({_mib(int(s.rate))}/s)", highlight=False, soft_wrap=True,
     )
 
 

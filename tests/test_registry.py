@@ -142,6 +142,18 @@ def test_local_pull_equals_materialize(models, expected, tmp_path, sparsity, lay
     assert res.stats.fetched > 10 * res.stats.cached  # only identical small files come from the cache
 
 
+def test_sharded_pull_equals_sharded_materialize(models, tmp_path):
+    base, art = models["bf16"]
+    push(tmp_path / "reg", art, base, name="m")
+    materialize(art, base, tmp_path / "want", sparsity=0.2, shard_bytes=60_000)
+    pull(f"{tmp_path / 'reg'}/m", tmp_path / "got", sparsity=0.2, shard_bytes=60_000, cache=None)
+    names = sorted(p.name for p in (tmp_path / "got").iterdir())
+    assert "model.safetensors.index.json" in names and "model-00002-of-00002.safetensors" in names
+    assert names == sorted(p.name for p in (tmp_path / "want").iterdir())
+    for n in names:
+        assert (tmp_path / "got" / n).read_bytes() == (tmp_path / "want" / n).read_bytes(), n
+
+
 def test_s3_round_trip(models, expected, tmp_path, s3):
     base, art = models["qwen2-group"]
     url = "s3://registry/team/models"
