@@ -179,8 +179,15 @@ def keep_from_units(arch: ArchInfo, gqa_mode: GqaMode, units: np.ndarray, channe
         heads = units
         kv_heads = units
     kv_of_head = np.searchsorted(kv_heads, heads // arch.group_size).astype(np.int64)
-    return LayerKeep(heads=heads, kv_heads=kv_heads, kv_of_head=kv_of_head,
-                     channels=np.sort(np.asarray(channels, dtype=np.int64)))
+    return LayerKeep(heads=frozen(heads), kv_heads=frozen(kv_heads), kv_of_head=frozen(kv_of_head),
+                     channels=frozen(np.sort(np.asarray(channels, dtype=np.int64))))
+
+
+def frozen(a: np.ndarray) -> np.ndarray:
+    """A read-only int64 copy, so a frozen VariantSpec cannot be changed through its arrays."""
+    a = np.array(a, dtype=np.int64)
+    a.flags.writeable = False
+    return a
 
 
 # --- layouts ------------------------------------------------------------------------------------------------

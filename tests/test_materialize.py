@@ -6,6 +6,7 @@ import hashlib
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors import safe_open
@@ -147,6 +148,27 @@ def test_byte_identical_whatever_the_source(llama_gqa, tmp_path):
                         shard_bytes=50_000)
     a, b = file_digests(tmp_path / "a"), file_digests(tmp_path / "b")
     assert a == b and len([n for n in a if n.endswith(".safetensors")]) >= 2
+
+
+def test_in_kernel_copy_fallback_writes_the_same_bytes(llama_gqa, tmp_path, monkeypatch):
+    base, ranking = llama_gqa
+    write_variant(base, ranking, tmp_path / "fast", 0.3, multiple_of=4)
+    pieces = []
+    real_spans = mat.FileSpans.spans
+    monkeypatch.setattr(mat.FileSpans, "spans", lambda self, p: pieces.append(p.name) or real_spans(self, p))
+
+    def unsupported(*a, **k):
+        raise OSError("copy_file_range not supported")
+
+    monkeypatch.setattr(mat.os, "copy_file_range", unsupported)
+    write_variant(base, ranking, tmp_path / "slow", 0.3, multiple_of=4)
+    assert "model.embed_tokens.weight" in pieces
+    assert file_digests(tmp_path / "fast") == file_digests(tmp_path / "slow")
+
+
+def test_row_runs():
+    assert mat.row_runs(np.array([3, 4, 5, 9, 11, 12])) == [(3, 6), (9, 10), (11, 13)]
+    assert mat.row_runs(np.array([], np.int64)) == []
 
 
 def test_refuses_existing_out_and_force_replaces(llama_gqa, tmp_path):

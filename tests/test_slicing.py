@@ -245,3 +245,9 @@ def test_params_target():
 def test_expand():
     assert expand(np.array([1, 3]), 2).tolist() == [2, 3, 6, 7]
     assert expand(np.array([], np.int64), 4).tolist() == []
+
+
+def test_spec_arrays_are_read_only():
+    spec = plan_variant(synthetic_ranking(tiny_arch("llama")), 0.2)
+    with pytest.raises(ValueError):
+        spec.layers[0].channels[0] = 5
