@@ -57,6 +57,9 @@ def build(
     method: Annotated[str, typer.Option(help="gisp | gisp-oneshot | wanda-sp | magnitude | random")] = "gisp",
     objective: Annotated[str, typer.Option(help="lm | margin | answer (task-aligned objectives)")] = "lm",
     objective_fn: Annotated[str | None, typer.Option("--objective-fn", help="custom objective: 'pkg.module:callable' or 'file.py:callable'")] = None,
+    objective_arg: Annotated[list[str] | None, typer.Option("--objective-arg", help="KEY=VALUE option for a custom objective (repeatable)")] = None,
+    max_tokens: Annotated[int | None, typer.Option(min=1, help="margin/answer/custom: token budget (the reference used 512k)")] = None,
+    prompt_template: Annotated[str, typer.Option(help="margin: prompt template, e.g. 'Question: {prompt}\\nAnswer:'")] = "{prompt}",
     no_chat_template: Annotated[bool, typer.Option("--no-chat-template", help="answer objective: do not apply the tokenizer's chat template")] = False,
     samples: Annotated[int | None, typer.Option(min=1, help="lm: calibration windows (default 2000, the reference's); margin/answer: cap on items (default all)")] = None,
     seq_len: Annotated[int | None, typer.Option(min=2, help="lm: tokens per window (default 256); margin/answer: length limit (default: 99th percentile of the data)")] = None,
@@ -87,7 +90,8 @@ def build(
                       normalisation=normalisation, skip_first_frac=skip_first_frac, skip_last=skip_last,
                       device=device, dtype=dtype)
     factory = objective_factory(objective, objective_fn, data, samples, seq_len, seed,
-                                chat_template=not no_chat_template)
+                                chat_template=not no_chat_template, options=objective_arg,
+                                max_tokens=max_tokens, prompt_template=prompt_template)
     columns = (TextColumn("{task.description}"), BarColumn(), TaskProgressColumn(), TimeElapsedColumn(),
                TextColumn("eta"), TimeRemainingColumn(), TextColumn("{task.fields[info]}"))
     reporter = RichReporter(Progress(*columns, console=console))
@@ -106,17 +110,21 @@ def build(
 
 
 def objective_factory(objective: str, objective_fn: str | None, data: Path | None, samples: int | None,
-                      seq_len: int | None, seed: int, chat_template: bool):
+                      seq_len: int | None, seed: int, chat_template: bool, options: list[str] | None = None,
+                      max_tokens: int | None = None, prompt_template: str = "{prompt}"):
     """None for the default LM objective (built by build_artifact); else a factory(tokenizer)."""
-    if objective == "lm" and objective_fn is None:
+    if objective == "lm" and objective_fn is None and not options and max_tokens is None:
         return None
-    from nestprune.objectives import make_objective
+    from nestprune.objectives import make_objective, parse_options
 
     kind = "custom" if objective_fn else objective
+    opts = parse_options(options) if options else None
+    extra = {"prompt_template": prompt_template} if kind == "margin" else {}
 
     def factory(tokenizer):
         return make_objective(kind, data, tokenizer, samples=samples, seq_len=seq_len, seed=seed,
-                              chat_template=chat_template, custom=objective_fn)
+                              chat_template=chat_template, custom=objective_fn, options=opts,
+                              max_tokens=max_tokens, **extra)
 
     return factory
 

@@ -204,3 +204,19 @@ def test_force_replaces(tiny_model_dir, sample_text_file, tmp_path):
     assert r.exit_code == 0, r.output
     assert not (out / "junk").exists() and (out / "zarr.json").exists()
     assert not list(tmp_path.glob("art.old-nestprune"))
+
+
+def test_cli_build_margin_objective_recorded(tiny_model_dir, tmp_path):
+    items = [{"prompt": f"the kernel{i} maps", "choices": ["page", "file", "python"], "answer": i % 3}
+             for i in range(6)]
+    data = tmp_path / "mc.jsonl"
+    data.write_text("\n".join(json.dumps(x) for x in items) + "\n")
+    r = runner.invoke(app, ["build", str(tiny_model_dir("llama")), "--data", str(data), "--out", str(tmp_path / "a"),
+                            "--objective", "margin", "--steps", "2", "--batch-size", "4"])
+    assert r.exit_code == 0, r.output
+    m, _ = read_artifact(tmp_path / "a")
+    assert m.objective.name == "margin"
+    assert m.objective.provenance["sha256"] == __import__("hashlib").sha256(data.read_bytes()).hexdigest()
+    r = runner.invoke(app, ["build", str(tiny_model_dir("llama")), "--data", str(data), "--out", str(tmp_path / "b"),
+                            "--objective", "nope"])
+    assert "unknown objective 'nope'" in _err(r)
