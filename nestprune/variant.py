@@ -146,13 +146,19 @@ def load_variant(path: Path | str, dtype: torch.dtype | None = None, device: str
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation)
     head_dim = model.model.layers[0].self_attn.head_dim
+    loaded_widths = []  # what the model in memory holds (gathered K/V: one KV head per query head)
     for i, (layer, widths) in enumerate(zip(model.model.layers, layers_cfg, strict=True)):
-        if resize_layer_(layer, widths, head_dim) is not None:
+        gathered = resize_layer_(layer, widths, head_dim)
+        if gathered is not None:
             for part in ("k_proj", "v_proj"):
                 for kind in ("weight", "bias"):
                     key = f"model.layers.{i}.self_attn.{part}.{kind}"
                     if key in sd:
                         sd[key] = gather_kv(sd[key], widths["kv_of_head"], head_dim)
+            widths = {**widths, "num_key_value_heads": gathered, "kv_of_head": list(range(gathered))}
+        loaded_widths.append(widths)
+    # so that save_pretrained of the loaded model writes a directory load_variant reads back
+    model.config.nestprune = {**raw["nestprune"], "layers": loaded_widths}
     if raw.get("tie_word_embeddings") and "lm_head.weight" not in sd:
         sd["lm_head.weight"] = sd["model.embed_tokens.weight"]
     try:

@@ -127,6 +127,18 @@ def test_query_mode_gather_and_groups(tiny_model_dir, tmp_path):
         assert_same_generation(variant, ref, spec.arch.vocab_size)
 
 
+def test_save_pretrained_of_a_loaded_variant_round_trips(tiny_model_dir, tmp_path):
+    base = tiny_model_dir("llama-gqa")
+    ranking = ranking_for(base, "query", seed=2, first=[(1, "head", 0)], prunable_layers=[1, 2])
+    spec = write_variant(base, ranking, tmp_path / "v", float(ranking.sparsity_curve()[1]))
+    variant = load_variant(tmp_path / "v")
+    assert variant.model.layers[1].self_attn.k_proj.out_features == 3 * 8  # gathered
+    variant.save_pretrained(str(tmp_path / "saved"))
+    again = load_variant(tmp_path / "saved")
+    assert again.model.layers[1].self_attn.k_proj.out_features == 3 * 8
+    assert_same_logits(again, reference(base, spec, ranking), spec.arch.vocab_size)
+
+
 @pytest.mark.parametrize("family,mode", [("llama", "query"), ("qwen2", "query"), ("qwen3", "group")])
 def test_layer_with_no_heads_and_layer_with_no_channels(tiny_model_dir, tmp_path, family, mode):
     base = tiny_model_dir(family)
