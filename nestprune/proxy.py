@@ -154,11 +154,11 @@ SCALES: dict[str, tuple[dict[str, int], TrainConfig]] = {
     ),
     "cpu": (
         dict(vocab_size=4096, hidden_size=128, num_layers=6, num_heads=8, head_dim=16, intermediate_size=352),
-        TrainConfig(tokens=3_000_000, batch_size=16, seq_len=128, lr=2e-3, eval_tokens=65_536),
+        TrainConfig(tokens=1_500_000, batch_size=16, seq_len=128, lr=2e-3, eval_tokens=65_536),
     ),
     "gpu": (
         dict(vocab_size=8192, hidden_size=512, num_layers=8, num_heads=8, head_dim=64, intermediate_size=1408),
-        TrainConfig(tokens=400_000_000, batch_size=64, seq_len=256, lr=1e-3, eval_tokens=262_144),
+        TrainConfig(tokens=40_000_000, batch_size=64, seq_len=256, lr=1e-3, eval_tokens=262_144),
     ),
 }
 
@@ -190,7 +190,7 @@ class TokenizedCorpus:
     info: dict[str, Any]
 
 
-def _subset(docs: list[str], max_chars: int | None, seed: int) -> list[str]:
+def subset_documents(docs: list[str], max_chars: int | None, seed: int) -> list[str]:
     """A seeded random subset of whole documents holding about ``max_chars`` characters."""
     if max_chars is None or sum(map(len, docs)) <= max_chars:
         return docs
@@ -254,13 +254,13 @@ def prepare_corpus(
         held = set(order[:n_valid])
         valid_docs = [d for i, d in enumerate(docs) if i in held]
         docs = [d for i, d in enumerate(docs) if i not in held]
-    train_docs = _subset(docs, max_train_chars, seed)
-    valid_docs = _subset(valid_docs, max_valid_chars, seed)
+    train_docs = subset_documents(docs, max_train_chars, seed)
+    valid_docs = subset_documents(valid_docs, max_valid_chars, seed)
     if not train_docs or not valid_docs:
         raise NestpruneError(f"{train_path}: no text to train on")
 
     t0 = time.perf_counter()
-    tok_docs = _subset(train_docs, tokenizer_chars, seed + 1)
+    tok_docs = subset_documents(train_docs, tokenizer_chars, seed + 1)
     tokenizer = train_bpe_tokenizer(tok_docs, vocab_size=vocab_size)
     train_ids = tokenize_documents(train_docs, tokenizer)
     valid_ids = tokenize_documents(valid_docs, tokenizer)

@@ -1,0 +1,494 @@
+"""Quality benchmark (issue 4): does GISP rank better than the alternatives, on LLMs trained here?
+
+Stages, each cached under ``--workdir`` (default ``runs/bench/<scale>``) so an interrupted run resumes:
+
+1. corpus     byte-level BPE trained on ``shared/corpus/train.txt.xz``; train/valid token streams.
+2. proxies    one small LLM per family (llama-mha, llama-gqa, qwen3), ``nestprune.proxy``.
+3. builds     every method (gisp, gisp-oneshot, wanda-sp, magnitude, random) on calibration windows from
+              train, one artifact each (``build_artifact``), ranked up to the largest target sparsity;
+              plus dedicated builds per target: a one-shot build cut at that target, and (``--dedicated
+              gisp``) an iterative GISP build whose whole schedule ends at that target.
+4. variants   ``materialize`` each artifact at 10 … 50 % parameter sparsity (per-layer layout),
+              ``load_variant`` it and measure perplexity on valid (non-overlapping 128-token windows,
+              ``nestprune.evaluate``), then delete the variant directory.
+5. report     ``bench/results/<name>.md`` (one table per model, the ratios the issue asks for) and
+              ``<name>.png`` (PPL vs sparsity). Every number in them comes from this run's results file.
+
+    python bench/quality.py                       # CPU, reduced scale (~20 min on 2 cores)
+    python bench/quality.py --scale gpu           # one GPU: ~35 M-parameter proxies, full valid split
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import math
+import platform
+import shlex
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # run as a script from a checkout
+
+from nestprune.errors import NestpruneError  # noqa: E402
+from nestprune.proxy import (  # noqa: E402
+    device_name,
+    load_or_train_proxy,
+    pick_device,
+    prepare_corpus,
+    proxy_spec,
+    subset_documents,
+)
+
+console = Console()
+
+FAMILY_ORDER = ("llama-mha", "llama-gqa", "qwen3")
+METHOD_ORDER = ("gisp", "gisp-oneshot", "wanda-sp", "magnitude", "random")
+METHOD_LABEL = {
+    "gisp": "GISP (iterative, nested)",
+    "gisp-oneshot": "GISP one-shot (nested)",
+    "wanda-sp": "Wanda-sp",
+    "magnitude": "magnitude",
+    "random": "random",
+    "dedicated-oneshot": "GISP one-shot, dedicated build per target",
+    "dedicated-gisp": "GISP iterative, dedicated build per target",
+}
+
+
+@dataclass(frozen=True)
+class ScaleSettings:
+    """What differs between the CPU and the GPU run (all overridable on the command line)."""
+
+    max_train_chars: int | None  # train text the proxies see (None: all of train)
+    max_valid_chars: int | None  # valid text perplexity is measured on (None: all of valid)
+    calib_chars: int  # train text the calibration windows are drawn from
+    samples: int  # calibration windows
+    seq_len: int  # tokens per calibration window
+    batch_size: int  # build batch size
+    eval_batch_size: int
+    dedicated: tuple[str, ...]  # dedicated builds per target: "oneshot", "gisp"
+
+
+SETTINGS = {
+    "cpu": ScaleSettings(max_train_chars=8_000_000, max_valid_chars=150_000, calib_chars=1_000_000, samples=64,
+                         seq_len=128, batch_size=16, eval_batch_size=32, dedicated=("oneshot",)),
+    "gpu": ScaleSettings(max_train_chars=None, max_valid_chars=None, calib_chars=8_000_000, samples=2000,
+                         seq_len=256, batch_size=32, eval_batch_size=64, dedicated=("oneshot", "gisp")),
+}
+
+
+# ------------------------------------------------------------------------------------------------
+# Results cache: one JSON file, one entry per (family, build, sparsity); written after every entry.
+
+
+class Results:
+    def __init__(self, path: Path):
+        self.path = path
+        self.data: dict = json.loads(path.read_text()) if path.exists() else {}
+        self.data.setdefault("proxies", {})
+        self.data.setdefault("builds", {})
+        self.data.setdefault("ppl", {})
+
+    def save(self) -> None:
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.data, indent=1, sort_keys=True) + "\n")
+        tmp.replace(self.path)
+
+
+def ppl_key(family: str, build: str, sparsity: float) -> str:
+    return f"{family}/{build}/{sparsity:.2f}"
+
+
+# ------------------------------------------------------------------------------------------------
+# Stages
+
+
+def write_docs(docs: list[str], path: Path) -> Path:
+    from nestprune.calibration import DOC_SEPARATOR
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if not path.exists():
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(f"\n{DOC_SEPARATOR}\n".join(docs) + "\n", encoding="utf-8")
+        tmp.replace(path)
+    return path
+
+
+def model_sha(model_dir: Path) -> str:
+    from nestprune.calibration import sha256_file
+
+    return sha256_file(model_dir / "model.safetensors")
+
+
+def build_one(model_dir: Path, out: Path, cfg, objective, results: Results, key: str) -> Path:
+    """Build (or reuse) one artifact; its manifest's digest and timing go into the results."""
+    from nestprune.artifact import read_artifact
+    from nestprune.build import build_artifact
+
+    base = model_sha(model_dir)
+    done = results.data["builds"].get(key)
+    if out.exists() and done and done.get("base") == base and done.get("config") == asdict(cfg):
+        return out
+    t0 = time.perf_counter()
+    with console.status(f"  build {key} ({cfg.method}, max sparsity {cfg.max_sparsity})"):
+        build_artifact(model_dir, None, out, cfg, objective=objective, force=True)
+    manifest, ranking = read_artifact(out)
+    results.data["builds"][key] = dict(
+        method=cfg.method, digest=manifest.digest(), base=base, config=asdict(cfg), seconds=round(time.perf_counter() - t0, 1),
+        steps_run=manifest.schedule.steps_run, steps_planned=manifest.schedule.steps_planned,
+        r_max=manifest.schedule.r_max, max_sparsity=manifest.ranking.max_sparsity,
+        trajectory=[(r.step, r.ratio, r.param_sparsity, r.loss) for r in manifest.trajectory],
+    )
+    results.save()
+    console.print(f"  built {key}: {manifest.schedule.steps_run} step(s), ranked to "
+                  f"{manifest.ranking.max_sparsity:.1%} in {results.data['builds'][key]['seconds']}s")
+    return out
+
+
+def ratio_reaching(trajectory: list, sparsity: float) -> float | None:
+    """The structure ratio of the first schedule step whose parameter sparsity reached ``sparsity``."""
+    for _step, ratio, reached, _loss in trajectory:
+        if reached >= sparsity - 1e-9:
+            return float(ratio)
+    return None
+
+
+def evaluate_variant(artifact: Path, model_dir: Path, sparsity: float, scratch: Path, stream: torch.Tensor,
+                     device: torch.device, batch_size: int) -> dict:
+    """Materialize → load_variant → perplexity on the valid stream; the variant dir is deleted after."""
+    from nestprune import load_variant
+    from nestprune.evaluate import stream_perplexity
+    from nestprune.materialize import materialize
+
+    shutil.rmtree(scratch, ignore_errors=True)
+    res = materialize(artifact, model_dir, scratch, sparsity=sparsity, force=True)
+    try:
+        model = load_variant(scratch, dtype=torch.float32, device=device)
+        ppl = stream_perplexity(model, stream, seq_len=128, batch_size=batch_size, source="valid")
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return dict(ppl=ppl.ppl, nll=ppl.nll, tokens=ppl.tokens, achieved=res.spec.achieved_sparsity,
+                params=res.spec.total_params)
+
+
+def dense_ppl(model_dir: Path, stream: torch.Tensor, device: torch.device, batch_size: int) -> dict:
+    from nestprune import load_variant
+    from nestprune.evaluate import stream_perplexity
+
+    model = load_variant(model_dir, dtype=torch.float32, device=device)
+    ppl = stream_perplexity(model, stream, seq_len=128, batch_size=batch_size, source="valid")
+    return dict(ppl=ppl.ppl, nll=ppl.nll, tokens=ppl.tokens, achieved=0.0,
+                params=sum(p.numel() for p in model.parameters()))
+
+
+# ------------------------------------------------------------------------------------------------
+# Report
+
+
+def fmt(x: float | None, digits: int = 2) -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "–"
+    return f"{x:.{digits}f}"
+
+
+def rows_for(results: Results, family: str, sparsities: list[float]) -> list[tuple[str, list[dict | None]]]:
+    ppl = results.data["ppl"]
+    builds = [m for m in METHOD_ORDER] + ["dedicated-oneshot", "dedicated-gisp"]
+    rows = []
+    for b in builds:
+        cells = [ppl.get(ppl_key(family, b, s)) for s in sparsities]
+        if any(cells):
+            rows.append((b, cells))
+    return rows
+
+
+def ratio(results: Results, family: str, a: str, b: str, s: float) -> float | None:
+    pa, pb = results.data["ppl"].get(ppl_key(family, a, s)), results.data["ppl"].get(ppl_key(family, b, s))
+    if not pa or not pb:
+        return None
+    return pa["ppl"] / pb["ppl"]
+
+
+def write_report(results: Results, args, sparsities: list[float], families: list[str], out_md: Path,
+                 out_png: Path) -> None:
+    d = results.data
+    lines = [
+        "# Quality benchmark: GISP vs baselines on proxy LLMs trained on shared/corpus",
+        "",
+        f"Generated by `bench/quality.py` on {d['meta']['finished']} — every number below is read from "
+        f"`{d['meta']['results_file']}`, written by the same run.",
+        "",
+        f"- command: `{d['meta']['command']}`",
+        f"- device: {d['meta']['device']}; torch {d['meta']['torch']}; python {d['meta']['python']}; "
+        f"wall time {d['meta']['seconds'] / 60:.1f} min (this invocation; cached stages are not re-run)",
+        f"- scale `{args.scale}`: proxies trained on {d['corpus']['train_tokens']:,} tokens of train "
+        f"({d['corpus']['train_documents']} documents), BPE vocabulary {d['corpus']['vocab_size']}",
+        f"- calibration: {d['meta']['samples']} random windows × {d['meta']['seq_len']} tokens from train "
+        f"(seed 0), the same windows for every method",
+        f"- perplexity: valid split ({d['meta']['eval_tokens']:,} predicted tokens), non-overlapping 128-token "
+        f"windows, fp32; variants materialized with the per-layer layout and loaded with `load_variant`",
+        "- GISP: reference settings (block-wise normalisation, r_max 0.7, 3.5 steps per layer, at least 16, "
+        "first 10 % of layers and the last layer never pruned; GQA query-head mode); the schedule stops once "
+        f"{max(sparsities):.0%} parameter sparsity is reached",
+        "",
+        "## Proxies",
+        "",
+        "| model | params | decoder params | train tokens | train loss | valid loss | valid PPL | training s | device |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for f in families:
+        r = d["proxies"].get(f)
+        if r:
+            lines.append(f"| {f} | {r['parameters']:,} | {r['decoder_parameters']:,} | {r['tokens']:,} | "
+                         f"{r['train_loss']:.3f} | {r['valid_loss']:.3f} | {r['valid_ppl']:.1f} | {r['seconds']} | "
+                         f"{r['device']} |")
+    lines += ["", "## Perplexity on valid (lower is better)", ""]
+    for f in families:
+        dense = d["ppl"].get(ppl_key(f, "dense", 0.0))
+        lines += [f"### {f}" + (f" — dense PPL {fmt(dense['ppl'])}" if dense else ""), ""]
+        lines.append("| method | " + " | ".join(f"{s:.0%}" for s in sparsities) + " |")
+        lines.append("|---|" + "---|" * len(sparsities))
+        for b, cells in rows_for(results, f, sparsities):
+            lines.append(f"| {METHOD_LABEL[b]} | " + " | ".join(fmt(c["ppl"]) if c else "–" for c in cells) + " |")
+        lines.append("")
+    lines += ["## Targets and comparisons", "",
+              "Ratios of perplexities at the same parameter sparsity (< 1: the first method is better).", "",
+              "| model | GISP / Wanda-sp @40% (target ≤ 0.80) | GISP / one-shot @40% | GISP / one-shot @50% | "
+              "nested GISP / dedicated GISP @40% | nested one-shot / dedicated one-shot @40% |",
+              "|---|---|---|---|---|---|"]
+    for f in families:
+        gw = ratio(results, f, "gisp", "wanda-sp", 0.4)
+        verdict = "" if gw is None else (" ✓" if gw <= 0.8 else " ✗ missed")
+        lines.append(
+            f"| {f} | {fmt(gw)}{verdict} | {fmt(ratio(results, f, 'gisp', 'gisp-oneshot', 0.4))} | "
+            f"{fmt(ratio(results, f, 'gisp', 'gisp-oneshot', 0.5))} | "
+            f"{fmt(ratio(results, f, 'gisp', 'dedicated-gisp', 0.4))} | "
+            f"{fmt(ratio(results, f, 'gisp-oneshot', 'dedicated-oneshot', 0.4))} |")
+    lines += ["", "## Builds", "", "| model | build | steps run / planned | seconds |", "|---|---|---|---|"]
+    for key, b in sorted(d["builds"].items()):
+        fam, name = key.split("/", 1)
+        lines.append(f"| {fam} | {name} | {b['steps_run']} / {b['steps_planned']} | {b['seconds']} |")
+    lines += [
+        "",
+        "Notes: a one-shot GISP build cut at a target removes a prefix of the same dense-model score order as "
+        "the nested one-shot build, so those two rows must agree (a check, not an assumption). A dedicated "
+        "iterative build spends its whole schedule (same number of steps) on reaching one target, with "
+        "`r_max` set to the structure ratio at which the nested build reached that target.",
+        "",
+    ]
+    out_md.parent.mkdir(parents=True, exist_ok=True)
+    out_md.write_text("\n".join(lines))
+    plot(results, families, sparsities, out_png)
+
+
+def plot(results: Results, families: list[str], sparsities: list[float], out_png: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(families), figsize=(5.2 * len(families), 4.2), squeeze=False)
+    for ax, f in zip(axes[0], families, strict=True):
+        for b, cells in rows_for(results, f, sparsities):
+            xs = [s * 100 for s, c in zip(sparsities, cells, strict=True) if c]
+            ys = [c["ppl"] for c in cells if c]
+            style = "--" if b.startswith("dedicated") else "-"
+            ax.plot(xs, ys, style, marker="o", ms=3, label=METHOD_LABEL[b])
+        dense = results.data["ppl"].get(ppl_key(f, "dense", 0.0))
+        if dense:
+            ax.axhline(dense["ppl"], color="k", lw=0.8, ls=":", label="dense")
+        ax.set_yscale("log")
+        ax.set_title(f)
+        ax.set_xlabel("parameter sparsity (%)")
+        ax.set_ylabel("valid perplexity")
+        ax.grid(alpha=0.3, which="both")
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=120)
+    plt.close(fig)
+
+
+# ------------------------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--scale", choices=("cpu", "gpu"), default=None, help="default: gpu if CUDA is available")
+    ap.add_argument("--corpus", type=Path, default=REPO.parent / "shared" / "corpus")
+    ap.add_argument("--workdir", type=Path, default=None, help="default runs/bench/<scale>")
+    ap.add_argument("--results-dir", type=Path, default=REPO / "bench" / "results")
+    ap.add_argument("--name", default=None, help="report file stem (default: quality for cpu, quality-gpu)")
+    ap.add_argument("--families", default=",".join(FAMILY_ORDER))
+    ap.add_argument("--methods", default=",".join(METHOD_ORDER))
+    ap.add_argument("--sparsities", default="0.1,0.2,0.3,0.4,0.5")
+    ap.add_argument("--dedicated", default=None, help="dedicated builds per target: oneshot,gisp (or none)")
+    ap.add_argument("--train-tokens", type=int, default=None, help="override the scale's token budget")
+    ap.add_argument("--samples", type=int, default=None)
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--stages", default="train,build,eval,report")
+    args = ap.parse_args(argv)
+
+    scale = args.scale or ("gpu" if torch.cuda.is_available() else "cpu")
+    args.scale = scale
+    st = SETTINGS[scale]
+    work = args.workdir or REPO / "runs" / "bench" / scale
+    work.mkdir(parents=True, exist_ok=True)
+    name = args.name or ("quality" if scale == "cpu" else f"quality-{scale}")
+    families = [f for f in args.families.split(",") if f]
+    methods = [m for m in args.methods.split(",") if m]
+    sparsities = sorted(float(s) for s in args.sparsities.split(","))
+    dedicated = st.dedicated if args.dedicated is None else tuple(x for x in args.dedicated.split(",") if x != "none")
+    samples = args.samples or st.samples
+    stages = set(args.stages.split(","))
+    device = pick_device(args.device)
+    results = Results(work / "results.json")
+    started = time.perf_counter()
+    console.rule(f"[bold]quality benchmark — scale {scale}, {device_name(device)}, workdir {work}")
+
+    # 1. corpus ------------------------------------------------------------------------------------
+    train_txt, valid_txt = args.corpus / "train.txt.xz", args.corpus / "valid.txt.xz"
+    vocab = proxy_spec(families[0], scale).vocab_size
+    t0 = time.perf_counter()
+    with console.status("corpus: training the BPE tokenizer and tokenising train/valid"):
+        corpus = prepare_corpus(train_txt, work / "corpus", vocab, valid_path=valid_txt,
+                                max_train_chars=st.max_train_chars, max_valid_chars=st.max_valid_chars)
+    results.data["corpus"] = {k: corpus.info[k] for k in ("train_tokens", "train_documents", "valid_tokens",
+                                                          "valid_documents", "vocab_size")}
+    console.print(f"corpus: {corpus.info['train_tokens']:,} train / {corpus.info['valid_tokens']:,} valid tokens "
+                  f"({time.perf_counter() - t0:.1f}s)")
+    # the evaluated valid text: the same documents, joined as nestprune eval does ("\n\n", one tokenisation)
+    from nestprune.calibration import load_calibration, read_documents
+    from nestprune.evaluate import token_stream
+
+    valid_docs = subset_documents(read_documents(valid_txt), st.max_valid_chars, 0)
+    eval_stream = token_stream(valid_docs, corpus.tokenizer)
+    calib_file = write_docs(subset_documents(read_documents(train_txt), st.calib_chars, 7), work / "calibration.txt")
+
+    # 2. proxies -----------------------------------------------------------------------------------
+    model_dirs: dict[str, Path] = {}
+    for f in families:
+        overrides = {"tokens": args.train_tokens} if args.train_tokens else {}
+        spec = proxy_spec(f, scale, **overrides)
+        model_dirs[f] = work / "proxies" / f
+        if "train" in stages or (model_dirs[f] / "config.json").exists():
+            rec = load_or_train_proxy(spec, corpus, model_dirs[f], device=args.device)
+            results.data["proxies"][f] = rec
+            results.save()
+            console.print(f"proxy {f}: {rec['parameters']:,} params, {rec['tokens']:,} tokens, valid loss "
+                          f"{rec['valid_loss']:.3f} (PPL {rec['valid_ppl']:.1f}), {rec['seconds']}s")
+
+    # 3.+4. builds and evaluation, model by model ---------------------------------------------------
+    from nestprune.build import BuildConfig
+    from nestprune.objective import LanguageModeling
+
+    top = max(sparsities)
+    for f in families:
+        mdir = model_dirs[f]
+        if not (mdir / "config.json").exists():
+            console.print(f"[yellow]{f}: no trained proxy in {mdir}; skipped (run the train stage)")
+            continue
+        console.rule(f"{f}")
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(str(mdir))
+        objective = LanguageModeling(load_calibration(calib_file, tok, samples, st.seq_len, seed=0))
+        base_cfg = dict(samples=samples, seq_len=st.seq_len, batch_size=st.batch_size, seed=0,
+                        device=str(device))
+        arts = work / "artifacts" / f
+        plan: list[tuple[str, Path, float | None]] = []  # (build name, artifact, only this sparsity or None)
+        if "build" in stages:
+            for m in methods:
+                cfg = BuildConfig(method=m, max_sparsity=min(0.99, top + 0.01), **base_cfg)
+                plan.append((m, build_one(mdir, arts / f"{m}.nestprune", cfg, objective, results, f"{f}/{m}"), None))
+            for s in sparsities:
+                if "oneshot" in dedicated:
+                    cfg = BuildConfig(method="gisp-oneshot", max_sparsity=s + 0.001, **base_cfg)
+                    out = arts / f"dedicated-oneshot-{s:.2f}.nestprune"
+                    plan.append(("dedicated-oneshot",
+                                 build_one(mdir, out, cfg, objective, results, f"{f}/dedicated-oneshot-{s:.2f}"), s))
+                nested = results.data["builds"].get(f"{f}/gisp")
+                if "gisp" in dedicated and nested:
+                    r_s = ratio_reaching(nested["trajectory"], s)
+                    if r_s is None:
+                        continue
+                    cfg = BuildConfig(method="gisp", r_max=min(1.0, r_s), steps=nested["steps_planned"],
+                                      max_sparsity=s + 0.001, **base_cfg)
+                    out = arts / f"dedicated-gisp-{s:.2f}.nestprune"
+                    plan.append(("dedicated-gisp",
+                                 build_one(mdir, out, cfg, objective, results, f"{f}/dedicated-gisp-{s:.2f}"), s))
+        else:  # evaluate whatever artifacts exist
+            for p in sorted(arts.glob("*.nestprune")):
+                stem = p.name.removesuffix(".nestprune")
+                if stem.startswith("dedicated-"):
+                    b, s = stem.rsplit("-", 1)
+                    plan.append((b, p, float(s)))
+                else:
+                    plan.append((stem, p, None))
+
+        if "eval" not in stages:
+            continue
+        key = ppl_key(f, "dense", 0.0)
+        base = model_sha(mdir)
+        if results.data["ppl"].get(key, {}).get("base") != base:
+            results.data["ppl"][key] = dict(dense_ppl(mdir, eval_stream, device, st.eval_batch_size), base=base)
+            results.save()
+        console.print(f"  dense PPL {results.data['ppl'][key]['ppl']:.2f}")
+        table = Table(title=f"{f}: valid PPL")
+        table.add_column("build")
+        for s in sparsities:
+            table.add_column(f"{s:.0%}", justify="right")
+        for b, art, only in plan:
+            cells = []
+            for s in sparsities:
+                if only is not None and abs(only - s) > 1e-9:
+                    continue
+                key = ppl_key(f, b, s)
+                digest = results.data["builds"].get(f"{f}/{b}" if only is None else f"{f}/{b}-{s:.2f}", {}).get("digest")
+                cached = results.data["ppl"].get(key)
+                if not cached or cached.get("digest") != digest:
+                    r = evaluate_variant(art, mdir, s, work / "scratch" / f"{f}-{b}-{s:.2f}", eval_stream, device,
+                                         st.eval_batch_size)
+                    results.data["ppl"][key] = dict(r, digest=digest)
+                    results.save()
+                cells.append((s, results.data["ppl"][key]["ppl"]))
+            if only is None:
+                table.add_row(b, *[f"{p:.2f}" for _, p in cells])
+            else:
+                console.print(f"  {b} @ {only:.0%}: PPL {cells[0][1]:.2f}")
+        console.print(table)
+
+    # 5. report --------------------------------------------------------------------------------------
+    results.data["meta"] = dict(
+        command=" ".join(shlex.quote(a) for a in ["python", "bench/quality.py", *(argv if argv is not None else sys.argv[1:])]),
+        device=device_name(device), torch=torch.__version__, python=platform.python_version(),
+        finished=_dt.datetime.now(_dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        seconds=round(time.perf_counter() - started, 1), samples=samples, seq_len=st.seq_len,
+        eval_tokens=(len(eval_stream) // 128) * 127, results_file=str(results.path.relative_to(REPO))
+        if results.path.is_relative_to(REPO) else str(results.path),
+        settings=asdict(st),
+    )
+    results.save()
+    if "report" in stages:
+        out_md, out_png = args.results_dir / f"{name}.md", args.results_dir / f"{name}.png"
+        write_report(results, args, sparsities, families, out_md, out_png)
+        shutil.copyfile(results.path, args.results_dir / f"{name}.json")
+        console.print(f"report: {out_md}, {out_png}")
+    console.rule(f"done in {(time.perf_counter() - started) / 60:.1f} min")
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        raise SystemExit(main())
+    except NestpruneError as e:
+        console.print(f"[red]error:[/] {e}")
+        raise SystemExit(1) from None
