@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import shutil
 import sys
@@ -160,7 +161,9 @@ def write_report(args, base_bytes: int, mat: dict, rows: list) -> None:
         f"Command: `python bench/registry_bytes.py --layers {args.layers} --hidden {args.hidden} "
         f"--intermediate {args.intermediate} --heads {args.heads} --kv-heads {args.kv_heads} --vocab {args.vocab}`",
         "",
-        f"Machine: {platform.processor() or platform.machine()}, CPU only, torch {torch.__version__}, "
+        f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores shared with other jobs "
+        f"(load average {os.getloadavg()[0]:.1f} at the end: times are indicative, bytes are exact), CPU only, "
+        f"torch {torch.__version__}, "
         f"Python {platform.python_version()}. Model: random bf16 Llama, {args.layers} layers, hidden {args.hidden}, "
         f"MLP {args.intermediate}, {args.heads} heads / {args.kv_heads} KV heads, vocab {args.vocab}; "
         f"base weights {base_bytes / mib:.1f} MiB. Ranking: `build --method random` (GQA query mode). "
@@ -169,7 +172,8 @@ def write_report(args, base_bytes: int, mat: dict, rows: list) -> None:
         "Every pull starts with an empty chunk cache; *read* counts every byte the store returned (manifest, "
         "version and tag records, artifact and tokenizer files, chunks). *variant* is the size of the pulled "
         "safetensors, which are byte-identical to `nestprune materialize` (checked by the script). Target: "
-        "read/variant ≤ 1.05.",
+        "read/variant ≤ 1.05. Both backends pull through a chunk cache (cold), as a remote pull does by "
+        "default; moto's S3 server runs in the same process as the client.",
         "",
         "| backend | sparsity | read (MiB) | variant (MiB) | read / variant | requests | pull (s) | materialize from local base (s) |",
         "|---|---|---|---|---|---|---|---|",
