@@ -6,6 +6,10 @@ streams it straight into the output safetensors file, whose header is computed u
 so peak memory is one tensor (two for a column slice), never a shard. Given the same spec, tensors,
 aux files and provenance it writes byte-identical files whatever the source.
 
+With local safetensors (``SafetensorsSource``) whole tensors and runs of kept rows are byte ranges of the
+base files and are copied in the kernel (``os.copy_file_range``); column slices (o_proj, down_proj) are
+gathered by numpy from a read-only map of the file. The bytes are the same as through ``take``.
+
 Output directory (written to a temporary sibling, renamed into place only when complete)::
 
     config.json                      base config; per-layer widths under "nestprune" (or a stock config)
@@ -152,11 +156,13 @@ class FileSpans:
 
     def __init__(self, files: list[Path]):
         self.fds: list[int] = []
+        self.path: dict[int, Path] = {}
         self.where: dict[str, tuple[int, str, tuple[int, ...], int]] = {}  # name -> (fd, dtype, shape, offset)
         try:
             for f in files:
                 fd = os.open(f, os.O_RDONLY)
                 self.fds.append(fd)
+                self.path[fd] = Path(f)
                 (n,) = struct.unpack("<Q", os.pread(fd, 8, 0))
                 header = json.loads(os.pread(fd, n, 8))
                 for name, info in header.items():
@@ -165,6 +171,21 @@ class FileSpans:
         except Exception:
             self.close()
             raise
+
+    def columns(self, p: TensorPlan) -> np.ndarray | None:
+        """The kept columns of a 2-D tensor, gathered by numpy from a read-only map of its bytes, or None.
+        (rows, kept) of unsigned ints as wide as the dtype: the bytes, whatever the dtype."""
+        if p.name not in self.where or p.axis != 1 or p.index is None:
+            return None
+        fd, dtype, shape, start = self.where[p.name]
+        if dtype != ST_DTYPES[p.dtype] or len(shape) != 2 or shape[0] != p.shape[0]:
+            return None
+        if len(p.index) and (p.index.min() < 0 or p.index.max() >= shape[1]):
+            return None
+        if shape[0] * shape[1] == 0:
+            return np.zeros(p.shape, np.dtype(f"u{p.dtype.itemsize}"))
+        words = np.memmap(self.path[fd], dtype=np.dtype(f"<u{p.dtype.itemsize}"), mode="r", offset=start, shape=shape)
+        return np.take(words, p.index, axis=1)  # (rows, kept)
 
     def close(self) -> None:
         for fd in self.fds:
@@ -227,9 +248,12 @@ def write_shard(path: Path, plans: list[TensorPlan], source: TensorSource, done:
         write_all(fd, memoryview(safetensors_header(ordered)))
         for p in ordered:
             pieces = spans.spans(p) if spans is not None else None
+            cols = spans.columns(p) if (spans is not None and pieces is None) else None
             if pieces is not None:
                 for src, offset, length in pieces:
                     copy_range(src, fd, offset, length)
+            elif cols is not None:
+                write_all(fd, memoryview(np.ascontiguousarray(cols).reshape(-1).view(np.uint8)))
             else:
                 t = take(source, p).contiguous().reshape(-1).view(torch.uint8)  # (nbytes,)
                 write_all(fd, memoryview(t.numpy()))

@@ -150,12 +150,13 @@ def test_byte_identical_whatever_the_source(llama_gqa, tmp_path):
     assert a == b and len([n for n in a if n.endswith(".safetensors")]) >= 2
 
 
-def test_in_kernel_copy_fallback_writes_the_same_bytes(llama_gqa, tmp_path, monkeypatch):
+def test_local_fast_paths_write_the_same_bytes_as_take(llama_gqa, tmp_path, monkeypatch):
     base, ranking = llama_gqa
     write_variant(base, ranking, tmp_path / "fast", 0.3, multiple_of=4)
     pieces = []
     real_spans = mat.FileSpans.spans
     monkeypatch.setattr(mat.FileSpans, "spans", lambda self, p: pieces.append(p.name) or real_spans(self, p))
+    monkeypatch.setattr(mat.FileSpans, "columns", lambda self, p: None)  # columns through take()
 
     def unsupported(*a, **k):
         raise OSError("copy_file_range not supported")
@@ -187,19 +188,25 @@ def test_refuses_existing_out_and_force_replaces(llama_gqa, tmp_path):
 def test_interrupted_write_leaves_nothing(llama_gqa, tmp_path, monkeypatch):
     base, ranking = llama_gqa
     calls = []
-    real_take = mat.take
+    real_write_all = mat.write_all
 
-    def failing_take(source, p):
-        calls.append(p.name)
-        if len(calls) == 5:
+    def failing_write_all(fd, data):
+        calls.append(len(data))
+        if len(calls) == 5:  # midway: some shards and tensors are already on disk
             raise KeyboardInterrupt
-        return real_take(source, p)
+        return real_write_all(fd, data)
 
-    monkeypatch.setattr(mat, "take", failing_take)
+    monkeypatch.setattr(mat, "write_all", failing_write_all)
     with pytest.raises(KeyboardInterrupt):
         write_variant(base, ranking, tmp_path / "v", 0.3, shard_bytes=20_000)
     assert len(calls) == 5
     assert not (tmp_path / "v").exists() and leftovers(tmp_path, "v") == []
+    # and through take() (a registry's source): the same
+    calls.clear()
+    with pytest.raises(KeyboardInterrupt):
+        materialize_variant(DictSource(load_file(str(base / "model.safetensors"))), ranking,
+                            plan_variant(ranking, 0.3), base, tmp_path / "w", shard_bytes=20_000)
+    assert not (tmp_path / "w").exists() and leftovers(tmp_path, "w") == []
 
 
 def test_source_returning_wrong_shape_is_refused(llama_gqa, tmp_path):

@@ -1,0 +1,273 @@
+"""Materializing a variant against copying the base's safetensors files: time ratio and peak memory.
+
+    python bench/materialize_speed.py [--layers 16 --hidden 2048 --heads 16 --kv-heads 4
+                                       --intermediate 5632 --vocab 32000 --repeats 2]
+
+Writes a random fp16 Llama (GQA) of the given shape straight to safetensors shards (~1.7 GB by default,
+never instantiating a model), a random-order artifact for it (the writer's cost does not depend on
+which order), then times, each in a fresh subprocess so its peak RSS is its own:
+
+* ``copy``         shutil.copyfile of every safetensors file (the floor any materializer competes with);
+* ``materialize``  ``nestprune.materialize.materialize`` end to end — artifact read, fingerprint check,
+                   plan, streaming slice-and-write, config/tokenizer/manifest — at several targets.
+
+Files are in the page cache for every run (they were just written), so this compares CPU + write cost,
+not cold-disk reads; ``sync`` runs (untimed) before each run so none pays for another's writeback. Writes a Markdown table (``--out``, default bench/results/materialize.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import os
+import platform
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+CASES = (  # (label, sparsity, layout, multiple_of, in-kernel copies of whole tensors / row runs)
+    ("per-layer s=0.3", 0.3, "per-layer", None, True),
+    ("per-layer s=0.5", 0.5, "per-layer", None, True),
+    ("uniform s=0.3, multiple of 128", 0.3, "uniform", 128, True),
+    ("per-layer s=0.3, every tensor through TensorSource.take (the registry's path)", 0.3, "per-layer", None, False),
+)
+
+
+# --- the random base model and artifact ---------------------------------------------------------------------
+
+def write_base(model_dir: Path, a: argparse.Namespace, shard_bytes: int = 500 * 1024**2) -> None:
+    """A random fp16 Llama written shard by shard (peak memory: one shard)."""
+    import torch
+    from safetensors.torch import save_file
+
+    d, hd = a.hidden, a.hidden // a.heads
+    shapes = {"model.embed_tokens.weight": (a.vocab, d)}
+    for i in range(a.layers):
+        p = f"model.layers.{i}."
+        shapes |= {
+            p + "self_attn.q_proj.weight": (a.heads * hd, d), p + "self_attn.k_proj.weight": (a.kv_heads * hd, d),
+            p + "self_attn.v_proj.weight": (a.kv_heads * hd, d), p + "self_attn.o_proj.weight": (d, a.heads * hd),
+            p + "mlp.gate_proj.weight": (a.intermediate, d), p + "mlp.up_proj.weight": (a.intermediate, d),
+            p + "mlp.down_proj.weight": (d, a.intermediate),
+            p + "input_layernorm.weight": (d,), p + "post_attention_layernorm.weight": (d,),
+        }
+    shapes |= {"model.norm.weight": (d,), "lm_head.weight": (a.vocab, d)}
+    gen = torch.Generator().manual_seed(0)
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name, shape in shapes.items():
+        n = 2 * int(torch.tensor(shape).prod())
+        if shards[-1] and size + n > shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = None  # type: ignore[assignment]
+        size += n
+    files = [f"model-{k:05d}-of-{len(shards):05d}.safetensors" for k in range(1, len(shards) + 1)]
+    weight_map = {}
+    for fname, names in zip(files, shards, strict=True):
+        tensors = {n: (torch.randn(shapes[n], generator=gen) * 0.02).half() for n in names}
+        save_file(tensors, str(model_dir / fname), metadata={"format": "pt"})
+        weight_map |= {n: fname for n in names}
+        del tensors
+    index = {"metadata": {"total_size": sum(2 * int(torch.tensor(s).prod()) for s in shapes.values())},
+             "weight_map": weight_map}
+    (model_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    config = {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": d,
+        "intermediate_size": a.intermediate, "num_hidden_layers": a.layers, "num_attention_heads": a.heads,
+        "num_key_value_heads": a.kv_heads, "head_dim": hd, "vocab_size": a.vocab, "max_position_embeddings": 4096,
+        "rms_norm_eps": 1e-5, "tie_word_embeddings": False, "torch_dtype": "float16", "hidden_act": "silu",
+    }
+    (model_dir / "config.json").write_text(json.dumps(config, indent=2))
+    (model_dir / "generation_config.json").write_text(json.dumps({"do_sample": False}))
+
+
+def write_random_artifact(model_dir: Path, out: Path) -> None:
+    """A random removal order over every structure (prunable layers first), written as a real artifact."""
+    import numpy as np
+
+    from nestprune.arch import KIND_CODES, arch_from_config
+    from nestprune.artifact import arch_summary, ranking_sha256, write_artifact
+    from nestprune.fingerprint import fingerprint
+    from nestprune.ranking import RANKING_FIELDS, Ranking
+    from nestprune.source import SafetensorsSource
+    from schemas.artifact import ArtifactManifest, ObjectiveInfo, RankingInfo, ScheduleInfo
+
+    cfg = json.loads((model_dir / "config.json").read_text())
+    with SafetensorsSource(model_dir) as src:
+        names = set(src.names())
+        numel = {n: int(np.prod(src.shape(n))) for n in names}
+    arch = arch_from_config(cfg, names)
+    decoder = sum(v for k, v in numel.items() if k.startswith("model.layers."))
+    prunable_layers = arch.prunable_layers()
+    rng = np.random.default_rng(0)
+    kinds = [(arch.attention_kind("query"), arch.num_heads), ("channel", arch.intermediate_size)]
+    rows = [(layer, k, i) for layer in range(arch.num_layers) for k, n in kinds for i in range(n)]
+    rows = [rows[i] for i in rng.permutation(len(rows))]
+    rows.sort(key=lambda r: r[0] not in prunable_layers)
+    prunable = np.array([r[0] in prunable_layers for r in rows])
+    cost = np.array([arch.structure_cost(r[1]) for r in rows], np.int64)
+    # the schedule "removed" prunable structures up to ~60% parameter sparsity
+    removed = prunable & (np.cumsum(cost * prunable) <= 0.6 * decoder)
+    ranking = Ranking(
+        arch=arch, gqa_mode="query", decoder_params=decoder,
+        layer=np.array([r[0] for r in rows], np.int32), kind=np.array([KIND_CODES[r[1]] for r in rows], np.uint8),
+        index=np.array([r[2] for r in rows], np.int32), step=np.where(removed, 0, -1).astype(np.int32),
+        score=rng.random(len(rows)), raw_score=rng.random(len(rows)), cost=cost, prunable=prunable,
+    )
+    manifest = ArtifactManifest(
+        nestprune_version="bench", created=_dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+        base=fingerprint(model_dir), arch=arch_summary(arch, decoder, sum(numel.values())),
+        objective=ObjectiveInfo(name="random", provenance={}),
+        schedule=ScheduleInfo(method="random", iterative=False, r_max=0.7, steps_planned=1, steps_run=1,
+                              ratio_step=0.0, normalisation="reference", gqa_mode="query", skip_first_frac=0.1,
+                              skip_last=1, prunable_layers=prunable_layers, batch_size=1, dtype="float16", seed=0),
+        trajectory=[], device="cpu", total_seconds=0.0,
+        ranking=RankingInfo(num_structures=len(ranking), num_removed=ranking.num_removed,
+                            max_sparsity=ranking.max_sparsity, fields=list(RANKING_FIELDS),
+                            sha256=ranking_sha256(ranking)),
+    )
+    write_artifact(out, manifest, ranking)
+
+
+# --- one measured operation per subprocess ------------------------------------------------------------------
+
+def child(op: str, args: list[str]) -> None:
+    """Run one operation; print {"seconds", "max_rss_mb", "bytes"} as JSON on the last line."""
+    import torch  # noqa: F401  (imports are not part of the timing)
+
+    from nestprune.materialize import materialize
+
+    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    t0 = time.perf_counter()
+    if op == "idle":
+        written = 0
+    elif op == "copy":
+        base, out = Path(args[0]), Path(args[1])
+        out.mkdir()
+        for f in sorted(base.glob("*.safetensors")):
+            shutil.copyfile(f, out / f.name)
+        written = sum(f.stat().st_size for f in out.glob("*.safetensors"))
+    else:
+        art, base, out, sparsity, layout, mult, kernel_copy = args
+        if kernel_copy == "no":
+            import nestprune.materialize as mat
+
+            mat.FileSpans.spans = lambda self, p: None  # type: ignore[method-assign]
+        materialize(Path(art), Path(base), Path(out), sparsity=float(sparsity), layout=layout,
+                    multiple_of=int(mult) if mult != "none" else None)
+        written = sum(f.stat().st_size for f in Path(out).glob("*.safetensors"))
+    seconds = time.perf_counter() - t0
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps({"seconds": seconds, "max_rss_mb": rss, "rss_after_imports_mb": rss_before, "bytes": written}))
+
+
+def measure(op: str, *args: str) -> dict:
+    os.sync()  # every run starts with no dirty pages left by the previous one (untimed)
+    res = subprocess.run([sys.executable, __file__, "--child", op, *args], capture_output=True, text=True,
+                         env={**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")})
+    if res.returncode:
+        raise SystemExit(f"{op} failed:\n{res.stderr}")
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def best_of(repeats: int, op: str, out: Path, *args: str) -> dict:
+    runs = []
+    for _ in range(repeats):
+        shutil.rmtree(out, ignore_errors=True)
+        runs.append(measure(op, *args))
+    return min(runs, key=lambda r: r["seconds"])
+
+
+def device_line() -> str:
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor())
+    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1024**3
+    return f"{cpu}, {os.cpu_count()} cores, {mem:.0f} GiB RAM, {platform.system()} {platform.release()}"
+
+
+def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "--child":
+        child(sys.argv[2], sys.argv[3:])
+        return
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--layers", type=int, default=16)
+    p.add_argument("--hidden", type=int, default=2048)
+    p.add_argument("--heads", type=int, default=16)
+    p.add_argument("--kv-heads", type=int, default=4)
+    p.add_argument("--intermediate", type=int, default=5632)
+    p.add_argument("--vocab", type=int, default=32000)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "materialize.md")
+    a = p.parse_args()
+
+    work = Path(tempfile.mkdtemp(prefix="nestprune-bench-"))
+    try:
+        base, art = work / "base", work / "artifact"
+        base.mkdir()
+        t0 = time.perf_counter()
+        write_base(base, a)
+        write_random_artifact(base, art)
+        base_bytes = sum(f.stat().st_size for f in base.glob("*.safetensors"))
+        print(f"base: {base_bytes / 1e9:.2f} GB in {len(list(base.glob('*.safetensors')))} shards "
+              f"(made in {time.perf_counter() - t0:.0f}s)", flush=True)
+        idle = measure("idle")
+        copy = best_of(a.repeats, "copy", work / "copy", str(base), str(work / "copy"))
+        print(f"copy: {copy['seconds']:.2f}s", flush=True)
+        rows = []
+        for label, s, layout, mult, kernel_copy in CASES:
+            out = work / "variant"
+            r = best_of(a.repeats, "materialize", out, str(art), str(base), str(out), str(s), layout,
+                        str(mult or "none"), "yes" if kernel_copy else "no")
+            rows.append((label, r))
+            print(f"{label}: {r['seconds']:.2f}s ({r['seconds'] / copy['seconds']:.2f}x copy)", flush=True)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+    cmd = "python bench/materialize_speed.py " + " ".join(sys.argv[1:])
+    lines = [
+        "# materialize vs copying the safetensors files",
+        "",
+        f"Command: `{cmd.strip()}` (OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')})  ",
+        f"Device: {device_line()}  ",
+        f"Date: {_dt.date.today().isoformat()}, best of {a.repeats} run(s) each, every run in a fresh process.",
+        "",
+        f"Base: random fp16 Llama, {a.layers} layers, hidden {a.hidden}, {a.heads} heads / {a.kv_heads} KV heads, "
+        f"intermediate {a.intermediate}, vocab {a.vocab}: {base_bytes / 1e9:.2f} GB of safetensors. Artifact: a "
+        "random removal order (GQA query-head mode). All files in the page cache (warm reads); a cold disk would "
+        "add the read time of what each operation reads. `sync` before every run (untimed). The machine is shared: "
+        "times vary run to run; the best run of each is reported.",
+        "",
+        "| operation | seconds | × copy | written GB | write GB/s | peak RSS MB | RSS after imports MB |",
+        "|---|---|---|---|---|---|---|",
+        f"| copy safetensors files | {copy['seconds']:.2f} | 1.00 | {copy['bytes'] / 1e9:.2f} | "
+        f"{copy['bytes'] / 1e9 / copy['seconds']:.2f} | {copy['max_rss_mb']:.0f} | {copy['rss_after_imports_mb']:.0f} |",
+    ]
+    for label, r in rows:
+        lines.append(
+            f"| materialize {label} | {r['seconds']:.2f} | {r['seconds'] / copy['seconds']:.2f} | "
+            f"{r['bytes'] / 1e9:.2f} | {r['bytes'] / 1e9 / r['seconds']:.2f} | {r['max_rss_mb']:.0f} | "
+            f"{r['rss_after_imports_mb']:.0f} |")
+    lines += [
+        "",
+        f"A process that only imports torch and nestprune peaks at {idle['max_rss_mb']:.0f} MB; peak RSS above "
+        "that is what the operation itself holds (page-cache pages of memory-mapped reads count towards RSS while "
+        "mapped). The largest single tensor here is "
+        f"{a.vocab * a.hidden * 2 / 1e6:.0f} MB (embeddings / lm_head).",
+        "",
+    ]
+    a.out.parent.mkdir(parents=True, exist_ok=True)
+    a.out.write_text("\n".join(lines))
+    print(f"wrote {a.out}")
+
+
+if __name__ == "__main__":
+    main()
