@@ -418,6 +418,7 @@ def train_proxy(
     step, t0 = 0, time.perf_counter()
     with _progress(progress) as bar:
         task = bar.add_task(f"train {spec.name}", total=1.0, step=0, loss=float("nan"), tokens=0, tps=0.0)
+        log_lines, next_line = progress and not bar.console.is_terminal, 0.1
         while True:
             elapsed = time.perf_counter() - t0
             frac = 0.0
@@ -442,8 +443,15 @@ def train_proxy(
                 losses_val = float(loss.detach())  # syncs with the device only every few steps
                 losses.append(losses_val)
                 elapsed = time.perf_counter() - t0
+                frac = max(step / max_steps if max_steps else 0.0, elapsed / cfg.seconds if cfg.seconds else 0.0)
                 bar.update(task, completed=min(1.0, frac), step=step, loss=losses_val,
                            tokens=step * per_step, tps=step * per_step / max(elapsed, 1e-9))
+                if log_lines and frac >= next_line:  # no live display (a log file): a line every 10 %
+                    next_line += 0.1
+                    eta = elapsed / max(frac, 1e-9) * (1 - frac)
+                    bar.console.print(f"  {spec.name}: {frac:4.0%}  step {step}  loss {losses_val:.3f}  "
+                                      f"{step * per_step:,} tokens  {step * per_step / max(elapsed, 1e-9):,.0f} "
+                                      f"tok/s  ETA {eta:.0f}s")
         seconds = time.perf_counter() - t0
         bar.update(task, completed=1.0)
 
