@@ -5,7 +5,7 @@ BIN     := $(VENV)/bin
 TORCH   ?= torch==2.13.0
 STAMP   := $(VENV)/.installed
 
-.PHONY: install test test-all lint demo bench bench-quality bench-materialize bench-registry schemas clean
+.PHONY: install test lint demo bench bench-quality bench-task bench-materialize bench-registry schemas clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -28,7 +28,7 @@ schemas: $(STAMP)  ## regenerate the committed JSON Schema files
 demo: $(STAMP)  ## build -> inspect -> materialize two sizes -> generate, on the bundled sample (CPU, a few minutes)
 	$(BIN)/python -m nestprune.demo --workdir runs/demo
 
-bench: bench-materialize  ## benchmarks that run on this machine's CPU
+bench: bench-materialize bench-registry  ## the speed/bytes benchmarks (CPU); bench-quality and bench-task train proxies
 
 bench-materialize: $(STAMP)
 	$(BIN)/python bench/materialize_speed.py
@@ -38,6 +38,9 @@ bench-quality: $(STAMP)
 
 bench-registry: $(STAMP)
 	$(BIN)/python bench/registry_bytes.py
+
+bench-task: $(STAMP)
+	$(BIN)/python bench/task_aligned.py
 
 clean:
 	rm -rf runs .pytest_cache .ruff_cache
