@@ -78,23 +78,20 @@ def resize_layer_(layer: nn.Module, widths: dict[str, Any], head_dim: int) -> in
     h, k, c = widths["num_attention_heads"], widths["num_key_value_heads"], widths["intermediate_size"]
     hidden = attn.o_proj.out_features
     groups = uniform_groups(widths["kv_of_head"], k)
-    kv_rows = k if (groups or h == 0) else h  # no common group count: one K/V head per query head
+    kv_heads = k if (groups or h == 0) else h  # no common group count: one K/V head per kept query head
     attn.q_proj = linear_like(attn.q_proj, hidden, h * head_dim)
-    attn.k_proj = linear_like(attn.k_proj, hidden, k * head_dim)
-    attn.v_proj = linear_like(attn.v_proj, hidden, k * head_dim)
+    attn.k_proj = linear_like(attn.k_proj, hidden, kv_heads * head_dim)
+    attn.v_proj = linear_like(attn.v_proj, hidden, kv_heads * head_dim)
     attn.o_proj = linear_like(attn.o_proj, h * head_dim, hidden)
     if h == 0:
         layer.self_attn = EmptyAttention(attn)
     else:
         attn.num_key_value_groups = groups or 1
-        if kv_rows != k:  # sized for the gathered K/V
-            attn.k_proj = linear_like(attn.k_proj, hidden, h * head_dim)
-            attn.v_proj = linear_like(attn.v_proj, hidden, h * head_dim)
     mlp.gate_proj = linear_like(mlp.gate_proj, hidden, c)
     mlp.up_proj = linear_like(mlp.up_proj, hidden, c)
     mlp.down_proj = linear_like(mlp.down_proj, c, hidden)
     mlp.intermediate_size = c
-    return None if kv_rows == k else h
+    return None if kv_heads == k else h
 
 
 def gather_kv(t: torch.Tensor, kv_of_head: list[int], head_dim: int) -> torch.Tensor:
