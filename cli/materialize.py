@@ -72,10 +72,13 @@ def materialize(
 ) -> None:
     """Write a model directory at one size from ARTIFACT and the base weights, in seconds, on CPU.
 
-    The kept heads and channels are the shortest prefix of the artifact's removal order that reaches
-    the target, so every size is nested in the larger ones.
+    The removed heads and channels are the shortest prefix of the artifact's removal order that reaches the target, so every size is nested in the larger ones.
     """
+    from transformers.utils import logging as hf_logging
+
     from nestprune.materialize import materialize as run
+
+    hf_logging.disable_progress_bar()
 
     if (sparsity is None) == (params is None):
         raise NestpruneError("give exactly one target: --sparsity or --params")
