@@ -323,3 +323,19 @@ def test_parse_params():
     assert parse_params("3k") == 3000
     with pytest.raises(NestpruneError):
         parse_params("lots")
+
+
+def test_variant_manifest_round_trip_and_exported_schema(llama_gqa, tmp_path):
+    from pydantic import ValidationError
+
+    from schemas.export import HERE, render
+
+    base, ranking = llama_gqa
+    write_variant(base, ranking, tmp_path / "v", 0.3, requested_params=12345)
+    text = (tmp_path / "v" / VARIANT_MANIFEST_NAME).read_text()
+    m = VariantManifest.model_validate_json(text)
+    assert json.loads(m.model_dump_json()) == json.loads(text)
+    assert m.schema_version == "1" and m.kind == "nestprune.variant" and m.requested_params == 12345
+    with pytest.raises(ValidationError):
+        VariantManifest.model_validate({**json.loads(text), "schema_version": "2"})
+    assert (HERE / "variant.schema.json").read_text() == render(VariantManifest)
