@@ -67,7 +67,7 @@ def materialize(
     layout: Annotated[LayoutChoice, typer.Option(help="per-layer: the exact GISP subnetwork (load with nestprune.load_variant); uniform: same width in every layer, a stock config")] = LayoutChoice.per_layer,
     multiple_of: Annotated[int | None, typer.Option("--multiple-of", min=1, help="round kept MLP widths to a multiple (e.g. 64, 128)")] = None,
     force: Annotated[bool, typer.Option("--force", help="replace an existing --out")] = False,
-    verify: Annotated[bool, typer.Option("--verify", help="check fp32 logits against the masked base model (≤ 1e-5)")] = False,
+    verify: Annotated[bool, typer.Option("--verify", help="check fp32 logits against the masked base model (≤ 1e-5) on 3 fixed prompts; loads both in fp32")] = False,
     full_check: Annotated[bool, typer.Option("--full-check", help="check the sha256 of every base file, not only names and sizes")] = False,
 ) -> None:
     """Write a model directory at one size from ARTIFACT and the base weights, in seconds, on CPU.
