@@ -24,6 +24,7 @@ import argparse
 import datetime as _dt
 import json
 import math
+import os
 import platform
 import shlex
 import shutil
@@ -229,7 +230,9 @@ def write_report(results: Results, args, sparsities: list[float], families: list
         "",
         f"- command: `{d['meta']['command']}`",
         f"- device: {d['meta']['device']}; torch {d['meta']['torch']}; python {d['meta']['python']}; "
-        f"wall time {d['meta']['seconds'] / 60:.1f} min (this invocation; cached stages are not re-run)",
+        f"wall time {d['meta']['seconds'] / 60:.1f} min (this invocation; cached stages are not re-run); load average "
+        f"(1/5/15 min) at start {d['meta'].get('load_average_start')}, at end {d['meta'].get('load_average_end')} "
+        f"(the machine is shared)",
         f"- scale `{args.scale}`: proxies trained on {d['corpus']['train_tokens']:,} tokens of train "
         f"({d['corpus']['train_documents']} documents), BPE vocabulary {d['corpus']['vocab_size']}",
         f"- calibration: {d['meta']['samples']} random windows × {d['meta']['seq_len']} tokens from train "
@@ -352,6 +355,7 @@ def main(argv: list[str] | None = None) -> int:
     device = pick_device(args.device)
     results = Results(work / "results.json")
     started = time.perf_counter()
+    load_at_start = [round(x, 2) for x in os.getloadavg()]
     console.rule(f"[bold]quality benchmark — scale {scale}, {device_name(device)}, workdir {work}")
 
     # 1. corpus ------------------------------------------------------------------------------------
@@ -472,6 +476,7 @@ def main(argv: list[str] | None = None) -> int:
         device=device_name(device), torch=torch.__version__, python=platform.python_version(),
         finished=_dt.datetime.now(_dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
         seconds=round(time.perf_counter() - started, 1), samples=samples, seq_len=st.seq_len,
+        load_average_start=load_at_start, load_average_end=[round(x, 2) for x in os.getloadavg()],
         eval_tokens=(len(eval_stream) // 128) * 127, results_file=str(results.path.relative_to(REPO))
         if results.path.is_relative_to(REPO) else str(results.path),
         settings=asdict(st),

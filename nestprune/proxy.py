@@ -9,8 +9,8 @@ Families (``FAMILIES``):
   ``qwen3``      Qwen3 style: GQA with per-head RMSNorm on q and k (``q_norm``/``k_norm``).
 
 Scales (``SCALES``):
-  ``tiny``  the demo: ~0.5 M parameters, trains in about a minute on a laptop CPU.
-  ``cpu``   the CPU quality benchmark: ~2 M parameters, a few minutes each.
+  ``tiny``  the demo: ~0.5 M parameters, trains in one to two minutes on a laptop CPU.
+  ``cpu``   the CPU quality benchmark: ~1 M parameters, a few minutes each on two cores.
   ``gpu``   the GPU quality benchmark: ~35 M parameters (tens of millions), a few minutes on one GPU.
 
 Pipeline: ``prepare_corpus`` (tokenizer + token streams, cached) → ``train_proxy`` (AdamW, cosine schedule
@@ -153,8 +153,8 @@ SCALES: dict[str, tuple[dict[str, int], TrainConfig]] = {
         TrainConfig(tokens=1_000_000, batch_size=16, seq_len=128, lr=3e-3, eval_tokens=32_768),
     ),
     "cpu": (
-        dict(vocab_size=4096, hidden_size=128, num_layers=6, num_heads=8, head_dim=16, intermediate_size=352),
-        TrainConfig(tokens=1_500_000, batch_size=16, seq_len=128, lr=2e-3, eval_tokens=65_536),
+        dict(vocab_size=2048, hidden_size=96, num_layers=6, num_heads=6, head_dim=16, intermediate_size=256),
+        TrainConfig(tokens=1_000_000, batch_size=16, seq_len=128, lr=3e-3, eval_tokens=65_536),
     ),
     "gpu": (
         dict(vocab_size=8192, hidden_size=512, num_layers=8, num_heads=8, head_dim=64, intermediate_size=1408),
