@@ -46,8 +46,10 @@ import numpy as np
 import torch
 
 from nestprune.arch import ArchInfo, GqaMode, TensorSlice
+from nestprune.build import decoder_param_count
 from nestprune.errors import NestpruneError
 from nestprune.ranking import Ranking, StructureTable, structure_table
+from nestprune.score import aggregate, fold_attention, scored_slices
 
 WandaConvention = Literal["flap", "full"]
 Batches = torch.Tensor | Iterable[Mapping[str, torch.Tensor]]
@@ -61,35 +63,11 @@ _OUTPUT_MODULES = ("self_attn.o_proj", "mlp.down_proj")
 # ---------------------------------------------------------------------------------------------
 
 
-def decoder_param_count(model: torch.nn.Module) -> int:
-    """All decoder-layer parameters, norms included (embeddings and lm_head excluded)."""
-    return sum(p.numel() for n, p in model.named_parameters() if ".layers." in n)
-
-
-def weight_slices(arch: ArchInfo, gqa_mode: GqaMode) -> tuple[TensorSlice, ...]:
-    """Weight tensors (no biases) whose rows/columns a structure owns under ``gqa_mode``."""
-    return tuple(s for s in arch.slices() if s.name.endswith(".weight") and arch.owns(s.space, gqa_mode))
-
-
 def _prunable(arch: ArchInfo, skip_first_frac: float, skip_last: int) -> list[int]:
     layers = arch.prunable_layers(skip_first_frac, skip_last)
     if not layers:
         raise NestpruneError(f"a {arch.num_layers}-layer model has no prunable layer with this layer skip")
     return layers
-
-
-def _per_unit(s: TensorSlice, metric: torch.Tensor, units: int, width: int) -> torch.Tensor:
-    """Sum an (out, in) per-weight metric into one value per unit of the slice's space. (units,)"""
-    if s.axis == 0:
-        return metric.reshape(units, width, -1).sum(dim=(1, 2))
-    return metric.sum(dim=0).reshape(units, width).sum(dim=1)
-
-
-def _fold_attention(arch: ArchInfo, gqa_mode: GqaMode, s: TensorSlice, per: torch.Tensor) -> torch.Tensor:
-    """Per-unit values of a q/kv slice → per attention structure (query heads fold into KV groups)."""
-    if s.space == "q" and arch.attention_kind(gqa_mode) == "group":
-        return per.reshape(arch.num_kv_heads, arch.group_size).sum(1)  # (groups, heads/group) -> (groups,)
-    return per
 
 
 def _layer_weights(model: torch.nn.Module, arch: ArchInfo, layer: int) -> dict[str, torch.Tensor]:
@@ -230,26 +208,18 @@ def wanda_layer_scores(
     if convention == "flap":
         o = metric("self_attn.o_proj.weight").mean(0)  # (H·d_h,)
         heads = o.reshape(arch.num_heads, arch.head_dim).sum(1)  # (H,)
-        attn = _fold_attention(arch, gqa_mode, TensorSlice("self_attn.o_proj.weight", "q", 1), heads)
+        attn = fold_attention(arch, gqa_mode, TensorSlice("self_attn.o_proj.weight", "q", 1), heads)
         return attn, metric("mlp.down_proj.weight").mean(0)  # (I,)
     if convention != "full":
         raise NestpruneError(f"unknown Wanda-sp convention {convention!r} (use 'flap' or 'full')")
-    attn = torch.zeros(arch.num_attention_units(gqa_mode), dtype=torch.float64)
-    mlp = torch.zeros(arch.intermediate_size, dtype=torch.float64)
-    for s in weight_slices(arch, gqa_mode):
-        per = _per_unit(s, metric(s.name), arch.space_size(s.space), arch.space_width(s.space))
-        if s.space == "mlp":
-            mlp += per
-        else:
-            attn += _fold_attention(arch, gqa_mode, s, per)
-    return attn, mlp
+    return aggregate(arch, gqa_mode, lambda s: metric(s.name))
 
 
 def wanda_modules(arch: ArchInfo, gqa_mode: GqaMode, convention: WandaConvention) -> tuple[str, ...]:
     """Linear modules whose input norms the convention needs (names inside a layer)."""
     if convention == "flap":
         return _OUTPUT_MODULES
-    return tuple(dict.fromkeys(s.name.rsplit(".", 1)[0] for s in weight_slices(arch, gqa_mode)))
+    return tuple(dict.fromkeys(s.name.rsplit(".", 1)[0] for s in scored_slices(arch, gqa_mode)))
 
 
 def uniform_sweep(table: StructureTable, score: np.ndarray, steps: int) -> tuple[np.ndarray, np.ndarray]:
@@ -356,15 +326,7 @@ def step_boundary_prefix(ranking: Ranking, prefix_len: int) -> int:
 def magnitude_layer_scores(arch: ArchInfo, gqa_mode: GqaMode,
                            weights: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """L2 norm of the weights each structure owns (biases excluded): (attention units,), (channels,). Pure."""
-    attn = torch.zeros(arch.num_attention_units(gqa_mode), dtype=torch.float64)
-    mlp = torch.zeros(arch.intermediate_size, dtype=torch.float64)
-    for s in weight_slices(arch, gqa_mode):
-        sq = weights[s.name].double().cpu().pow(2)
-        per = _per_unit(s, sq, arch.space_size(s.space), arch.space_width(s.space))
-        if s.space == "mlp":
-            mlp += per
-        else:
-            attn += _fold_attention(arch, gqa_mode, s, per)
+    attn, mlp = aggregate(arch, gqa_mode, lambda s: weights[s.name].double().cpu().pow(2))
     return attn.sqrt(), mlp.sqrt()
 
 

@@ -7,18 +7,42 @@ Block-wise normalisation divides by a constant per block type (arch.ArchInfo.nor
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import torch
 
 from nestprune.arch import ArchInfo, GqaMode, TensorSlice
 
 
-def _per_unit(s: TensorSlice, saliency: torch.Tensor, units: int, width: int) -> torch.Tensor:
-    """Sum a (out, in) saliency matrix into one value per unit of the slice's index space. (units,)"""
+def per_unit(s: TensorSlice, metric: torch.Tensor, units: int, width: int) -> torch.Tensor:
+    """Sum an (out, in) per-weight metric into one value per unit of the slice's index space. (units,)"""
     if s.axis == 0:
-        return saliency.reshape(units, width, -1).sum(dim=(1, 2))
-    return saliency.sum(dim=0).reshape(units, width).sum(dim=1)
+        return metric.reshape(units, width, -1).sum(dim=(1, 2))
+    return metric.sum(dim=0).reshape(units, width).sum(dim=1)
+
+
+def fold_attention(arch: ArchInfo, gqa_mode: GqaMode, s: TensorSlice, per: torch.Tensor) -> torch.Tensor:
+    """Per-unit values of a q/kv slice -> per attention structure (query heads fold into their KV group)."""
+    if s.space == "q" and arch.attention_kind(gqa_mode) == "group":
+        return per.reshape(arch.num_kv_heads, arch.group_size).sum(1)  # (groups, heads/group) -> (groups,)
+    return per  # q under head kind; kv under MHA (head h = kv head h) or group kind (group g = kv head g)
+
+
+def aggregate(arch: ArchInfo, gqa_mode: GqaMode,
+              metric: Callable[[TensorSlice], torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sum a per-weight metric over the weights each structure owns: (attention units,), (channels,) fp64.
+
+    ``metric(slice)`` gives the (out, in) metric of one scored weight tensor of the layer.
+    """
+    attn = torch.zeros(arch.num_attention_units(gqa_mode), dtype=torch.float64)
+    mlp = torch.zeros(arch.intermediate_size, dtype=torch.float64)
+    for s in scored_slices(arch, gqa_mode):
+        per = per_unit(s, metric(s), arch.space_size(s.space), arch.space_width(s.space)).double().cpu()
+        if s.space == "mlp":
+            mlp += per
+        else:
+            attn += fold_attention(arch, gqa_mode, s, per)
+    return attn, mlp
 
 
 def layer_scores(
@@ -27,25 +51,12 @@ def layer_scores(
     weights: Mapping[str, torch.Tensor],
     grads: Mapping[str, torch.Tensor],
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Raw scores of one layer: (attention units,), (mlp channels,) in float64.
+    """Raw GISP scores of one layer: (attention units,), (mlp channels,) in float64.
 
     ``weights``/``grads`` are keyed by the slice name inside the layer (e.g. "mlp.up_proj.weight");
     ``grads`` holds the objective's mean gradient.
     """
-    kind = arch.attention_kind(gqa_mode)
-    attn = torch.zeros(arch.num_attention_units(gqa_mode), dtype=torch.float64)
-    mlp = torch.zeros(arch.intermediate_size, dtype=torch.float64)
-    for s in scored_slices(arch, gqa_mode):
-        w, g = weights[s.name], grads[s.name]
-        saliency = (w.float() * g.float()).abs()
-        per = _per_unit(s, saliency, arch.space_size(s.space), arch.space_width(s.space)).double().cpu()
-        if s.space == "mlp":
-            mlp += per
-        elif s.space == "q" and kind == "group":
-            attn += per.reshape(arch.num_kv_heads, arch.group_size).sum(1)  # (groups, heads/group) -> groups
-        else:  # q under head kind; kv under MHA (head h = kv head h) or group kind (group g = kv head g)
-            attn += per
-    return attn, mlp
+    return aggregate(arch, gqa_mode, lambda s: (weights[s.name].float() * grads[s.name].float()).abs())
 
 
 def scored_slices(arch: ArchInfo, gqa_mode: GqaMode) -> tuple[TensorSlice, ...]:
