@@ -16,25 +16,16 @@ from cli.common import console, friendly, is_tty, out
 
 def _load(path: Path, device: str, dtype: str):
     """(model, tokenizer, device) for a plain HF directory or a nestprune variant (either layout)."""
-    import torch
     from transformers import AutoTokenizer
 
     from nestprune.errors import NestpruneError
 
     if not path.is_dir() or not (path / "config.json").exists():
         raise NestpruneError(f"{path} is not a model directory (no config.json)")
-    if device == "auto":
-        dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    else:
-        try:
-            dev = torch.device(device)
-        except RuntimeError:
-            raise NestpruneError(f"unknown --device {device!r}") from None
-        if dev.type == "cuda" and not torch.cuda.is_available():
-            raise NestpruneError("--device cuda was asked for but no CUDA device is available")
-    if dtype not in ("auto", "float32", "bfloat16", "float16"):
-        raise NestpruneError("--dtype must be auto, float32, bfloat16 or float16")
-    dt = (torch.bfloat16 if dev.type == "cuda" else torch.float32) if dtype == "auto" else getattr(torch, dtype)
+    from nestprune.device import resolve_device, resolve_dtype
+
+    dev = resolve_device(device)
+    dt = resolve_dtype(dtype, dev)
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(path))
     except Exception as e:

@@ -23,6 +23,7 @@ from nestprune import __version__
 from nestprune.arch import ArchInfo, GqaMode, arch_from_config
 from nestprune.artifact import arch_summary, prepare_out, ranking_sha256, write_artifact
 from nestprune.calibration import load_calibration
+from nestprune.device import resolve_device, resolve_dtype
 from nestprune.errors import NestpruneError
 from nestprune.fingerprint import config_path, fingerprint
 from nestprune.mask import layer_tensors, zero_removed_
@@ -96,24 +97,6 @@ class SilentReporter:
 
 def decoder_param_count(model: torch.nn.Module) -> int:
     return sum(p.numel() for n, p in model.named_parameters() if ".layers." in n)
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        d = torch.device(device)
-    except RuntimeError:
-        raise NestpruneError(f"unknown --device {device!r}") from None
-    if d.type == "cuda" and not torch.cuda.is_available():
-        raise NestpruneError("--device cuda was asked for but no CUDA device is available")
-    return d
-
-
-def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    if dtype == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return getattr(torch, dtype)
 
 
 # ---------------------------------------------------------------------------------------------
