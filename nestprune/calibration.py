@@ -47,26 +47,31 @@ def _base_suffix(path: Path) -> str:
     return suffixes[-1] if suffixes else ""
 
 
-def read_jsonl(path: Path) -> list[dict]:
-    """Parse a JSONL file; a malformed line is an error naming the line."""
+def read_jsonl_records(path: Path) -> list[tuple[str, dict]]:
+    """(``file:line``, record) per non-blank JSONL line; a malformed line is an error naming it."""
+    path = Path(path)
     rows = []
     try:
         with open_text(path) as f:
             for lineno, line in enumerate(f, 1):
                 if not line.strip():
                     continue
+                where = f"{path}:{lineno}"
                 try:
                     row = json.loads(line)
                 except json.JSONDecodeError as e:
-                    raise NestpruneError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+                    raise NestpruneError(f"{where}: not valid JSON ({e.msg})") from None
                 if not isinstance(row, dict):
-                    raise NestpruneError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
-                rows.append(row)
-    except (UnicodeDecodeError, lzma.LZMAError, EOFError, OSError) as e:
-        if isinstance(e, FileNotFoundError):
-            raise
+                    raise NestpruneError(f"{where}: expected a JSON object, got {type(row).__name__}")
+                rows.append((where, row))
+    except (UnicodeDecodeError, lzma.LZMAError, EOFError) as e:
         raise NestpruneError(f"cannot read {path}: {e}") from None
     return rows
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    """The records of a JSONL file; a malformed line is an error naming the line."""
+    return [row for _, row in read_jsonl_records(path)]
 
 
 def read_documents(path: Path) -> list[str]:

@@ -41,7 +41,6 @@ import importlib
 import importlib.util
 import inspect
 import json
-import lzma
 import math
 import random
 import sys
@@ -52,7 +51,7 @@ from typing import Any
 
 import torch
 
-from nestprune.calibration import load_calibration, open_text, sha256_file
+from nestprune.calibration import load_calibration, read_jsonl_records, sha256_file
 from nestprune.errors import NestpruneError
 from nestprune.objective import Batch, LanguageModeling, Objective, token_nll
 
@@ -147,24 +146,8 @@ def parse_answer_item(row: Mapping, where: str) -> AnswerItem:
 
 
 def _read_records(path: Path) -> list[tuple[str, dict]]:
-    """(``file:line``, record) per non-blank JSONL line; a malformed line is an error naming it."""
-    path = Path(path)
-    rows = []
-    try:
-        with open_text(path) as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                where = f"{path}:{lineno}"
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise NestpruneError(f"{where}: not valid JSON ({e.msg})") from None
-                if not isinstance(row, dict):
-                    raise NestpruneError(f"{where}: expected a JSON object, got {type(row).__name__}")
-                rows.append((where, row))
-    except (UnicodeDecodeError, lzma.LZMAError, EOFError) as e:
-        raise NestpruneError(f"cannot read {path}: {e}") from None
+    """(``file:line``, record) per non-blank JSONL line; no record at all is an error."""
+    rows = read_jsonl_records(Path(path))
     if not rows:
         raise NestpruneError(f"{path} holds no records")
     return rows
