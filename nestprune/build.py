@@ -114,17 +114,29 @@ def accumulate_gradients(
     """One full pass over the objective's batches: (objective value, its gradient for ``params`` in fp32).
 
     Only ``params`` require gradients; everything else is frozen. fp32 parameters accumulate in
-    ``.grad``; lower-precision ones into separate fp32 buffers so that many batches don't lose bits.
+    ``.grad``; lower-precision ones are added into fp32 buffers by a hook the moment each gradient is
+    ready (and their ``.grad`` dropped), so many batches lose no bits and no full set of bf16
+    gradients is ever held at once.
     """
     device = next(model.parameters()).device
     for p in model.parameters():
         p.requires_grad_(False)
         p.grad = None
     acc: dict[str, torch.Tensor] = {}
+    hooks = []
+
+    def make_hook(buf: torch.Tensor):
+        def hook(p: torch.Tensor) -> None:
+            buf.add_(p.grad.float())
+            p.grad = None
+
+        return hook
+
     for name, p in params.items():
         p.requires_grad_(True)
         if p.dtype != torch.float32:
             acc[name] = torch.zeros_like(p, dtype=torch.float32)
+            hooks.append(p.register_post_accumulate_grad_hook(make_hook(acc[name])))
     batches = list(objective.batches(batch_size))
     total = 0.0
     try:
@@ -133,16 +145,13 @@ def accumulate_gradients(
             loss = objective.loss(model, batch)
             loss.backward()
             total += float(loss.detach())
-            for name, buf in acc.items():
-                g = params[name].grad
-                if g is not None:
-                    buf.add_(g.float())
-                params[name].grad = None
             if on_batch:
                 on_batch(i + 1, len(batches))
         grads = {n: (acc[n] if n in acc else (p.grad if p.grad is not None else torch.zeros_like(p)))
                  for n, p in params.items()}
     finally:
+        for h in hooks:
+            h.remove()
         for p in params.values():
             p.requires_grad_(False)
             p.grad = None

@@ -247,3 +247,18 @@ def test_different_seed_changes_windows(tiny_model_dir, sample_text_file, tmp_pa
     m2, _ = read_artifact(build_artifact(model_dir, sample_text_file, tmp_path / "b", BuildConfig(samples=4, seq_len=16, steps=3, seed=1)))
     assert m1.objective.provenance["seed"] == 0 and m2.objective.provenance["seed"] == 1
     assert m1.trajectory[0].loss != m2.trajectory[0].loss
+
+
+def test_low_precision_gradients_accumulate_in_fp32(tokenizer):
+    """bf16 models (the GPU path) accumulate gradients in fp32 buffers through hooks and agree with fp32."""
+    model = make_tiny_model("llama", vocab_size=len(tokenizer))
+    arch, calib = _arch(model), _calib(tokenizer)
+    names = [arch.layer_key(1, "mlp.up_proj.weight"), arch.layer_key(2, "self_attn.q_proj.weight")]
+    _, g32 = accumulate_gradients(model, LanguageModeling(calib), {n: dict(model.named_parameters())[n] for n in names}, 2)
+    model = model.to(torch.bfloat16)
+    params = {n: dict(model.named_parameters())[n] for n in names}
+    _, g16 = accumulate_gradients(model, LanguageModeling(calib), params, 2)
+    for n in names:
+        assert g16[n].dtype == torch.float32 and params[n].grad is None and not params[n].requires_grad
+        assert (g16[n] - g32[n]).abs().max() <= 0.05 * g32[n].abs().max()
+        assert (g16[n] - g32[n]).abs().max() > 0  # really computed in bf16
