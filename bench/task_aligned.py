@@ -83,7 +83,7 @@ class ScaleSettings:
 
 
 SETTINGS = {
-    "cpu": ScaleSettings(proxy_scale="tiny", train_tokens=1_500_000, train_batch=8, max_train_chars=5_000_000,
+    "cpu": ScaleSettings(proxy_scale="tiny", train_tokens=3_000_000, train_batch=8, max_train_chars=8_000_000,
                          problem_share=0.25, max_valid_chars=150_000, calib_chars=1_000_000, calib_tokens=16_384,
                          lm_seq_len=128, margin_seq_len=64, decision_calib=400, decision_eval=1000,
                          context_chars=200, generation_calib=1000, generation_eval=500, ppl_tokens=16_384,
@@ -328,6 +328,24 @@ def paired(a: str, b: str) -> tuple[float, float]:
     return m, math.sqrt(var / n)
 
 
+def verdict(ok: bool, diff: float, dse: float) -> str:
+    """yes/no, and whether the paired difference is within two standard errors of zero."""
+    noise = abs(diff) < 2 * dse or dse == 0 and diff == 0
+    return ("yes" if ok else "no") + (" (Δ within 2 SE of 0)" if noise else "")
+
+
+NOTES_BEGIN, NOTES_END = "<!-- notes: kept when the report is regenerated -->", "<!-- /notes -->"
+
+
+def kept_notes(path: Path) -> str | None:
+    """A hand-written block between the notes markers of an existing report, to carry over."""
+    if not path.exists():
+        return None
+    text = path.read_text()
+    a, b = text.find(NOTES_BEGIN), text.find(NOTES_END)
+    return text[a : b + len(NOTES_END)] if 0 <= a < b else None
+
+
 def fmt_pct(p: float | None, s: float | None = None) -> str:
     if p is None:
         return "–"
@@ -425,13 +443,13 @@ def write_report(results: Results, families: list[str], modes: list[str], sparsi
                 ok = 100 * diff >= 3
                 L.append(f"| {f} | decision ({m}) acc | {fmt_pct(dense['acc'])} | {fmt_pct(a['acc'])} | "
                          f"{fmt_pct(b['acc'])} | {100 * diff:+.1f} ± {100 * dse:.1f} | ≥ +3 | "
-                         f"{'yes' if ok else 'no'} |")
+                         f"{verdict(ok, diff, dse)} |")
         dense = get(results, f, "dense", 0.0, "generation")
         a, b = get(results, f, "lm", 0.4, "generation"), get(results, f, "answer", 0.4, "generation")
         if a and b and dense:
             diff, dse = paired(b["correct"], a["correct"])
             L.append(f"| {f} | generation EM | {fmt_pct(dense['em'])} | {fmt_pct(a['em'])} | {fmt_pct(b['em'])} | "
-                     f"{100 * diff:+.1f} ± {100 * dse:.1f} | > 0 | {'yes' if diff > 0 else 'no'} |")
+                     f"{100 * diff:+.1f} ± {100 * dse:.1f} | > 0 | {verdict(diff > 0, diff, dse)} |")
     for f in families:
         L += ["", f"## {f}", ""]
         for m in modes:
@@ -518,6 +536,11 @@ def write_report(results: Results, families: list[str], modes: list[str], sparsi
         L.append(f"| {key} | {p.get('tokens_used', '?')} | {p.get('items', p.get('samples', '?'))} | "
                  f"{b['steps_run']} | {b['seconds']} |")
     L.append("")
+    notes = kept_notes(out_md)
+    if notes:  # the analysis written after the run goes right after the targets table
+        at = L.index("## Targets (issue 5)")
+        end = next(i for i in range(at + 1, len(L)) if L[i].startswith("## "))
+        L[end:end] = [notes, ""]
     out_md.parent.mkdir(parents=True, exist_ok=True)
     out_md.write_text("\n".join(L))
     plot(results, families, modes, sparsities, out_png)
