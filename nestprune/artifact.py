@@ -21,7 +21,7 @@ import zarr
 from pydantic import ValidationError
 
 from nestprune.arch import ArchInfo
-from nestprune.errors import NestpruneError
+from nestprune.errors import NestpruneError, validation_message
 from nestprune.ranking import RANKING_FIELDS, Ranking
 from schemas.artifact import ARTIFACT_SCHEMA_VERSIONS, ArchSummary, ArtifactManifest
 
@@ -111,9 +111,7 @@ def parse_manifest(data: Any) -> ArtifactManifest:
     try:
         return ArtifactManifest.model_validate(data)
     except ValidationError as e:
-        first = e.errors()[0]
-        where = ".".join(str(p) for p in first["loc"])
-        raise NestpruneError(f"artifact manifest is invalid at {where}: {first['msg']}") from None
+        raise NestpruneError(f"artifact manifest is invalid {validation_message(e)}") from None
 
 
 def read_manifest(path: Path) -> ArtifactManifest:

@@ -15,7 +15,7 @@ from datetime import UTC, datetime
 
 from pydantic import BaseModel, ValidationError
 
-from nestprune.errors import NestpruneError
+from nestprune.errors import NestpruneError, validation_message
 from nestprune.registry.cache import sha256
 from nestprune.registry.stores import KeyNotFound, Store
 from schemas.registry import IndexEntry, RegistryIndex, TagRecord, VersionManifestV1, VersionRecord
@@ -97,9 +97,7 @@ def _parse(doc: type[BaseModel], data: bytes, what: str):
     try:
         return doc.model_validate_json(data)
     except ValidationError as e:
-        first = e.errors()[0]
-        where = ".".join(str(p) for p in first["loc"])
-        raise NestpruneError(f"{what} is invalid at {where}: {first['msg']} (written by a newer nestprune?)") from None
+        raise NestpruneError(f"{what} is invalid {validation_message(e)} (written by a newer nestprune?)") from None
 
 
 # --- reading ----------------------------------------------------------------------------------------------
