@@ -11,12 +11,9 @@ from __future__ import annotations
 import numpy as np
 
 
-def ratio_schedule(r_max: float, steps: int) -> list[float]:
-    """r_t = linspace(0, r_max, T), the reference's schedule."""
-    return np.linspace(0.0, r_max, steps).tolist() if steps > 1 else [r_max]
-
-
 def ratio_step(r_max: float, steps: int) -> float:
+    """Δ of r_t = t·Δ, i.e. linspace(0, r_max, T) (the reference's schedule), continued past r_max when a
+    parameter-sparsity target needs it."""
     return r_max / (steps - 1) if steps > 1 else r_max
 
 

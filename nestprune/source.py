@@ -8,7 +8,6 @@ indices) along ``axis``, or whole when ``index`` is None. Implementations: local
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Protocol
@@ -114,10 +113,6 @@ class SafetensorsSource:
                 return torch.empty(shape, dtype=self.dtype(name))
             return torch.cat(parts, 0) if len(parts) > 1 else parts[0]
         return h.get_tensor(name).index_select(axis, index)
-
-    def iter_names(self) -> Iterator[str]:
-        return iter(self._where)
-
 
 def _runs(index: torch.Tensor) -> list[tuple[int, int]]:
     """[3,4,5,9,10] -> [(3,6),(9,11)]: contiguous runs of an ascending index."""
