@@ -23,7 +23,7 @@ lint: $(STAMP)
 	$(BIN)/ruff check nestprune cli schemas tests bench
 
 schemas: $(STAMP)  ## regenerate the committed JSON Schema files
-	$(BIN)/python -m schemas.export
+	$(BIN)/python -m nestprune.schemas.export
 
 demo: $(STAMP)  ## build -> inspect -> materialize two sizes -> generate, on the bundled sample (CPU, a few minutes)
 	$(BIN)/python -m nestprune.demo --workdir runs/demo

@@ -94,13 +94,13 @@ def write_base(model_dir: Path, a: argparse.Namespace, shard_bytes: int = 500 * 
 def write_random_artifact(model_dir: Path, out: Path) -> None:
     """A random removal order over every structure (prunable layers first), written as a real artifact."""
     import numpy as np
+    from nestprune.schemas.artifact import ArtifactManifest, ObjectiveInfo, RankingInfo, ScheduleInfo
 
     from nestprune.arch import KIND_CODES, arch_from_config
     from nestprune.artifact import arch_summary, ranking_sha256, write_artifact
-    from nestprune.fingerprint import fingerprint
+    from nestprune.io.fingerprint import fingerprint
+    from nestprune.io.weights import SafetensorsSource
     from nestprune.ranking import RANKING_FIELDS, Ranking
-    from nestprune.source import SafetensorsSource
-    from schemas.artifact import ArtifactManifest, ObjectiveInfo, RankingInfo, ScheduleInfo
 
     cfg = json.loads((model_dir / "config.json").read_text())
     with SafetensorsSource(model_dir) as src:
@@ -181,7 +181,7 @@ def child(op: str, args: list[str]) -> None:
     """Run one operation; print {"seconds", "max_rss_mb", "bytes", …} as JSON on the last line."""
     import torch  # noqa: F401  (imports are not part of the timing)
 
-    from nestprune.materialize import materialize
+    from nestprune.variant.materialize import materialize
 
     rss_before = peak_rss_mb()
     anon_before = AnonPeak()
@@ -199,7 +199,7 @@ def child(op: str, args: list[str]) -> None:
     else:
         art, base, out, sparsity, layout, mult, kernel_copy = args
         if kernel_copy == "no":
-            import nestprune.materialize as mat
+            import nestprune.variant.materialize as mat
 
             mat.FileSpans.spans = lambda self, p: None  # type: ignore[method-assign]
         materialize(Path(art), Path(base), Path(out), sparsity=float(sparsity), layout=layout,

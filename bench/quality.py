@@ -41,7 +41,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run as a script from a checkout
 
 from nestprune.errors import NestpruneError  # noqa: E402
-from nestprune.proxy import (  # noqa: E402
+from nestprune.evaluate.proxy import (  # noqa: E402
     device_name,
     load_or_train_proxy,
     pick_device,
@@ -115,7 +115,7 @@ def ppl_key(family: str, build: str, sparsity: float) -> str:
 
 
 def write_docs(docs: list[str], path: Path) -> Path:
-    from nestprune.calibration import DOC_SEPARATOR
+    from nestprune.io.text import DOC_SEPARATOR
 
     path.parent.mkdir(parents=True, exist_ok=True)
     if not path.exists():
@@ -126,7 +126,7 @@ def write_docs(docs: list[str], path: Path) -> Path:
 
 
 def model_sha(model_dir: Path) -> str:
-    from nestprune.calibration import sha256_file
+    from nestprune.io.text import sha256_file
 
     return sha256_file(model_dir / "model.safetensors")
 
@@ -168,8 +168,8 @@ def evaluate_variant(artifact: Path, model_dir: Path, sparsity: float, scratch: 
                      device: torch.device, batch_size: int) -> dict:
     """Materialize → load_variant → perplexity on the valid stream; the variant dir is deleted after."""
     from nestprune import load_variant
-    from nestprune.evaluate import stream_perplexity
-    from nestprune.materialize import materialize
+    from nestprune.evaluate.metrics import stream_perplexity
+    from nestprune.variant.materialize import materialize
 
     shutil.rmtree(scratch, ignore_errors=True)
     res = materialize(artifact, model_dir, scratch, sparsity=sparsity, force=True)
@@ -184,7 +184,7 @@ def evaluate_variant(artifact: Path, model_dir: Path, sparsity: float, scratch: 
 
 def dense_ppl(model_dir: Path, stream: torch.Tensor, device: torch.device, batch_size: int) -> dict:
     from nestprune import load_variant
-    from nestprune.evaluate import stream_perplexity
+    from nestprune.evaluate.metrics import stream_perplexity
 
     model = load_variant(model_dir, dtype=torch.float32, device=device)
     ppl = stream_perplexity(model, stream, seq_len=128, batch_size=batch_size, source="valid")
@@ -379,8 +379,9 @@ def main(argv: list[str] | None = None) -> int:
     console.print(f"corpus: {corpus.info['train_tokens']:,} train / {corpus.info['valid_tokens']:,} valid tokens "
                   f"({time.perf_counter() - t0:.1f}s)")
     # the evaluated valid text: the same documents, joined as nestprune eval does ("\n\n", one tokenisation)
-    from nestprune.calibration import load_calibration, read_documents
-    from nestprune.evaluate import token_stream
+    from nestprune.evaluate.metrics import token_stream
+    from nestprune.io.text import read_documents
+    from nestprune.rank.calibration import load_calibration
 
     valid_docs = subset_documents(read_documents(valid_txt), st.max_valid_chars, 0)
     eval_stream = token_stream(valid_docs, corpus.tokenizer)
@@ -404,7 +405,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # 3.+4. builds and evaluation, model by model ---------------------------------------------------
     from nestprune.build import BuildConfig
-    from nestprune.objective import LanguageModeling
+    from nestprune.objectives.base import LanguageModeling
 
     top = max(sparsities)
     for f in families:

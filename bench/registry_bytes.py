@@ -29,10 +29,10 @@ sys.path.insert(0, str(ROOT / "tests"))
 import torch  # noqa: E402
 
 from nestprune.build import BuildConfig, build_artifact  # noqa: E402
-from nestprune.materialize import materialize  # noqa: E402
+from nestprune.evaluate.tokenizer import save_tokenizer, train_bpe_tokenizer  # noqa: E402
 from nestprune.registry import ChunkCache, open_store, push  # noqa: E402
 from nestprune.registry.pull import pull  # noqa: E402
-from nestprune.tokenizer import save_tokenizer, train_bpe_tokenizer  # noqa: E402
+from nestprune.variant.materialize import materialize  # noqa: E402
 
 SPARSITIES = (0.1, 0.2, 0.3, 0.4, 0.5)
 TEXT = "\n".join(f"the registry stores layer {i} of the model and a pull reads only what it keeps" for i in range(200))

@@ -114,7 +114,7 @@ class Results:
 
 
 def write_docs(docs: list[str], path: Path) -> Path:
-    from nestprune.calibration import DOC_SEPARATOR
+    from nestprune.io.text import DOC_SEPARATOR
 
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
@@ -125,9 +125,9 @@ def write_docs(docs: list[str], path: Path) -> Path:
 
 def prepare_tasks(corpus: Path, work: Path, st: ScaleSettings, modes: list[str], results: Results) -> dict:
     """Decision files per mode, generation files, train mix, lm calibration text (each written once)."""
-    from nestprune.calibration import read_documents
-    from nestprune.proxy import subset_documents
-    from nestprune.tasks import build_decision_files, build_generation_files, mix_problems
+    from nestprune.evaluate.proxy import subset_documents
+    from nestprune.evaluate.tasks import build_decision_files, build_generation_files, mix_problems
+    from nestprune.io.text import read_documents
 
     tasks = work / "tasks"
     task_fields = ("max_train_chars", "problem_share", "calib_chars", "decision_calib", "decision_eval",
@@ -176,7 +176,7 @@ def prepare_tasks(corpus: Path, work: Path, st: ScaleSettings, modes: list[str],
 
 
 def model_sha(model_dir: Path) -> str:
-    from nestprune.calibration import sha256_file
+    from nestprune.io.text import sha256_file
 
     return sha256_file(model_dir / "model.safetensors")
 
@@ -233,14 +233,14 @@ def se(p: float, n: int) -> float:
 def eval_model(model, tok, paths: dict, modes: list[str], st: ScaleSettings, ppl_stream: torch.Tensor,
                want: set[str]) -> dict:
     """Decision (per mode), generation and perplexity results of one loaded model."""
-    from nestprune.calibration import read_jsonl
-    from nestprune.evaluate import (
+    from nestprune.evaluate.metrics import (
         exact_match,
         multiple_choice,
         parse_choice_items,
         parse_generation_items,
         stream_perplexity,
     )
+    from nestprune.io.text import read_jsonl
 
     out: dict = {}
     torch.manual_seed(0)
@@ -618,12 +618,18 @@ def main(argv: list[str] | None = None) -> int:
     # import every nestprune module the run uses now, not halfway through a long run
     import nestprune.artifact  # noqa: F401
     import nestprune.build  # noqa: F401
-    import nestprune.evaluate  # noqa: F401
-    import nestprune.materialize  # noqa: F401
+    import nestprune.evaluate.metrics  # noqa: F401
+    import nestprune.evaluate.tasks  # noqa: F401
     import nestprune.objectives  # noqa: F401
-    import nestprune.tasks  # noqa: F401
-    import nestprune.variant  # noqa: F401
-    from nestprune.proxy import device_name, load_or_train_proxy, pick_device, prepare_corpus, proxy_spec
+    import nestprune.variant.load  # noqa: F401
+    import nestprune.variant.materialize  # noqa: F401
+    from nestprune.evaluate.proxy import (
+        device_name,
+        load_or_train_proxy,
+        pick_device,
+        prepare_corpus,
+        proxy_spec,
+    )
 
     scale = args.scale or ("gpu" if torch.cuda.is_available() else "cpu")
     st = SETTINGS[scale]
@@ -713,7 +719,7 @@ def main(argv: list[str] | None = None) -> int:
                 scratch = work / "scratch" / f"{f}-{bname}-{s:.2f}"
 
                 def load(out=out, s=s, scratch=scratch, mdir=mdir):
-                    from nestprune.materialize import materialize
+                    from nestprune.variant.materialize import materialize
 
                     shutil.rmtree(scratch, ignore_errors=True)
                     materialize(out, mdir, scratch, sparsity=s, force=True)

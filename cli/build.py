@@ -6,6 +6,8 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from nestprune.cli.common import console, friendly
+from nestprune.schemas.artifact import StepRecord
 from rich.progress import (
     BarColumn,
     Progress,
@@ -14,9 +16,6 @@ from rich.progress import (
     TimeElapsedColumn,
     TimeRemainingColumn,
 )
-
-from cli.common import console, friendly
-from schemas.artifact import StepRecord
 
 
 class RichReporter:

@@ -8,10 +8,9 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from nestprune.cli.common import console, friendly, is_tty, out
 from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
-
-from cli.common import console, friendly, is_tty, out
 
 
 def _load(path: Path, device: str, dtype: str):
@@ -31,7 +30,7 @@ def _load(path: Path, device: str, dtype: str):
     except Exception as e:
         raise NestpruneError(f"cannot load the tokenizer of {path}: {str(e).splitlines()[0]}") from None
     try:
-        from nestprune.variant import load_variant
+        from nestprune.variant.load import load_variant
     except ImportError:  # older checkouts: plain HF directories only
         load_variant = None
     try:
@@ -83,8 +82,8 @@ def evaluate(
     Perplexity follows the reference protocol: documents joined with blank lines, non-overlapping
     --seq-len windows. Multiple choice reports acc and acc_norm (per character, as lm-eval).
     """
-    from nestprune import evaluate as ev
     from nestprune.errors import NestpruneError
+    from nestprune.evaluate import metrics as ev
 
     ppl, mc, gen = ppl or [], mc or [], gen or []
     if not (ppl or mc or gen):

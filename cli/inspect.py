@@ -7,9 +7,8 @@ from typing import Annotated
 
 import numpy as np
 import typer
+from nestprune.cli.common import friendly, out
 from rich.table import Table
-
-from cli.common import friendly, out
 
 
 def inspect(

@@ -15,11 +15,11 @@ app = typer.Typer(
 )
 
 # Each module defines ``register(app)``; the order here is the order of ``nestprune --help``.
-COMMAND_MODULES = ("cli.build", "cli.inspect", "cli.materialize", "cli.eval", "cli.registry")
+COMMAND_MODULES = ("nestprune.cli.build", "nestprune.cli.inspect", "nestprune.cli.materialize", "nestprune.cli.eval",
+                   "nestprune.cli.registry")
 
 for _name in COMMAND_MODULES:
-    if importlib.util.find_spec(_name) is not None:
-        importlib.import_module(_name).register(app)
+    importlib.import_module(_name).register(app)
 
 
 def main() -> None:

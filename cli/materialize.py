@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from nestprune.cli.common import console, friendly, out
 from rich.progress import (
     BarColumn,
     DownloadColumn,
@@ -17,7 +18,6 @@ from rich.progress import (
     TransferSpeedColumn,
 )
 
-from cli.common import console, friendly, out
 from nestprune.errors import NestpruneError
 
 PROGRESS_MIN_BYTES = 256 * 1024**2  # show a progress bar above this many bytes of tensors
@@ -76,7 +76,7 @@ def materialize(
     """
     from transformers.utils import logging as hf_logging
 
-    from nestprune.materialize import materialize as run
+    from nestprune.variant.materialize import materialize as run
 
     hf_logging.disable_progress_bar()
 

@@ -6,11 +6,13 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from nestprune.cli.common import console, friendly, out
+from nestprune.cli.materialize import (  # the same targets as `nestprune materialize`
+    LayoutChoice,
+    parse_params,
+)
 from rich.progress import DownloadColumn, Progress, TextColumn, TimeElapsedColumn, TransferSpeedColumn
 from rich.table import Table
-
-from cli.common import console, friendly, out
-from cli.materialize import LayoutChoice, parse_params  # the same targets as `nestprune materialize`
 
 REGISTRY_HELP = "a directory (default ~/.cache/nestprune/registry), s3://bucket/prefix or https://host/prefix"
 def _mib(n: int) -> str:

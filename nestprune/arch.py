@@ -240,3 +240,9 @@ def arch_from_config(config: Mapping[str, Any], weight_names: set[str] | None = 
         tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
         present_optional=present,
     )
+
+
+def decoder_param_count(model: Any, arch: ArchInfo) -> int:
+    """Parameters of the decoder layers of a loaded model (norms included; embeddings and lm_head not)."""
+    prefix = arch.fam.layer_prefix.split("{}")[0]
+    return sum(p.numel() for n, p in model.named_parameters() if n.startswith(prefix))

@@ -23,7 +23,7 @@ from pydantic import ValidationError
 from nestprune.arch import ArchInfo
 from nestprune.errors import NestpruneError, validation_message
 from nestprune.ranking import RANKING_FIELDS, Ranking
-from schemas.artifact import ARTIFACT_SCHEMA_VERSIONS, ArchSummary, ArtifactManifest
+from nestprune.schemas.artifact import ARTIFACT_SCHEMA_VERSIONS, ArchSummary, ArtifactManifest
 
 MANIFEST_KEY = "nestprune"
 DTYPES = {

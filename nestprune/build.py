@@ -20,19 +20,19 @@ import numpy as np
 import torch
 
 from nestprune import __version__
-from nestprune.arch import ArchInfo, GqaMode, arch_from_config
+from nestprune.arch import ArchInfo, GqaMode, arch_from_config, decoder_param_count
 from nestprune.artifact import arch_summary, prepare_out, ranking_sha256, write_artifact
-from nestprune.calibration import load_calibration
 from nestprune.device import resolve_device, resolve_dtype
 from nestprune.errors import NestpruneError
-from nestprune.fingerprint import config_path, fingerprint
-from nestprune.mask import layer_tensors, zero_removed_
-from nestprune.objective import LanguageModeling, Objective
+from nestprune.io.fingerprint import config_path, fingerprint
+from nestprune.io.weights import SafetensorsSource
+from nestprune.objectives.base import LanguageModeling, Objective
+from nestprune.rank.calibration import load_calibration
+from nestprune.rank.mask import layer_tensors, zero_removed_
+from nestprune.rank.schedule import order_within_step, ratio_step, select_pruned
+from nestprune.rank.score import layer_scores, normalise, scored_slices
 from nestprune.ranking import RANKING_FIELDS, Ranking, StructureTable, structure_table
-from nestprune.schedule import order_within_step, ratio_step, select_pruned
-from nestprune.score import layer_scores, normalise, scored_slices
-from nestprune.source import SafetensorsSource
-from schemas.artifact import ArtifactManifest, ObjectiveInfo, RankingInfo, ScheduleInfo, StepRecord
+from nestprune.schemas.artifact import ArtifactManifest, ObjectiveInfo, RankingInfo, ScheduleInfo, StepRecord
 
 METHODS = ("gisp", "gisp-oneshot", "wanda-sp", "magnitude", "random")
 
@@ -93,10 +93,6 @@ class SilentReporter:
 
     def on_step(self, record: StepRecord, steps_planned: int) -> None:
         pass
-
-
-def decoder_param_count(model: torch.nn.Module) -> int:
-    return sum(p.numel() for n, p in model.named_parameters() if ".layers." in n)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -218,7 +214,7 @@ def gisp_ranking(
     if not prunable_layers:
         raise NestpruneError(f"a {arch.num_layers}-layer model has no prunable layer with this layer skip")
     table = structure_table(arch, gqa_mode, prunable_layers)
-    decoder_params = decoder_param_count(model)
+    decoder_params = decoder_param_count(model, arch)
     n = len(table)
     protected = ~table.prunable
     st = _State(table=table, pruned=np.zeros(n, bool), step=np.full(n, -1, np.int32),
@@ -408,7 +404,7 @@ def build_artifact(
 
 def baseline_ranking(model, arch: ArchInfo, objective: Objective, cfg: BuildConfig):
     """Baselines (wanda-sp, magnitude, random) write the same artifact format; see nestprune.baselines."""
-    from nestprune import baselines
+    from nestprune.rank import baselines
 
     return baselines.ranking_for(cfg.method, model, arch, objective, cfg)
 

@@ -34,7 +34,7 @@ def sample_path() -> Path:
 
 def split_sample(src: Path, out_dir: Path, valid_every: int = 20) -> tuple[Path, Path]:
     """Write train/valid text files from the sample: every ``valid_every``-th document is held out."""
-    from nestprune.calibration import DOC_SEPARATOR, read_documents
+    from nestprune.io.text import DOC_SEPARATOR, read_documents
 
     train, valid = out_dir / "train.txt", out_dir / "valid.txt"
     if train.exists() and valid.exists():
@@ -97,10 +97,10 @@ def generate_line(model, tokenizer, prompt: str, max_new_tokens: int = 24) -> st
 def held_out_perplexity(model, tokenizer, valid: Path, max_chars: int) -> float | None:
     """PPL (128-token windows) on the first ``max_chars`` characters of held-out documents, if evaluate exists."""
     try:
-        from nestprune.evaluate import perplexity
+        from nestprune.evaluate.metrics import perplexity
     except ImportError:
         return None
-    from nestprune.calibration import read_documents
+    from nestprune.io.text import read_documents
 
     docs, total = [], 0
     for d in read_documents(valid):
@@ -127,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     from transformers.utils import logging as hf_logging
 
     from nestprune.errors import NestpruneError
-    from nestprune.proxy import load_or_train_proxy, prepare_corpus, proxy_spec, train_proxy
+    from nestprune.evaluate.proxy import load_or_train_proxy, prepare_corpus, proxy_spec, train_proxy
 
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
@@ -173,12 +173,12 @@ def main(argv: list[str] | None = None) -> int:
         console.print(f"  $ nestprune inspect {artifact}")
         levels = ",".join(f"{s:g}" for s in sorted({0.1, *sparsities}))
         env = dict(os.environ, COLUMNS=os.environ.get("COLUMNS", "110"))
-        subprocess.run([sys.executable, "-m", "cli.main", "inspect", str(artifact), "--levels", levels],
+        subprocess.run([sys.executable, "-m", "nestprune.cli.main", "inspect", str(artifact), "--levels", levels],
                        check=False, env=env)
         done(t0)
 
         # 4. materialize two sizes ---------------------------------------------------------------------
-        from nestprune.materialize import materialize
+        from nestprune.variant.materialize import materialize
 
         t0 = stage(4, "nestprune materialize: any size from the one artifact")
         variants: list[tuple[str, Path, float]] = [("dense", model_dir, 0.0)]

@@ -1,16 +1,14 @@
-"""Write (or check) the JSON Schema files of every persisted document: ``python -m schemas.export [--check]``."""
+"""Write (or check) the JSON Schema files of every persisted document: ``python -m nestprune.schemas.export [--check]``."""
 
 from __future__ import annotations
 
 import importlib
-import importlib.util
 import json
 import sys
 from pathlib import Path
 
+from nestprune.schemas import SCHEMA_MODULES
 from pydantic import BaseModel
-
-from schemas import SCHEMA_MODULES
 
 HERE = Path(__file__).parent
 DRAFT = "https://json-schema.org/draft/2020-12/schema"
@@ -19,8 +17,6 @@ DRAFT = "https://json-schema.org/draft/2020-12/schema"
 def documents() -> dict[str, type[BaseModel]]:
     docs: dict[str, type[BaseModel]] = {}
     for name in SCHEMA_MODULES:
-        if importlib.util.find_spec(name) is None:
-            continue
         docs.update(importlib.import_module(name).DOCUMENTS)
     return docs
 

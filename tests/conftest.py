@@ -28,7 +28,7 @@ FAMILY_CONFIGS = {
 
 @pytest.fixture(scope="session")
 def tokenizer():
-    from nestprune.tokenizer import train_bpe_tokenizer
+    from nestprune.evaluate.tokenizer import train_bpe_tokenizer
 
     return train_bpe_tokenizer([SAMPLE_TEXT], vocab_size=300)
 

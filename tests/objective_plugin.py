@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from nestprune.objective import token_nll
+from nestprune.objectives.base import token_nll
 
 CALLS: list[tuple] = []
 NOT_CALLABLE = 42

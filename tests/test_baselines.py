@@ -10,9 +10,9 @@ import pytest
 import torch
 from conftest import make_tiny_model
 
-from nestprune import baselines as bl
 from nestprune.arch import KIND_CODES, arch_from_config
 from nestprune.errors import NestpruneError
+from nestprune.rank import baselines as bl
 from nestprune.ranking import kept_counts
 
 FAMILIES = ("llama", "llama-gqa", "qwen2", "qwen3")
@@ -51,7 +51,7 @@ def _check_complete(r, arch, gqa_mode, prunable_layers):
 def test_every_baseline_ranks_every_structure_once(name, gqa_mode):
     model, arch = _setup(name)
     prunable = arch.prunable_layers(0.2, 1)
-    dp = bl.decoder_param_count(model)
+    dp = bl.decoder_param_count(model, arch)
     rankings = [
         bl.wanda_sp_ranking(model, arch, _windows(), batch_size=4, skip_first_frac=0.2, skip_last=1,
                             gqa_mode=gqa_mode, decoder_params=dp),
@@ -261,7 +261,7 @@ def test_random_is_seed_reproducible():
 
 
 def test_ranking_for_returns_trajectory_for_the_build():
-    from schemas.artifact import StepRecord
+    from nestprune.schemas.artifact import StepRecord
 
     model, arch = _setup("llama", num_layers=6)
     cfg = SimpleNamespace(batch_size=4, seed=0, gqa_mode="query", normalisation="reference", skip_first_frac=0.1,

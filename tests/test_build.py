@@ -10,12 +10,12 @@ from conftest import FAMILY_CONFIGS, SAMPLE_TEXT, make_tiny_model
 from nestprune.arch import KIND_CODES, arch_from_config
 from nestprune.artifact import read_artifact
 from nestprune.build import BuildConfig, accumulate_gradients, build_artifact, gisp_ranking
-from nestprune.calibration import CalibrationSet, sample_windows, tokenize_documents
-from nestprune.mask import masks_from_ranking
-from nestprune.objective import LanguageModeling
+from nestprune.objectives.base import LanguageModeling
+from nestprune.rank.calibration import CalibrationSet, sample_windows, tokenize_documents
+from nestprune.rank.mask import masks_from_ranking
+from nestprune.rank.schedule import select_pruned, threshold_k
+from nestprune.rank.score import layer_scores, normalise, scored_slices
 from nestprune.ranking import structure_table
-from nestprune.schedule import select_pruned, threshold_k
-from nestprune.score import layer_scores, normalise, scored_slices
 
 
 def _calib(tokenizer, n=6, seq_len=24, seed=0) -> CalibrationSet:
@@ -168,7 +168,7 @@ def test_gradients_recomputed_on_masked_model(tokenizer):
     arch = _arch(model)
     ranking, traj, _ = _run(model, tokenizer, steps=4, r_max=0.6)
     step0 = int((ranking.step == 0).sum())
-    from nestprune.mask import mask_model_
+    from nestprune.rank.mask import mask_model_
 
     mask_model_(ref, ranking, step0)
     expected = brute_force_scores(ref, arch, _calib(tokenizer).windows, "query")

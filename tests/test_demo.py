@@ -9,8 +9,8 @@ import pytest
 
 @pytest.mark.slow
 def test_demo_runs_end_to_end(tmp_path, capsys):
-    from nestprune.calibration import read_documents
     from nestprune.demo import main, sample_path, split_sample
+    from nestprune.io.text import read_documents
 
     assert sample_path().exists()
     work = tmp_path / "demo"

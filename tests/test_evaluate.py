@@ -10,13 +10,13 @@ import pytest
 import torch
 from conftest import SAMPLE_TEXT, make_tiny_model
 
-from nestprune import evaluate as ev
 from nestprune.errors import NestpruneError
+from nestprune.evaluate import metrics as ev
 
 
 @pytest.fixture(scope="module")
 def tok():
-    from nestprune.tokenizer import train_bpe_tokenizer
+    from nestprune.evaluate.tokenizer import train_bpe_tokenizer
 
     return train_bpe_tokenizer([SAMPLE_TEXT], vocab_size=300)
 
@@ -84,7 +84,7 @@ class BigramLM(torch.nn.Module):
 
 
 def test_multiple_choice_on_a_constructed_model():
-    from nestprune.tokenizer import train_bpe_tokenizer
+    from nestprune.evaluate.tokenizer import train_bpe_tokenizer
 
     tok = train_bpe_tokenizer(["kernel maps page python reads. " * 40], vocab_size=300)  # whole words
     V = len(tok)
@@ -221,9 +221,8 @@ def test_exact_match_counts_extracted_answers(llama, tok):
 
 
 def test_cli_eval_json_and_table(tiny_model_dir, tmp_path):
+    from nestprune.cli.main import app
     from typer.testing import CliRunner
-
-    from cli.main import app
 
     model_dir = tiny_model_dir("llama", num_layers=2)
     text = tmp_path / "valid.txt"
@@ -255,9 +254,8 @@ def test_cli_eval_json_and_table(tiny_model_dir, tmp_path):
 
 
 def test_cli_eval_errors_are_one_line(tiny_model_dir, tmp_path):
+    from nestprune.cli.main import app
     from typer.testing import CliRunner
-
-    from cli.main import app
 
     runner = CliRunner()
     res = runner.invoke(app, ["eval", str(tmp_path), "--ppl", str(tmp_path / "missing.txt")])
@@ -273,11 +271,11 @@ def test_cli_eval_errors_are_one_line(tiny_model_dir, tmp_path):
 
 
 def test_cli_eval_of_a_per_layer_variant(tiny_model_dir, sample_text_file, tmp_path):
+    from nestprune.cli.main import app
     from typer.testing import CliRunner
 
-    from cli.main import app
     from nestprune.build import BuildConfig, build_artifact
-    from nestprune.materialize import materialize
+    from nestprune.variant.materialize import materialize
 
     base = tiny_model_dir("llama-gqa", num_hidden_layers=4)
     art = build_artifact(base, sample_text_file, tmp_path / "a.nestprune",

@@ -9,25 +9,25 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from nestprune.schemas.variant import VARIANT_MANIFEST_NAME, VariantManifest
 from safetensors import safe_open
 from safetensors.torch import load_file
 from test_slicing import synthetic_ranking
 from test_variant import model_arch, ranking_for, reference, write_variant
 from typer.testing import CliRunner
 
-import nestprune.materialize as mat
+import nestprune.variant.materialize as mat
 from nestprune.build import BuildConfig, build_artifact
 from nestprune.errors import NestpruneError
-from nestprune.materialize import (
+from nestprune.io.weights import SafetensorsSource
+from nestprune.variant.load import load_variant
+from nestprune.variant.materialize import (
     INDEX_NAME,
     materialize,
     materialize_variant,
     safetensors_header,
 )
-from nestprune.slicing import is_nested, plan_variant
-from nestprune.source import SafetensorsSource
-from nestprune.variant import load_variant
-from schemas.variant import VARIANT_MANIFEST_NAME, VariantManifest
+from nestprune.variant.widths import is_nested, plan_variant
 
 
 def file_digests(d: Path) -> dict[str, str]:
@@ -287,7 +287,7 @@ def test_fingerprint_mismatch(built, tmp_path, tiny_model_dir):
 # --- CLI ----------------------------------------------------------------------------------------------------
 
 def test_cli_materialize(built, tmp_path):
-    from cli.main import app
+    from nestprune.cli.main import app
 
     base, art = built
     runner = CliRunner()
@@ -315,7 +315,7 @@ def test_cli_materialize(built, tmp_path):
 
 
 def test_parse_params():
-    from cli.materialize import parse_params
+    from nestprune.cli.materialize import parse_params
 
     assert parse_params("4.5B") == 4_500_000_000
     assert parse_params("120M") == 120_000_000
@@ -326,9 +326,8 @@ def test_parse_params():
 
 
 def test_variant_manifest_round_trip_and_exported_schema(llama_gqa, tmp_path):
+    from nestprune.schemas.export import HERE, render
     from pydantic import ValidationError
-
-    from schemas.export import HERE, render
 
     base, ranking = llama_gqa
     write_variant(base, ranking, tmp_path / "v", 0.3, requested_params=12345)

@@ -11,9 +11,8 @@ import torch
 import torch.nn.functional as F
 from conftest import make_tiny_model
 
-from nestprune.calibration import sha256_file
 from nestprune.errors import NestpruneError
-from nestprune.objective import LanguageModeling, Objective
+from nestprune.io.text import sha256_file
 from nestprune.objectives import (
     AnswerItem,
     AnswerObjective,
@@ -27,6 +26,7 @@ from nestprune.objectives import (
     parse_options,
     truncate_left,
 )
+from nestprune.objectives.base import LanguageModeling, Objective
 
 HERE = Path(__file__).parent
 CHAT_TEMPLATE = (
@@ -136,7 +136,7 @@ def _rows_by_length(objective, batch_size=100):
 
 
 def test_join_and_encoding_follow_the_evaluator(tokenizer):
-    from nestprune import evaluate
+    from nestprune.evaluate import metrics as evaluate
 
     assert join_choice("Answer:", "85") == ("Answer:", " 85")
     assert join_choice("line\n", "x") == ("line\n", "x")  # no separator after whitespace

@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 from nestprune.errors import NestpruneError
-from nestprune.proxy import (
+from nestprune.evaluate.proxy import (
     FAMILIES,
     SCALES,
     ProxySpec,

@@ -11,11 +11,12 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import SAMPLE_TEXT, make_tiny_model, save_tiny_model
+from nestprune.schemas.registry import RegistryIndex, TagRecord, VersionManifestV1, VersionRecord
 from registry_servers import http_server, s3_server
 
 from nestprune.build import BuildConfig, build_artifact
 from nestprune.errors import NestpruneError
-from nestprune.materialize import materialize
+from nestprune.io.weights import SafetensorsSource
 from nestprune.registry import (
     ChunkCache,
     RegistrySource,
@@ -28,8 +29,7 @@ from nestprune.registry import (
 from nestprune.registry.pull import pull
 from nestprune.registry.stores import LocalStore
 from nestprune.registry.versions import Reference, blob_key, read_manifest, set_tag
-from nestprune.source import SafetensorsSource
-from schemas.registry import RegistryIndex, TagRecord, VersionManifestV1, VersionRecord
+from nestprune.variant.materialize import materialize
 
 
 def _build(tmp: Path, base: Path, name: str, seed: int = 0, gqa_mode: str = "query") -> Path:
@@ -389,9 +389,8 @@ def test_registry_documents_round_trip(models, tmp_path):
 
 
 def test_cli_push_list_tag_pull(models, expected, tmp_path, monkeypatch):
+    from nestprune.cli.main import app
     from typer.testing import CliRunner
-
-    from cli.main import app
 
     monkeypatch.setenv("NESTPRUNE_CACHE", str(tmp_path / "cache"))
     base, art = models["gqa"]

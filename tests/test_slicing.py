@@ -8,7 +8,7 @@ import pytest
 from nestprune.arch import KIND_CODES, ArchInfo, arch_from_config
 from nestprune.errors import NestpruneError
 from nestprune.ranking import Ranking
-from nestprune.slicing import (
+from nestprune.variant.widths import (
     expand,
     is_nested,
     kept_decoder_params,

@@ -9,10 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from nestprune.calibration import read_documents
 from nestprune.errors import NestpruneError
-from nestprune.objectives import AnswerObjective, MarginObjective, join_choice
-from nestprune.tasks import (
+from nestprune.evaluate.tasks import (
     cloze_items,
     decision_task,
     find_blanks,
@@ -24,6 +22,8 @@ from nestprune.tasks import (
     term_kind,
     write_documents,
 )
+from nestprune.io.text import read_documents
+from nestprune.objectives import AnswerObjective, MarginObjective, join_choice
 
 CORPUS = Path(__file__).resolve().parents[2] / "shared" / "corpus"
 SUBSYSTEMS = ["page", "lock", "irq", "dma", "usb", "pci", "net", "fs", "mm", "tty", "gpio", "clk"]

@@ -10,12 +10,12 @@ from safetensors import safe_open
 from test_slicing import synthetic_ranking
 
 from nestprune.arch import arch_from_config
-from nestprune.mask import apply_masks_, mask_model_
-from nestprune.materialize import materialize_variant
-from nestprune.slicing import plan_variant
-from nestprune.source import SafetensorsSource
-from nestprune.variant import EmptyAttention, load_variant
-from nestprune.verify import fixed_prompts, spec_masks
+from nestprune.io.weights import SafetensorsSource
+from nestprune.rank.mask import apply_masks_, mask_model_
+from nestprune.variant.load import EmptyAttention, load_variant
+from nestprune.variant.materialize import materialize_variant
+from nestprune.variant.verify import fixed_prompts, spec_masks
+from nestprune.variant.widths import plan_variant
 
 FAMILIES = ["llama", "llama-gqa", "mistral", "qwen2", "qwen3"]
 

@@ -16,14 +16,14 @@ from pathlib import Path
 
 from nestprune.artifact import read_artifact
 from nestprune.errors import NestpruneError
-from nestprune.materialize import DEFAULT_SHARD_BYTES, Progress, check_out, materialize_variant
 from nestprune.registry.cache import ChunkCache
 from nestprune.registry.source import RegistrySource, TransferStats
 from nestprune.registry.stores import LocalStore, Store, open_store
 from nestprune.registry.versions import Reference, parse_reference, read_manifest, resolve
-from nestprune.slicing import Layout, VariantSpec, plan_variant, sparsity_for_params
-from schemas.registry import FileRef, VersionRecord
-from schemas.variant import VariantManifest
+from nestprune.schemas.registry import FileRef, VersionRecord
+from nestprune.schemas.variant import VariantManifest
+from nestprune.variant.materialize import DEFAULT_SHARD_BYTES, Progress, check_out, materialize_variant
+from nestprune.variant.widths import Layout, VariantSpec, plan_variant, sparsity_for_params
 
 _DEFAULT = object()
 

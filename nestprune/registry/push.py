@@ -18,7 +18,8 @@ import numpy as np
 from nestprune import __version__
 from nestprune.artifact import read_artifact
 from nestprune.errors import NestpruneError
-from nestprune.fingerprint import check_fingerprint
+from nestprune.io.fingerprint import check_fingerprint
+from nestprune.io.weights import SafetensorsSource
 from nestprune.registry.cache import sha256
 from nestprune.registry.layout import (
     DEFAULT_CHANNEL_BLOCK,
@@ -43,8 +44,7 @@ from nestprune.registry.versions import (
     version_key,
     write_tag,
 )
-from nestprune.source import SafetensorsSource
-from schemas.registry import FileRef, LayerOrder, TensorEntry, VersionManifestV1, VersionRecord
+from nestprune.schemas.registry import FileRef, LayerOrder, TensorEntry, VersionManifestV1, VersionRecord
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf")
 WEIGHT_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")

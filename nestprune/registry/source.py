@@ -22,7 +22,7 @@ from nestprune.registry.cache import ChunkCache, sha256
 from nestprune.registry.layout import DTYPES, stored_rows, tensor_from_bytes
 from nestprune.registry.stores import KeyNotFound, Store
 from nestprune.registry.versions import blob_key
-from schemas.registry import FileRef, TensorEntry, VersionManifestV1
+from nestprune.schemas.registry import FileRef, TensorEntry, VersionManifestV1
 
 
 @dataclass

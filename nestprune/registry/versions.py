@@ -18,7 +18,7 @@ from pydantic import BaseModel, ValidationError
 from nestprune.errors import NestpruneError, validation_message
 from nestprune.registry.cache import sha256
 from nestprune.registry.stores import KeyNotFound, Store
-from schemas.registry import IndexEntry, RegistryIndex, TagRecord, VersionManifestV1, VersionRecord
+from nestprune.schemas.registry import IndexEntry, RegistryIndex, TagRecord, VersionManifestV1, VersionRecord
 
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,127}$")
 TAG_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,127}$")

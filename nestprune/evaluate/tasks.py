@@ -32,8 +32,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from nestprune.calibration import DOC_SEPARATOR, read_documents, sha256_file
 from nestprune.errors import NestpruneError
+from nestprune.io.text import DOC_SEPARATOR, read_documents, sha256_file
 
 # ---------------------------------------------------------------------------------------------------
 # Decision task: identifier cloze

@@ -37,11 +37,11 @@ import torch
 from nestprune import __version__
 from nestprune.arch import TensorSlice
 from nestprune.errors import NestpruneError
+from nestprune.io.weights import SafetensorsSource, TensorSource, weight_files
 from nestprune.ranking import Ranking
-from nestprune.slicing import Layout, VariantSpec, plan_variant, sparsity_for_params
-from nestprune.source import SafetensorsSource, TensorSource, weight_files
-from schemas.artifact import BaseFingerprint
-from schemas.variant import VARIANT_MANIFEST_NAME, LayerKept, VariantManifest
+from nestprune.schemas.artifact import BaseFingerprint
+from nestprune.schemas.variant import VARIANT_MANIFEST_NAME, LayerKept, VariantManifest
+from nestprune.variant.widths import Layout, VariantSpec, plan_variant, sparsity_for_params
 
 DEFAULT_SHARD_BYTES = 5 * 1024**3  # like transformers' save_pretrained default
 INDEX_NAME = "model.safetensors.index.json"
@@ -432,7 +432,7 @@ def materialize(
     ``full_check`` every file's sha256). ``verify`` compares fp32 logits with the masked base (≤ 1e-5).
     """
     from nestprune.artifact import read_artifact
-    from nestprune.fingerprint import check_fingerprint
+    from nestprune.io.fingerprint import check_fingerprint
 
     if (sparsity is None) == (params is None):
         raise NestpruneError("give exactly one target: --sparsity or --params")
@@ -449,7 +449,7 @@ def materialize(
         )
     diff = None
     if verify:
-        from nestprune.verify import verify_variant
+        from nestprune.variant.verify import verify_variant
 
         diff = verify_variant(Path(base_dir), Path(out), spec)
     return MaterializeResult(out_dir=Path(out), spec=spec, manifest=written, max_abs_diff=diff)

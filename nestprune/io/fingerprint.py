@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from nestprune.calibration import sha256_file
 from nestprune.errors import NestpruneError
-from nestprune.source import weight_files
-from schemas.artifact import BaseFingerprint, FileDigest
+from nestprune.io.text import sha256_file
+from nestprune.io.weights import weight_files
+from nestprune.schemas.artifact import BaseFingerprint, FileDigest
 
 
 def config_path(model_dir: Path) -> Path:

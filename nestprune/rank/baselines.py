@@ -45,11 +45,10 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from nestprune.arch import ArchInfo, GqaMode, TensorSlice
-from nestprune.build import decoder_param_count
+from nestprune.arch import ArchInfo, GqaMode, TensorSlice, decoder_param_count
 from nestprune.errors import NestpruneError
+from nestprune.rank.score import aggregate, fold_attention, scored_slices
 from nestprune.ranking import Ranking, StructureTable, structure_table
-from nestprune.score import aggregate, fold_attention, scored_slices
 
 WandaConvention = Literal["flap", "full"]
 Batches = torch.Tensor | Iterable[Mapping[str, torch.Tensor]]
@@ -288,7 +287,7 @@ def wanda_sp_ranking(
         a, c = wanda_layer_scores(arch, gqa_mode, _layer_weights(model, arch, layer), norms, convention)
         score[layer * per_layer : (layer + 1) * per_layer] = torch.cat([a, c]).numpy()
     order, step = uniform_sweep(table, score, steps)
-    dp = decoder_params if decoder_params is not None else decoder_param_count(model)
+    dp = decoder_params if decoder_params is not None else decoder_param_count(model, arch)
     if max_sparsity is not None:
         step = _cut_at_sparsity(table, order, step, dp, max_sparsity)
     return _assemble(arch, gqa_mode, dp, table, order, step, score, score)
@@ -352,7 +351,7 @@ def magnitude_ranking(
         raw[lo : lo + per_layer] = torch.cat([a, c]).numpy()
         score[lo : lo + per_layer] = torch.cat([a / arch.normaliser(akind, normalisation),
                                                 c / arch.normaliser("channel", normalisation)]).numpy()
-    dp = decoder_params if decoder_params is not None else decoder_param_count(model)
+    dp = decoder_params if decoder_params is not None else decoder_param_count(model, arch)
     return _global_order(arch, gqa_mode, dp, table, score, raw)
 
 
@@ -392,11 +391,11 @@ def ranking_for(method: str, model: torch.nn.Module, arch: ArchInfo, objective: 
     skip_first_frac, skip_last, max_sparsity). The trajectory lists at most 256 evenly spaced steps
     (Wanda-sp sweeps thousands of tiny ratio steps) plus the last one.
     """
-    from schemas.artifact import StepRecord
+    from nestprune.schemas.artifact import StepRecord
 
     t0 = time.perf_counter()
     common = dict(skip_first_frac=cfg.skip_first_frac, skip_last=cfg.skip_last, gqa_mode=cfg.gqa_mode,
-                  decoder_params=decoder_param_count(model))
+                  decoder_params=decoder_param_count(model, arch))
     if method == "wanda-sp":
         ranking = wanda_sp_ranking(model, arch, _objective_batches(objective, cfg.batch_size),
                                    batch_size=cfg.batch_size, max_sparsity=cfg.max_sparsity, progress=progress,

@@ -15,7 +15,7 @@ Protocols (GISP.md, "Evaluation protocol of the reference"):
   then an extraction rule (``first-line``, ``last-number``, ``regex:PATTERN``, ``full``) on the
   completion; ``last-number`` is applied to the reference answer too (so ``"#### 18"`` works).
 
-Nothing here touches paths except through ``nestprune.calibration``'s readers in the ``*_file``
+Nothing here touches paths except through ``nestprune.io.text``'s readers in the ``*_file``
 helpers; the model is used where it already is (inputs are moved to its device).
 """
 
@@ -31,8 +31,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from nestprune.calibration import read_documents, read_jsonl
 from nestprune.errors import NestpruneError
+from nestprune.io.text import read_documents, read_jsonl
 
 Progress = Callable[[int, int], None]  # (done, total)
 
@@ -173,7 +173,7 @@ def perplexity(model: torch.nn.Module, tokenizer, docs: Sequence[str], **kw: Any
 
 
 def perplexity_file(model: torch.nn.Module, tokenizer, path: Path, **kw: Any) -> PerplexityResult:
-    """Perplexity of a .txt / .txt.xz / .jsonl file (``nestprune.calibration.read_documents``)."""
+    """Perplexity of a .txt / .txt.xz / .jsonl file (``nestprune.io.text.read_documents``)."""
     return perplexity(model, tokenizer, read_documents(Path(path)), source=str(path), **kw)
 
 

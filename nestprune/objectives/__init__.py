@@ -51,9 +51,10 @@ from typing import Any
 
 import torch
 
-from nestprune.calibration import load_calibration, read_jsonl_records, sha256_file
 from nestprune.errors import NestpruneError
-from nestprune.objective import Batch, LanguageModeling, Objective, token_nll
+from nestprune.io.text import read_jsonl_records, sha256_file
+from nestprune.objectives.base import Batch, LanguageModeling, Objective, token_nll
+from nestprune.rank.calibration import load_calibration
 
 REFERENCE_PROMPT_TEMPLATE = "Question: {prompt}\nAnswer:"  # GISP's reference format for margin prompts
 DEFAULT_PERCENTILE = 99.0

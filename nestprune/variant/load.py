@@ -24,8 +24,8 @@ from safetensors import safe_open
 from torch import nn
 
 from nestprune.errors import NestpruneError
-from nestprune.slicing import uniform_groups
-from nestprune.source import weight_files
+from nestprune.io.weights import weight_files
+from nestprune.variant.widths import uniform_groups
 
 
 class EmptyAttention(nn.Module):

@@ -17,7 +17,7 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 import torch.nn.functional as F
 
-from nestprune.calibration import CalibrationSet
+from nestprune.rank.calibration import CalibrationSet
 
 Batch = dict[str, torch.Tensor]
 

@@ -11,8 +11,8 @@ import numpy as np
 import torch
 
 from nestprune.errors import NestpruneError
-from nestprune.mask import LayerMasks, apply_masks_
-from nestprune.slicing import VariantSpec
+from nestprune.rank.mask import LayerMasks, apply_masks_
+from nestprune.variant.widths import VariantSpec
 
 TOLERANCE = 1e-5
 NUM_PROMPTS, PROMPT_LEN, PROMPT_SEED = 3, 24, 1234
@@ -54,7 +54,7 @@ def max_logit_diff(a: torch.nn.Module, b: torch.nn.Module, ids: torch.Tensor) ->
 
 def verify_variant(base_dir: Path, variant_dir: Path, spec: VariantSpec, tolerance: float = TOLERANCE) -> float:
     """Max |logits(variant) − logits(masked base)| on the fixed prompts; raises if above ``tolerance``."""
-    from nestprune.variant import load_variant
+    from nestprune.variant.load import load_variant
 
     ids = fixed_prompts(spec.arch.vocab_size)
     diff = max_logit_diff(load_variant(variant_dir, dtype=torch.float32, attn_implementation="eager"),

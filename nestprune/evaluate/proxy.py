@@ -35,9 +35,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from nestprune.calibration import read_documents, sha256_file, tokenize_documents
 from nestprune.errors import NestpruneError
-from nestprune.tokenizer import train_bpe_tokenizer
+from nestprune.evaluate.tokenizer import train_bpe_tokenizer
+from nestprune.io.text import read_documents, sha256_file
+from nestprune.rank.calibration import tokenize_documents
 
 RECORD_FILE = "training.json"
 CORPUS_FILE = "corpus.json"
