@@ -96,7 +96,7 @@ def write_random_artifact(model_dir: Path, out: Path) -> None:
     import numpy as np
     from nestprune.schemas.artifact import ArtifactManifest, ObjectiveInfo, RankingInfo, ScheduleInfo
 
-    from nestprune.arch import KIND_CODES, arch_from_config
+    from nestprune.arch import KIND_CODES, Structures, arch_from_config
     from nestprune.artifact import arch_summary, ranking_sha256, write_artifact
     from nestprune.io.fingerprint import fingerprint
     from nestprune.io.weights import SafetensorsSource
@@ -110,7 +110,7 @@ def write_random_artifact(model_dir: Path, out: Path) -> None:
     decoder = sum(v for k, v in numel.items() if k.startswith("model.layers."))
     prunable_layers = arch.prunable_layers()
     rng = np.random.default_rng(0)
-    kinds = [(arch.attention_kind("query"), arch.num_heads), ("channel", arch.intermediate_size)]
+    kinds = [(Structures(arch, "query").attention_kind, arch.num_heads), ("channel", arch.intermediate_size)]
     rows = [(layer, k, i) for layer in range(arch.num_layers) for k, n in kinds for i in range(n)]
     rows = [rows[i] for i in rng.permutation(len(rows))]
     rows.sort(key=lambda r: r[0] not in prunable_layers)
@@ -119,7 +119,7 @@ def write_random_artifact(model_dir: Path, out: Path) -> None:
     # the schedule "removed" prunable structures up to ~60% parameter sparsity
     removed = prunable & (np.cumsum(cost * prunable) <= 0.6 * decoder)
     ranking = Ranking(
-        arch=arch, gqa_mode="query", decoder_params=decoder,
+        structures=Structures(arch, "query"), decoder_params=decoder,
         layer=np.array([r[0] for r in rows], np.int32), kind=np.array([KIND_CODES[r[1]] for r in rows], np.uint8),
         index=np.array([r[2] for r in rows], np.int32), step=np.where(removed, 0, -1).astype(np.int32),
         score=rng.random(len(rows)), raw_score=rng.random(len(rows)), cost=cost, prunable=prunable,

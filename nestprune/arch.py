@@ -126,24 +126,11 @@ class ArchInfo:
         """The slices present in this checkpoint (optional biases only if present)."""
         return tuple(s for s in self.fam.slices if not s.optional or s.name in self.present_optional)
 
-    def attention_kind(self, gqa_mode: GqaMode) -> Kind:
-        return "group" if (self.is_gqa and gqa_mode == "group") else "head"
-
-    def num_attention_units(self, gqa_mode: GqaMode) -> int:
-        return self.num_kv_heads if self.attention_kind(gqa_mode) == "group" else self.num_heads
-
     def space_width(self, space: Space) -> int:
         return 1 if space == "mlp" else self.head_dim
 
     def space_size(self, space: Space) -> int:
         return {"q": self.num_heads, "kv": self.num_kv_heads, "mlp": self.intermediate_size}[space]
-
-    def owns(self, space: Space, gqa_mode: GqaMode) -> bool:
-        """Does an attention unit own part of this index space? (channels always own 'mlp')."""
-        if space in ("q", "mlp"):
-            return True
-        # kv rows belong to an attention unit under MHA (head h is kv head h) or in group mode.
-        return not self.is_gqa or gqa_mode == "group"
 
     def tensor_shape(self, s: TensorSlice) -> tuple[int, ...]:
         n = self.space_size(s.space) * self.space_width(s.space)
@@ -160,7 +147,7 @@ class ArchInfo:
                     continue
                 per_unit = 1
             else:
-                if s.space == "mlp" or not self.owns(s.space, "group" if kind == "group" else "query"):
+                if s.space == "mlp" or not Structures(self, "group" if kind == "group" else "query").owns(s.space):
                     continue
                 if kind == "group":
                     per_unit = self.group_size if s.space == "q" else 1
@@ -190,6 +177,46 @@ class ArchInfo:
     def prunable_layers(self, skip_first_frac: float = 0.1, skip_last: int = 1) -> list[int]:
         """The reference prunes range(int(0.1*L), L-1): first layers and the last one are never pruned."""
         return list(range(int(skip_first_frac * self.num_layers), self.num_layers - skip_last))
+
+
+@dataclass(frozen=True)
+class Structures:
+    """What GISP ranks in one model: its shapes and how its attention is cut into units.
+
+    ``gqa_mode`` only matters for GQA models: ``query`` ranks query heads (q rows and o columns; K/V are
+    never pruned), ``group`` ranks KV groups (a KV head with its query heads). Under MHA a unit is a head
+    with its own q/k/v rows and o columns in either mode.
+    """
+
+    arch: ArchInfo
+    gqa_mode: GqaMode = "query"
+
+    @property
+    def attention_kind(self) -> Kind:
+        return "group" if (self.arch.is_gqa and self.gqa_mode == "group") else "head"
+
+    @property
+    def attention_code(self) -> int:
+        return KIND_CODES[self.attention_kind]
+
+    @property
+    def attention_units(self) -> int:
+        """Attention units per layer: KV groups in group mode, else query heads."""
+        return self.arch.num_kv_heads if self.attention_kind == "group" else self.arch.num_heads
+
+    def owns(self, space: Space) -> bool:
+        """Does an attention unit own part of this index space? (channels always own 'mlp')."""
+        if space in ("q", "mlp"):
+            return True
+        # kv rows belong to an attention unit under MHA (head h is kv head h) or in group mode.
+        return not self.arch.is_gqa or self.gqa_mode == "group"
+
+    def scored_slices(self) -> tuple[TensorSlice, ...]:
+        """The weight tensors whose gradients the score needs (biases excluded; GQA query mode: no k/v)."""
+        return tuple(s for s in self.arch.slices() if s.name.endswith(".weight") and self.owns(s.space))
+
+    def cost(self, kind: Kind) -> int:
+        return self.arch.structure_cost(kind)
 
 
 def _cfg(config: Mapping[str, Any], key: str, default: Any = None) -> Any:

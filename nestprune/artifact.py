@@ -20,7 +20,7 @@ import numpy as np
 import zarr
 from pydantic import ValidationError
 
-from nestprune.arch import ArchInfo
+from nestprune.arch import ArchInfo, Structures
 from nestprune.errors import NestpruneError, validation_message
 from nestprune.ranking import RANKING_FIELDS, Ranking
 from nestprune.schemas.artifact import ARTIFACT_SCHEMA_VERSIONS, ArchSummary, ArtifactManifest
@@ -137,7 +137,7 @@ def read_artifact(path: Path) -> tuple[ArtifactManifest, Ranking]:
     except Exception as e:
         raise NestpruneError(f"artifact {path} has corrupt ranking arrays: {e}") from None
     ranking = Ranking(
-        arch=arch_from_summary(manifest.arch), gqa_mode=manifest.schedule.gqa_mode,
+        structures=Structures(arch_from_summary(manifest.arch), manifest.schedule.gqa_mode),
         decoder_params=manifest.arch.decoder_params, **cols,
     )
     if ranking_sha256(ranking) != manifest.ranking.sha256:

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from nestprune import __version__
-from nestprune.arch import ArchInfo, GqaMode, arch_from_config, decoder_param_count
+from nestprune.arch import ArchInfo, GqaMode, Structures, arch_from_config, decoder_param_count
 from nestprune.artifact import arch_summary, prepare_out, ranking_sha256, write_artifact
 from nestprune.device import resolve_device, resolve_dtype
 from nestprune.errors import NestpruneError
@@ -30,7 +30,7 @@ from nestprune.objectives.base import LanguageModeling, Objective
 from nestprune.rank.calibration import load_calibration
 from nestprune.rank.mask import layer_tensors, zero_removed_
 from nestprune.rank.schedule import order_within_step, ratio_step, select_pruned
-from nestprune.rank.score import layer_scores, normalise, scored_slices
+from nestprune.rank.score import layer_scores, normalise
 from nestprune.ranking import RANKING_FIELDS, Ranking, StructureTable, structure_table
 from nestprune.schemas.artifact import ArtifactManifest, ObjectiveInfo, RankingInfo, ScheduleInfo, StepRecord
 
@@ -171,30 +171,31 @@ class _State:
     last_raw: np.ndarray | None = None
 
 
-def _scores_all_layers(model, arch: ArchInfo, gqa_mode: GqaMode, layers: list[int], grads: dict[str, torch.Tensor],
+def _scores_all_layers(model, structures: Structures, layers: list[int], grads: dict[str, torch.Tensor],
                        normalisation: str) -> tuple[np.ndarray, np.ndarray]:
     """(norm, raw) scores in structure-table order; layers not in ``layers`` get NaN."""
-    n_attn, n_mlp = arch.num_attention_units(gqa_mode), arch.intermediate_size
+    arch = structures.arch
+    n_attn, n_mlp = structures.attention_units, arch.intermediate_size
     norm = np.full(arch.num_layers * (n_attn + n_mlp), np.nan)
     raw = norm.copy()
     for layer in layers:
         weights = layer_tensors(model, arch, layer)
-        g = {s.name: grads[arch.layer_key(layer, s.name)] for s in scored_slices(arch, gqa_mode)}
-        a, m = layer_scores(arch, gqa_mode, weights, g)
-        na, nm = normalise(arch, gqa_mode, a, m, normalisation)
+        g = {s.name: grads[arch.layer_key(layer, s.name)] for s in structures.scored_slices()}
+        a, m = layer_scores(structures, weights, g)
+        na, nm = normalise(structures, a, m, normalisation)
         lo = layer * (n_attn + n_mlp)
         raw[lo : lo + n_attn + n_mlp] = torch.cat([a, m]).numpy()
         norm[lo : lo + n_attn + n_mlp] = torch.cat([na, nm]).numpy()
     return norm, raw
 
 
-def _apply_new_removals(model, arch: ArchInfo, gqa_mode: GqaMode, table: StructureTable, pruned: np.ndarray) -> None:
+def _apply_new_removals(model, structures: Structures, table: StructureTable, pruned: np.ndarray) -> None:
     """Zero every pruned structure (idempotent: already-zero weights stay zero)."""
-    n_attn = arch.num_attention_units(gqa_mode)
-    per_layer = n_attn + arch.intermediate_size
+    n_attn = structures.attention_units
+    per_layer = n_attn + structures.arch.intermediate_size
     for layer in np.unique(table.layer[pruned]).tolist():
         keep = ~pruned[layer * per_layer : (layer + 1) * per_layer]
-        zero_removed_(arch, gqa_mode, layer_tensors(model, arch, layer), keep[:n_attn], keep[n_attn:])
+        zero_removed_(structures, layer_tensors(model, structures.arch, layer), keep[:n_attn], keep[n_attn:])
 
 
 def gisp_ranking(
@@ -209,11 +210,11 @@ def gisp_ranking(
     Returns the ranking, the per-step trajectory and the number of steps planned.
     """
     reporter = reporter or SilentReporter()
-    gqa_mode = cfg.gqa_mode
+    structures = Structures(arch, cfg.gqa_mode)
     prunable_layers = arch.prunable_layers(cfg.skip_first_frac, cfg.skip_last)
     if not prunable_layers:
         raise NestpruneError(f"a {arch.num_layers}-layer model has no prunable layer with this layer skip")
-    table = structure_table(arch, gqa_mode, prunable_layers)
+    table = structure_table(structures, prunable_layers)
     decoder_params = decoder_param_count(model, arch)
     n = len(table)
     protected = ~table.prunable
@@ -226,7 +227,7 @@ def gisp_ranking(
     named = dict(model.named_parameters())
     params_for = {
         tuple(layers): {arch.layer_key(layer, s.name): named[arch.layer_key(layer, s.name)]
-                        for layer in layers for s in scored_slices(arch, gqa_mode)}
+                        for layer in layers for s in structures.scored_slices()}
         for layers in (prunable_layers, all_layers)
     }
     trajectory: list[StepRecord] = []
@@ -241,7 +242,7 @@ def gisp_ranking(
         layers = all_layers if t == 0 else prunable_layers
         loss, grads = accumulate_gradients(model, objective, params_for[tuple(layers)], cfg.batch_size,
                                            lambda d, tot, t=t: reporter.on_batch(t, d, tot))
-        norm, raw = _scores_all_layers(model, arch, gqa_mode, layers, grads, cfg.normalisation)
+        norm, raw = _scores_all_layers(model, structures, layers, grads, cfg.normalisation)
         del grads
         if t == 0:
             st.last_score, st.last_raw = norm.copy(), raw.copy()
@@ -255,7 +256,7 @@ def gisp_ranking(
         st.order.append(newly)
         st.step[newly], st.score[newly], st.raw[newly] = t, norm[newly], raw[newly]
         st.pruned[newly] = True
-        _apply_new_removals(model, arch, gqa_mode, table, st.pruned)
+        _apply_new_removals(model, structures, table, st.pruned)
         sparsity = float(table.cost[st.pruned].sum()) / decoder_params
         rec = StepRecord(step=t, ratio=float(ratio), structures_removed=int(st.pruned.sum()),
                          param_sparsity=sparsity, loss=loss if math.isfinite(loss) else None,
@@ -270,11 +271,11 @@ def gisp_ranking(
                 break
         elif t >= steps_planned:
             break
-    ranking = _finish_ranking(arch, gqa_mode, decoder_params, st)
+    ranking = _finish_ranking(structures, decoder_params, st)
     return ranking, trajectory, steps_planned
 
 
-def _finish_ranking(arch: ArchInfo, gqa_mode: GqaMode, decoder_params: int, st: _State) -> Ranking:
+def _finish_ranking(structures: Structures, decoder_params: int, st: _State) -> Ranking:
     table = st.table
     rest = np.flatnonzero(~st.pruned & table.prunable)
     rest = rest[np.lexsort((table.index[rest], table.kind[rest], table.layer[rest], st.last_score[rest]))]
@@ -286,7 +287,7 @@ def _finish_ranking(arch: ArchInfo, gqa_mode: GqaMode, decoder_params: int, st: 
     never = ~st.pruned
     score[never], raw[never] = st.last_score[never], st.last_raw[never]
     return Ranking(
-        arch=arch, gqa_mode=gqa_mode, decoder_params=decoder_params,
+        structures=structures, decoder_params=decoder_params,
         layer=table.layer[order], kind=table.kind[order], index=table.index[order], step=st.step[order],
         score=score[order], raw_score=raw[order], cost=table.cost[order], prunable=table.prunable[order],
     )

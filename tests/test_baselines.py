@@ -10,7 +10,7 @@ import pytest
 import torch
 from conftest import make_tiny_model
 
-from nestprune.arch import KIND_CODES, arch_from_config
+from nestprune.arch import KIND_CODES, Structures, arch_from_config
 from nestprune.errors import NestpruneError
 from nestprune.rank import baselines as bl
 from nestprune.ranking import kept_counts
@@ -30,8 +30,8 @@ def _windows(n: int = 6, seq: int = 12, seed: int = 0) -> torch.Tensor:
 
 
 def _check_complete(r, arch, gqa_mode, prunable_layers):
-    akind = arch.attention_kind(gqa_mode)
-    n_attn = arch.num_attention_units(gqa_mode)
+    akind = Structures(arch, gqa_mode).attention_kind
+    n_attn = Structures(arch, gqa_mode).attention_units
     keys = Counter(zip(r.layer.tolist(), r.kind.tolist(), r.index.tolist(), strict=True))
     expect = {(layer, KIND_CODES[akind], i) for layer in range(arch.num_layers) for i in range(n_attn)}
     expect |= {(layer, KIND_CODES["channel"], j) for layer in range(arch.num_layers) for j in range(arch.intermediate_size)}
@@ -53,12 +53,12 @@ def test_every_baseline_ranks_every_structure_once(name, gqa_mode):
     prunable = arch.prunable_layers(0.2, 1)
     dp = bl.decoder_param_count(model, arch)
     rankings = [
-        bl.wanda_sp_ranking(model, arch, _windows(), batch_size=4, skip_first_frac=0.2, skip_last=1,
-                            gqa_mode=gqa_mode, decoder_params=dp),
-        bl.wanda_sp_ranking(model, arch, _windows(), batch_size=4, skip_first_frac=0.2, skip_last=1,
-                            gqa_mode=gqa_mode, convention="full", steps=7),
-        bl.magnitude_ranking(model, arch, skip_first_frac=0.2, skip_last=1, gqa_mode=gqa_mode),
-        bl.random_ranking(arch, seed=3, decoder_params=dp, skip_first_frac=0.2, skip_last=1, gqa_mode=gqa_mode),
+        bl.wanda_sp_ranking(model, Structures(arch, gqa_mode), _windows(), batch_size=4, skip_first_frac=0.2,
+                            skip_last=1, decoder_params=dp),
+        bl.wanda_sp_ranking(model, Structures(arch, gqa_mode), _windows(), batch_size=4, skip_first_frac=0.2,
+                            skip_last=1, convention="full", steps=7),
+        bl.magnitude_ranking(model, Structures(arch, gqa_mode), skip_first_frac=0.2, skip_last=1),
+        bl.random_ranking(Structures(arch, gqa_mode), seed=3, decoder_params=dp, skip_first_frac=0.2, skip_last=1),
     ]
     for r in rankings:
         _check_complete(r, arch, gqa_mode, prunable)
@@ -110,14 +110,14 @@ def test_input_norms_equal_brute_force_and_skip_padding():
 def test_wanda_sp_scores_follow_the_flap_definition(name, gqa_mode):
     model, arch = _setup(name)
     w = _windows()
-    r = bl.wanda_sp_ranking(model, arch, w, gqa_mode=gqa_mode, skip_first_frac=0.2)
+    r = bl.wanda_sp_ranking(model, Structures(arch, gqa_mode), w, skip_first_frac=0.2)
     norms = _brute_input_norms(model, arch, w, ("self_attn.o_proj", "mlp.down_proj"))
-    akind = KIND_CODES[arch.attention_kind(gqa_mode)]
+    akind = Structures(arch, gqa_mode).attention_code
     for layer in range(arch.num_layers):
         o = model.get_submodule(arch.layer_key(layer, "self_attn.o_proj")).weight.double()
         d = model.get_submodule(arch.layer_key(layer, "mlp.down_proj")).weight.double()
         head = (o.abs() * norms[arch.layer_key(layer, "self_attn.o_proj")]).mean(0).reshape(arch.num_heads, -1).sum(1)
-        if arch.attention_kind(gqa_mode) == "group":
+        if Structures(arch, gqa_mode).attention_kind == "group":
             head = head.reshape(arch.num_kv_heads, -1).sum(1)
         chan = (d.abs() * norms[arch.layer_key(layer, "mlp.down_proj")]).mean(0)
         for kind, expect in ((akind, head), (KIND_CODES["channel"], chan)):
@@ -132,7 +132,7 @@ def test_wanda_sp_scores_follow_the_flap_definition(name, gqa_mode):
 def test_wanda_sp_full_convention_sums_every_owned_weight():
     model, arch = _setup("llama")  # MHA: a head owns q/k/v rows and o columns
     w = _windows()
-    r = bl.wanda_sp_ranking(model, arch, w, convention="full")
+    r = bl.wanda_sp_ranking(model, Structures(arch), w, convention="full")
     mods = ("self_attn.q_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.down_proj")
     norms = _brute_input_norms(model, arch, w, mods)
     layer, h, j = 2, 1, 5
@@ -158,10 +158,10 @@ def test_wanda_sp_full_convention_sums_every_owned_weight():
                                                   ("qwen3", "group", None)])
 def test_wanda_sp_removes_the_same_share_in_every_prunable_layer(name, gqa_mode, steps):
     model, arch = _setup(name, num_layers=6)
-    r = bl.wanda_sp_ranking(model, arch, _windows(), gqa_mode=gqa_mode, steps=steps)
+    r = bl.wanda_sp_ranking(model, Structures(arch, gqa_mode), _windows(), steps=steps)
     prunable = arch.prunable_layers()
     never = [layer for layer in range(arch.num_layers) if layer not in prunable]
-    n_attn, n_mlp = arch.num_attention_units(gqa_mode), arch.intermediate_size
+    n_attn, n_mlp = Structures(arch, gqa_mode).attention_units, arch.intermediate_size
     T = steps or max(n_attn, n_mlp)
     assert r.step[: r.num_removed].max() == T
     ends = np.flatnonzero(np.r_[r.step[1 : r.num_removed] != r.step[: r.num_removed - 1], True])
@@ -182,8 +182,8 @@ def test_wanda_sp_removes_the_same_share_in_every_prunable_layer(name, gqa_mode,
 
 def test_wanda_sp_max_sparsity_stops_at_a_step_boundary():
     model, arch = _setup("llama", num_layers=6)
-    full = bl.wanda_sp_ranking(model, arch, _windows())
-    cut = bl.wanda_sp_ranking(model, arch, _windows(), max_sparsity=0.3)
+    full = bl.wanda_sp_ranking(model, Structures(arch), _windows())
+    cut = bl.wanda_sp_ranking(model, Structures(arch), _windows(), max_sparsity=0.3)
     assert np.array_equal(cut.index, full.index) and np.array_equal(cut.layer, full.layer)  # same order
     assert 0.3 <= cut.max_sparsity < 0.3 + 0.05
     k = cut.num_removed
@@ -194,12 +194,12 @@ def test_wanda_sp_max_sparsity_stops_at_a_step_boundary():
 def test_wanda_sp_rejects_bad_input():
     model, arch = _setup("llama", num_layers=2)
     with pytest.raises(NestpruneError, match="no prunable layer"):
-        bl.wanda_sp_ranking(model, arch, _windows(), skip_first_frac=0.5, skip_last=1)
+        bl.wanda_sp_ranking(model, Structures(arch), _windows(), skip_first_frac=0.5, skip_last=1)
     model, arch = _setup("llama")
     with pytest.raises(NestpruneError, match="convention"):
-        bl.wanda_sp_ranking(model, arch, _windows(), convention="sum")
+        bl.wanda_sp_ranking(model, Structures(arch), _windows(), convention="sum")
     with pytest.raises(NestpruneError, match="non-empty"):
-        bl.wanda_sp_ranking(model, arch, torch.zeros(0, 4, dtype=torch.long))
+        bl.wanda_sp_ranking(model, Structures(arch), torch.zeros(0, 4, dtype=torch.long))
 
 
 # --------------------------------------------------------------------------------------- magnitude, random
@@ -209,9 +209,9 @@ def test_wanda_sp_rejects_bad_input():
                                            ("qwen2", "query")])
 def test_magnitude_equals_brute_force_norms(name, gqa_mode):
     model, arch = _setup(name)
-    r = bl.magnitude_ranking(model, arch, gqa_mode=gqa_mode)
+    r = bl.magnitude_ranking(model, Structures(arch, gqa_mode))
     dh, g = arch.head_dim, arch.group_size
-    akind = arch.attention_kind(gqa_mode)
+    akind = Structures(arch, gqa_mode).attention_kind
     for i in range(len(r)):
         layer, kind, idx = int(r.layer[i]), int(r.kind[i]), int(r.index[i])
 
@@ -238,17 +238,17 @@ def test_magnitude_equals_brute_force_norms(name, gqa_mode):
 
 def test_magnitude_normalisation_none_orders_raw_norms():
     model, arch = _setup("llama")
-    r = bl.magnitude_ranking(model, arch, normalisation="none")
+    r = bl.magnitude_ranking(model, Structures(arch), normalisation="none")
     np.testing.assert_array_equal(r.score, r.raw_score)
     with pytest.raises(NestpruneError, match="normalisation"):
-        bl.magnitude_ranking(model, arch, normalisation="l1")
+        bl.magnitude_ranking(model, Structures(arch), normalisation="l1")
 
 
 def test_random_is_seed_reproducible():
     _, arch = _setup("llama-gqa")
-    a = bl.random_ranking(arch, seed=7, decoder_params=1000)
-    b = bl.random_ranking(arch, seed=7, decoder_params=1000)
-    c = bl.random_ranking(arch, seed=8, decoder_params=1000)
+    a = bl.random_ranking(Structures(arch), seed=7, decoder_params=1000)
+    b = bl.random_ranking(Structures(arch), seed=7, decoder_params=1000)
+    c = bl.random_ranking(Structures(arch), seed=8, decoder_params=1000)
     for f in ("layer", "kind", "index", "score"):
         np.testing.assert_array_equal(getattr(a, f), getattr(b, f))
     assert not np.array_equal(a.index, c.index) or not np.array_equal(a.layer, c.layer)

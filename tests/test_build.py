@@ -7,14 +7,14 @@ import pytest
 import torch
 from conftest import FAMILY_CONFIGS, SAMPLE_TEXT, make_tiny_model
 
-from nestprune.arch import KIND_CODES, arch_from_config
+from nestprune.arch import KIND_CODES, Structures, arch_from_config
 from nestprune.artifact import read_artifact
 from nestprune.build import BuildConfig, accumulate_gradients, build_artifact, gisp_ranking
 from nestprune.objectives.base import LanguageModeling
 from nestprune.rank.calibration import CalibrationSet, sample_windows, tokenize_documents
 from nestprune.rank.mask import masks_from_ranking
 from nestprune.rank.schedule import select_pruned, threshold_k
-from nestprune.rank.score import layer_scores, normalise, scored_slices
+from nestprune.rank.score import layer_scores, normalise
 from nestprune.ranking import structure_table
 
 
@@ -85,17 +85,17 @@ def test_engine_scores_equal_brute_force(family, gqa_mode, tokenizer):
     calib = _calib(tokenizer)
     expected = brute_force_scores(model, arch, calib.windows, gqa_mode)
     params = {arch.layer_key(layer, s.name): dict(model.named_parameters())[arch.layer_key(layer, s.name)]
-              for layer in range(arch.num_layers) for s in scored_slices(arch, gqa_mode)}
+              for layer in range(arch.num_layers) for s in Structures(arch, gqa_mode).scored_slices()}
     loss, grads = accumulate_gradients(model, LanguageModeling(calib), params, batch_size=4)  # 2 uneven batches
     for layer in range(arch.num_layers):
-        w = {s.name: params[arch.layer_key(layer, s.name)] for s in scored_slices(arch, gqa_mode)}
-        g = {s.name: grads[arch.layer_key(layer, s.name)] for s in scored_slices(arch, gqa_mode)}
-        attn, mlp = layer_scores(arch, gqa_mode, w, g)
+        w = {s.name: params[arch.layer_key(layer, s.name)] for s in Structures(arch, gqa_mode).scored_slices()}
+        g = {s.name: grads[arch.layer_key(layer, s.name)] for s in Structures(arch, gqa_mode).scored_slices()}
+        attn, mlp = layer_scores(Structures(arch, gqa_mode), w, g)
         torch.testing.assert_close(attn, expected[layer][0], rtol=1e-4, atol=1e-9)
         torch.testing.assert_close(mlp, expected[layer][1], rtol=1e-4, atol=1e-9)
     # normalisation constants of the reference
-    na, nm = normalise(arch, gqa_mode, attn, mlp, "reference")
-    head_const = 4 * arch.head_dim * arch.hidden_size * (arch.group_size if arch.attention_kind(gqa_mode) == "group" else 1)
+    na, nm = normalise(Structures(arch, gqa_mode), attn, mlp, "reference")
+    head_const = 4 * arch.head_dim * arch.hidden_size * (arch.group_size if Structures(arch, gqa_mode).attention_kind == "group" else 1)
     torch.testing.assert_close(na, attn / head_const)
     torch.testing.assert_close(nm, mlp / (3 * arch.intermediate_size))
 
@@ -132,7 +132,7 @@ def test_ranking_nested_and_complete(family, gqa_mode, tokenizer):
     model = make_tiny_model(family, vocab_size=len(tokenizer))
     arch = _arch(model)
     ranking, traj, planned = _run(model, tokenizer, gqa_mode=gqa_mode)
-    table = structure_table(arch, gqa_mode, arch.prunable_layers())
+    table = structure_table(Structures(arch, gqa_mode), arch.prunable_layers())
     # every structure exactly once
     got = set(zip(ranking.layer.tolist(), ranking.kind.tolist(), ranking.index.tolist(), strict=True))
     assert len(got) == len(ranking) == len(table)
@@ -186,7 +186,7 @@ def test_one_shot_is_a_single_step_at_r_max(tokenizer):
     assert len(traj) == 1 and planned == 1
     dense = make_tiny_model("llama-gqa", vocab_size=len(tokenizer))
     exp = brute_force_scores(dense, arch, _calib(tokenizer).windows, "query")
-    table = structure_table(arch, "query", arch.prunable_layers())
+    table = structure_table(Structures(arch, "query"), arch.prunable_layers())
     norm = np.array([
         exp[int(l_)][1 if k == KIND_CODES["channel"] else 0][int(i)].item()
         / arch.normaliser("channel" if k == KIND_CODES["channel"] else "head", "reference")

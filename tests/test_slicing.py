@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from nestprune.arch import KIND_CODES, ArchInfo, arch_from_config
+from nestprune.arch import KIND_CODES, ArchInfo, Structures, arch_from_config
 from nestprune.errors import NestpruneError
 from nestprune.ranking import Ranking
 from nestprune.variant.widths import (
@@ -32,10 +32,10 @@ def synthetic_ranking(arch: ArchInfo, gqa_mode: str = "query", seed: int = 0,
     """A random removal order over every structure of ``arch``; structures of ``prunable_layers`` (all
     layers by default) are all 'removed' (step >= 0), listed first; ``first`` entries go to the front."""
     rng = np.random.default_rng(seed)
-    attn_kind = arch.attention_kind(gqa_mode)
+    attn_kind = Structures(arch, gqa_mode).attention_kind
     prunable_layers = list(range(arch.num_layers)) if prunable_layers is None else prunable_layers
     entries = [(layer, attn_kind, i) for layer in range(arch.num_layers)
-               for i in range(arch.num_attention_units(gqa_mode))]
+               for i in range(Structures(arch, gqa_mode).attention_units)]
     entries += [(layer, "channel", j) for layer in range(arch.num_layers) for j in range(arch.intermediate_size)]
     entries = [entries[i] for i in rng.permutation(len(entries))]
     front = [tuple(e) for e in first]
@@ -44,7 +44,7 @@ def synthetic_ranking(arch: ArchInfo, gqa_mode: str = "query", seed: int = 0,
     n = len(entries)
     prunable = np.array([e[0] in prunable_layers for e in entries])
     return Ranking(
-        arch=arch, gqa_mode=gqa_mode,
+        structures=Structures(arch, gqa_mode),
         decoder_params=decoder_params or decoder_param_count(arch),
         layer=np.array([e[0] for e in entries], np.int32),
         kind=np.array([KIND_CODES[e[1]] for e in entries], np.uint8),
@@ -86,7 +86,7 @@ def test_per_layer_is_complement_of_prefix(name, mode):
                       r.index[: spec.prefix_len].tolist(), strict=True))
     for layer in range(arch.num_layers):
         units = spec.units(layer).tolist()
-        all_units = range(arch.num_attention_units(mode))
+        all_units = range(Structures(arch, mode).attention_units)
         assert units == [u for u in all_units if (layer, r.attention_kind, u) not in removed]
         ch = spec.layers[layer].channels.tolist()
         assert ch == [j for j in range(arch.intermediate_size) if (layer, KIND_CODES["channel"], j) not in removed]

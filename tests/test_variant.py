@@ -9,7 +9,7 @@ import torch
 from safetensors import safe_open
 from test_slicing import synthetic_ranking
 
-from nestprune.arch import arch_from_config
+from nestprune.arch import Structures, arch_from_config
 from nestprune.io.weights import SafetensorsSource
 from nestprune.rank.mask import apply_masks_, mask_model_
 from nestprune.variant.load import EmptyAttention, load_variant
@@ -52,7 +52,7 @@ def reference(model_dir, spec, ranking=None, attn="eager"):
     if ranking is not None:
         mask_model_(model, ranking, spec.prefix_len)
     else:
-        apply_masks_(model, spec.arch, spec.gqa_mode, spec_masks(spec))
+        apply_masks_(model, spec.structures, spec_masks(spec))
     return model
 
 
@@ -143,8 +143,8 @@ def test_save_pretrained_of_a_loaded_variant_round_trips(tiny_model_dir, tmp_pat
 def test_layer_with_no_heads_and_layer_with_no_channels(tiny_model_dir, tmp_path, family, mode):
     base = tiny_model_dir(family)
     arch = model_arch(base)
-    units = arch.num_attention_units(mode)
-    kind = arch.attention_kind(mode)
+    units = Structures(arch, mode).attention_units
+    kind = Structures(arch, mode).attention_kind
     first = [(0, kind, u) for u in range(units)] + [(2, "channel", j) for j in range(arch.intermediate_size)]
     ranking = ranking_for(base, mode, seed=1, first=first)
     spec = write_variant(base, ranking, tmp_path / "v", float(ranking.sparsity_curve()[len(first)]))

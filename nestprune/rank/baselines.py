@@ -45,9 +45,9 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from nestprune.arch import ArchInfo, GqaMode, TensorSlice, decoder_param_count
+from nestprune.arch import ArchInfo, Structures, TensorSlice, decoder_param_count
 from nestprune.errors import NestpruneError
-from nestprune.rank.score import aggregate, fold_attention, scored_slices
+from nestprune.rank.score import aggregate, fold_attention
 from nestprune.ranking import Ranking, StructureTable, structure_table
 
 WandaConvention = Literal["flap", "full"]
@@ -80,27 +80,27 @@ def _layer_weights(model: torch.nn.Module, arch: ArchInfo, layer: int) -> dict[s
     return out
 
 
-def _assemble(arch: ArchInfo, gqa_mode: GqaMode, decoder_params: int, table: StructureTable, order: np.ndarray,
+def _assemble(st: Structures, decoder_params: int, table: StructureTable, order: np.ndarray,
               step: np.ndarray, score: np.ndarray, raw: np.ndarray) -> Ranking:
     """A Ranking from canonical-order arrays and a permutation ``order`` of the table."""
     if sorted(order.tolist()) != list(range(len(table))):
         raise AssertionError("a baseline order must list every structure exactly once")
     return Ranking(
-        arch=arch, gqa_mode=gqa_mode, decoder_params=int(decoder_params),
+        structures=st, decoder_params=int(decoder_params),
         layer=table.layer[order], kind=table.kind[order], index=table.index[order],
         step=step[order].astype(np.int32), score=score[order].astype(np.float64),
         raw_score=raw[order].astype(np.float64), cost=table.cost[order], prunable=table.prunable[order],
     )
 
 
-def _global_order(arch: ArchInfo, gqa_mode: GqaMode, decoder_params: int, table: StructureTable,
+def _global_order(st: Structures, decoder_params: int, table: StructureTable,
                   score: np.ndarray, raw: np.ndarray) -> Ranking:
     """One global ascending order, all prunable structures removed at step 0; never-pruned layers last."""
     keys = (table.index, table.kind, table.layer, score)
     pos = np.lexsort(keys)
     order = np.concatenate([pos[table.prunable[pos]], pos[~table.prunable[pos]]])
     step = np.where(table.prunable, 0, -1)
-    return _assemble(arch, gqa_mode, decoder_params, table, order, step, score, raw)
+    return _assemble(st, decoder_params, table, order, step, score, raw)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -189,8 +189,7 @@ def input_sq_norms(
 
 
 def wanda_layer_scores(
-    arch: ArchInfo,
-    gqa_mode: GqaMode,
+    st: Structures,
     weights: Mapping[str, torch.Tensor],
     in_norms: Mapping[str, torch.Tensor],
     convention: WandaConvention = "flap",
@@ -206,19 +205,19 @@ def wanda_layer_scores(
 
     if convention == "flap":
         o = metric("self_attn.o_proj.weight").mean(0)  # (H·d_h,)
-        heads = o.reshape(arch.num_heads, arch.head_dim).sum(1)  # (H,)
-        attn = fold_attention(arch, gqa_mode, TensorSlice("self_attn.o_proj.weight", "q", 1), heads)
+        heads = o.reshape(st.arch.num_heads, st.arch.head_dim).sum(1)  # (H,)
+        attn = fold_attention(st, TensorSlice("self_attn.o_proj.weight", "q", 1), heads)
         return attn, metric("mlp.down_proj.weight").mean(0)  # (I,)
     if convention != "full":
         raise NestpruneError(f"unknown Wanda-sp convention {convention!r} (use 'flap' or 'full')")
-    return aggregate(arch, gqa_mode, lambda s: metric(s.name))
+    return aggregate(st, lambda s: metric(s.name))
 
 
-def wanda_modules(arch: ArchInfo, gqa_mode: GqaMode, convention: WandaConvention) -> tuple[str, ...]:
+def wanda_modules(st: Structures, convention: WandaConvention) -> tuple[str, ...]:
     """Linear modules whose input norms the convention needs (names inside a layer)."""
     if convention == "flap":
         return _OUTPUT_MODULES
-    return tuple(dict.fromkeys(s.name.rsplit(".", 1)[0] for s in scored_slices(arch, gqa_mode)))
+    return tuple(dict.fromkeys(s.name.rsplit(".", 1)[0] for s in st.scored_slices()))
 
 
 def uniform_sweep(table: StructureTable, score: np.ndarray, steps: int) -> tuple[np.ndarray, np.ndarray]:
@@ -252,13 +251,12 @@ def uniform_sweep(table: StructureTable, score: np.ndarray, steps: int) -> tuple
 
 def wanda_sp_ranking(
     model: torch.nn.Module,
-    arch: ArchInfo,
+    st: Structures,
     windows: Batches,
     *,
     batch_size: int = 8,
     skip_first_frac: float = 0.1,
     skip_last: int = 1,
-    gqa_mode: GqaMode = "query",
     decoder_params: int | None = None,
     convention: WandaConvention = "flap",
     steps: int | None = None,
@@ -272,25 +270,26 @@ def wanda_sp_ranking(
     ``max_sparsity``: entries after the first step boundary reaching it get ``step = -1`` (order unchanged).
     The model is only read (eval mode, no gradients).
     """
+    arch = st.arch
     prunable = _prunable(arch, skip_first_frac, skip_last)
-    table = structure_table(arch, gqa_mode, prunable)
-    n_attn, n_mlp = arch.num_attention_units(gqa_mode), arch.intermediate_size
+    table = structure_table(st, prunable)
+    n_attn, n_mlp = st.attention_units, arch.intermediate_size
     steps = steps if steps is not None else max(n_attn, n_mlp)
     if steps < 1:
         raise NestpruneError(f"wanda-sp needs at least 1 ratio step, got {steps}")
-    mods = wanda_modules(arch, gqa_mode, convention)
+    mods = wanda_modules(st, convention)
     sq, _ = input_sq_norms(model, arch, windows, modules=mods, batch_size=batch_size, progress=progress)
     score = np.zeros(len(table))
     per_layer = n_attn + n_mlp
     for layer in range(arch.num_layers):
         norms = {m: sq[arch.layer_key(layer, m)].sqrt() for m in mods}
-        a, c = wanda_layer_scores(arch, gqa_mode, _layer_weights(model, arch, layer), norms, convention)
+        a, c = wanda_layer_scores(st, _layer_weights(model, arch, layer), norms, convention)
         score[layer * per_layer : (layer + 1) * per_layer] = torch.cat([a, c]).numpy()
     order, step = uniform_sweep(table, score, steps)
     dp = decoder_params if decoder_params is not None else decoder_param_count(model, arch)
     if max_sparsity is not None:
         step = _cut_at_sparsity(table, order, step, dp, max_sparsity)
-    return _assemble(arch, gqa_mode, dp, table, order, step, score, score)
+    return _assemble(st, dp, table, order, step, score, score)
 
 
 def _cut_at_sparsity(table: StructureTable, order: np.ndarray, step: np.ndarray, decoder_params: int,
@@ -322,52 +321,50 @@ def step_boundary_prefix(ranking: Ranking, prefix_len: int) -> int:
 # ---------------------------------------------------------------------------------------------
 
 
-def magnitude_layer_scores(arch: ArchInfo, gqa_mode: GqaMode,
-                           weights: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+def magnitude_layer_scores(st: Structures, weights: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """L2 norm of the weights each structure owns (biases excluded): (attention units,), (channels,). Pure."""
-    attn, mlp = aggregate(arch, gqa_mode, lambda s: weights[s.name].double().cpu().pow(2))
+    attn, mlp = aggregate(st, lambda s: weights[s.name].double().cpu().pow(2))
     return attn.sqrt(), mlp.sqrt()
 
 
 def magnitude_ranking(
     model: torch.nn.Module,
-    arch: ArchInfo,
+    st: Structures,
     *,
     skip_first_frac: float = 0.1,
     skip_last: int = 1,
-    gqa_mode: GqaMode = "query",
     decoder_params: int | None = None,
     normalisation: str = "reference",
 ) -> Ranking:
     """Global magnitude order: ‖W_s‖₂ / block constant (GISP's normaliser), ascending, all at step 0."""
-    table = structure_table(arch, gqa_mode, _prunable(arch, skip_first_frac, skip_last))
-    akind = arch.attention_kind(gqa_mode)
+    arch = st.arch
+    table = structure_table(st, _prunable(arch, skip_first_frac, skip_last))
+    akind = st.attention_kind
     raw = np.zeros(len(table))
     score = np.zeros(len(table))
-    per_layer = arch.num_attention_units(gqa_mode) + arch.intermediate_size
+    per_layer = st.attention_units + arch.intermediate_size
     for layer in range(arch.num_layers):
-        a, c = magnitude_layer_scores(arch, gqa_mode, _layer_weights(model, arch, layer))
+        a, c = magnitude_layer_scores(st, _layer_weights(model, arch, layer))
         lo = layer * per_layer
         raw[lo : lo + per_layer] = torch.cat([a, c]).numpy()
         score[lo : lo + per_layer] = torch.cat([a / arch.normaliser(akind, normalisation),
                                                 c / arch.normaliser("channel", normalisation)]).numpy()
     dp = decoder_params if decoder_params is not None else decoder_param_count(model, arch)
-    return _global_order(arch, gqa_mode, dp, table, score, raw)
+    return _global_order(st, dp, table, score, raw)
 
 
 def random_ranking(
-    arch: ArchInfo,
+    st: Structures,
     *,
     seed: int = 0,
     decoder_params: int,
     skip_first_frac: float = 0.1,
     skip_last: int = 1,
-    gqa_mode: GqaMode = "query",
 ) -> Ranking:
     """A seeded random global order: each structure's score is a U(0, 1) draw; ascending, all at step 0."""
-    table = structure_table(arch, gqa_mode, _prunable(arch, skip_first_frac, skip_last))
+    table = structure_table(st, _prunable(st.arch, skip_first_frac, skip_last))
     score = np.random.default_rng(seed).random(len(table))
-    return _global_order(arch, gqa_mode, decoder_params, table, score, score.copy())
+    return _global_order(st, decoder_params, table, score, score.copy())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -394,18 +391,19 @@ def ranking_for(method: str, model: torch.nn.Module, arch: ArchInfo, objective: 
     from nestprune.schemas.artifact import StepRecord
 
     t0 = time.perf_counter()
-    common = dict(skip_first_frac=cfg.skip_first_frac, skip_last=cfg.skip_last, gqa_mode=cfg.gqa_mode,
+    common = dict(skip_first_frac=cfg.skip_first_frac, skip_last=cfg.skip_last,
                   decoder_params=decoder_param_count(model, arch))
+    st = Structures(arch, cfg.gqa_mode)
     if method == "wanda-sp":
-        ranking = wanda_sp_ranking(model, arch, _objective_batches(objective, cfg.batch_size),
+        ranking = wanda_sp_ranking(model, st, _objective_batches(objective, cfg.batch_size),
                                    batch_size=cfg.batch_size, max_sparsity=cfg.max_sparsity, progress=progress,
                                    **common)
-        planned = max(arch.num_attention_units(cfg.gqa_mode), arch.intermediate_size)
+        planned = max(st.attention_units, arch.intermediate_size)
     elif method == "magnitude":
-        ranking = magnitude_ranking(model, arch, normalisation=cfg.normalisation, **common)
+        ranking = magnitude_ranking(model, st, normalisation=cfg.normalisation, **common)
         planned = 1
     elif method == "random":
-        ranking = random_ranking(arch, seed=cfg.seed, **common)
+        ranking = random_ranking(st, seed=cfg.seed, **common)
         planned = 1
     else:
         raise NestpruneError(f"unknown baseline method {method!r} (use wanda-sp, magnitude or random)")

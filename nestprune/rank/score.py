@@ -11,7 +11,7 @@ from collections.abc import Callable, Mapping
 
 import torch
 
-from nestprune.arch import ArchInfo, GqaMode, TensorSlice
+from nestprune.arch import Structures, TensorSlice
 
 
 def per_unit(s: TensorSlice, metric: torch.Tensor, units: int, width: int) -> torch.Tensor:
@@ -21,33 +21,32 @@ def per_unit(s: TensorSlice, metric: torch.Tensor, units: int, width: int) -> to
     return metric.sum(dim=0).reshape(units, width).sum(dim=1)
 
 
-def fold_attention(arch: ArchInfo, gqa_mode: GqaMode, s: TensorSlice, per: torch.Tensor) -> torch.Tensor:
+def fold_attention(st: Structures, s: TensorSlice, per: torch.Tensor) -> torch.Tensor:
     """Per-unit values of a q/kv slice -> per attention structure (query heads fold into their KV group)."""
-    if s.space == "q" and arch.attention_kind(gqa_mode) == "group":
-        return per.reshape(arch.num_kv_heads, arch.group_size).sum(1)  # (groups, heads/group) -> (groups,)
+    if s.space == "q" and st.attention_kind == "group":
+        return per.reshape(st.arch.num_kv_heads, st.arch.group_size).sum(1)  # (groups, heads/group) -> (groups,)
     return per  # q under head kind; kv under MHA (head h = kv head h) or group kind (group g = kv head g)
 
 
-def aggregate(arch: ArchInfo, gqa_mode: GqaMode,
-              metric: Callable[[TensorSlice], torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+def aggregate(st: Structures, metric: Callable[[TensorSlice], torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """Sum a per-weight metric over the weights each structure owns: (attention units,), (channels,) fp64.
 
     ``metric(slice)`` gives the (out, in) metric of one scored weight tensor of the layer.
     """
-    attn = torch.zeros(arch.num_attention_units(gqa_mode), dtype=torch.float64)
+    arch = st.arch
+    attn = torch.zeros(st.attention_units, dtype=torch.float64)
     mlp = torch.zeros(arch.intermediate_size, dtype=torch.float64)
-    for s in scored_slices(arch, gqa_mode):
+    for s in st.scored_slices():
         per = per_unit(s, metric(s), arch.space_size(s.space), arch.space_width(s.space)).double().cpu()
         if s.space == "mlp":
             mlp += per
         else:
-            attn += fold_attention(arch, gqa_mode, s, per)
+            attn += fold_attention(st, s, per)
     return attn, mlp
 
 
 def layer_scores(
-    arch: ArchInfo,
-    gqa_mode: GqaMode,
+    st: Structures,
     weights: Mapping[str, torch.Tensor],
     grads: Mapping[str, torch.Tensor],
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -56,16 +55,11 @@ def layer_scores(
     ``weights``/``grads`` are keyed by the slice name inside the layer (e.g. "mlp.up_proj.weight");
     ``grads`` holds the objective's mean gradient.
     """
-    return aggregate(arch, gqa_mode, lambda s: (weights[s.name].float() * grads[s.name].float()).abs())
+    return aggregate(st, lambda s: (weights[s.name].float() * grads[s.name].float()).abs())
 
 
-def scored_slices(arch: ArchInfo, gqa_mode: GqaMode) -> tuple[TensorSlice, ...]:
-    """The weight tensors whose gradients the score needs (biases excluded; GQA query mode: no k/v)."""
-    return tuple(s for s in arch.slices() if s.name.endswith(".weight") and arch.owns(s.space, gqa_mode))
-
-
-def normalise(arch: ArchInfo, gqa_mode: GqaMode, attn: torch.Tensor, mlp: torch.Tensor,
+def normalise(st: Structures, attn: torch.Tensor, mlp: torch.Tensor,
               normalisation: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Block-wise normalisation (GISP.md): heads / (4·d_h·d), channels / (3·I)."""
-    kind = arch.attention_kind(gqa_mode)
-    return attn / arch.normaliser(kind, normalisation), mlp / arch.normaliser("channel", normalisation)
+    arch = st.arch
+    return attn / arch.normaliser(st.attention_kind, normalisation), mlp / arch.normaliser("channel", normalisation)

@@ -82,7 +82,7 @@ def layer_units(ranking: Ranking) -> dict[int, LayerUnits]:
     units: dict[int, LayerUnits] = {}
     for layer in range(arch.num_layers):
         what = f"attention units of layer {layer}"
-        a = _check_perm(ranking.layer_order(layer, att)[::-1], arch.num_attention_units(ranking.gqa_mode), what)
+        a = _check_perm(ranking.layer_order(layer, att)[::-1], ranking.structures.attention_units, what)
         mlp = _check_perm(ranking.layer_order(layer, KIND_CODES["channel"])[::-1], arch.intermediate_size,
                           f"MLP channels of layer {layer}")
         if group_mode:  # a KV head and its query heads, the query heads in their original order

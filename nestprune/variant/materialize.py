@@ -379,7 +379,7 @@ def materialize_variant(
     Returns the manifest written. Output bytes depend only on the arguments' contents, never on the source
     type, its tensor order or the clock.
     """
-    if spec.arch != ranking.arch or spec.gqa_mode != ranking.gqa_mode:
+    if spec.structures != ranking.structures:
         raise NestpruneError("the variant spec was not planned from this ranking (architecture or GQA mode differs)")
     aux_dir = Path(aux_dir)
     config_file = aux_dir / "config.json"

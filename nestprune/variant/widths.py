@@ -28,7 +28,7 @@ from typing import Literal
 
 import numpy as np
 
-from nestprune.arch import KIND_CODES, ArchInfo, GqaMode, Space
+from nestprune.arch import KIND_CODES, ArchInfo, GqaMode, Space, Structures
 from nestprune.errors import NestpruneError
 from nestprune.ranking import Ranking
 
@@ -76,8 +76,7 @@ def uniform_groups(kv_of_head: np.ndarray, num_kv_heads: int) -> int | None:
 class VariantSpec:
     """Which heads and channels of every layer a variant keeps, and the sparsity that gives."""
 
-    arch: ArchInfo
-    gqa_mode: GqaMode
+    structures: Structures
     layout: Layout
     layers: tuple[LayerKeep, ...]
     requested_sparsity: float
@@ -88,6 +87,14 @@ class VariantSpec:
     multiple_of: int | None = None
 
     @property
+    def arch(self) -> ArchInfo:
+        return self.structures.arch
+
+    @property
+    def gqa_mode(self) -> GqaMode:
+        return self.structures.gqa_mode
+
+    @property
     def total_params(self) -> int:
         """Parameters of the variant: kept decoder layers + embeddings, lm_head and final norm."""
         return self.kept_decoder_params + non_decoder_params(self.arch)
@@ -95,7 +102,7 @@ class VariantSpec:
     def units(self, layer: int) -> np.ndarray:
         """Kept attention units of ``layer``: KV groups in group mode, else query heads."""
         keep = self.layers[layer]
-        return keep.kv_heads if self.arch.attention_kind(self.gqa_mode) == "group" else keep.heads
+        return keep.kv_heads if self.structures.attention_kind == "group" else keep.heads
 
     def space_index(self, layer: int, space: Space) -> np.ndarray:
         """Kept units of one index space (q heads, kv heads or channels). (n_kept,)"""
@@ -165,10 +172,11 @@ def last_removed(ranking: Ranking, layer: int, kind: int, keep: int) -> np.ndarr
     return np.sort(order[len(order) - keep:]).astype(np.int64) if keep > 0 else np.zeros(0, np.int64)
 
 
-def keep_from_units(arch: ArchInfo, gqa_mode: GqaMode, units: np.ndarray, channels: np.ndarray) -> LayerKeep:
+def keep_from_units(st: Structures, units: np.ndarray, channels: np.ndarray) -> LayerKeep:
     """Expand kept attention units (heads or groups) into query heads, KV heads and the head→KV map."""
+    arch = st.arch
     units = np.sort(np.asarray(units, dtype=np.int64))
-    if arch.attention_kind(gqa_mode) == "group":
+    if st.attention_kind == "group":
         gs = arch.group_size
         heads = expand(units, gs)  # group g owns query heads [g*gs, (g+1)*gs)
         kv_heads = units
@@ -194,7 +202,7 @@ def frozen(a: np.ndarray) -> np.ndarray:
 
 def per_layer_keeps(ranking: Ranking, prefix_len: int, multiple_of: int | None) -> tuple[LayerKeep, ...]:
     arch, attn_kind, ch_kind = ranking.arch, ranking.attention_kind, KIND_CODES["channel"]
-    n_units, n_ch = arch.num_attention_units(ranking.gqa_mode), arch.intermediate_size
+    n_units, n_ch = ranking.structures.attention_units, arch.intermediate_size
     attn_removed, mlp_removed = removed_counts(ranking, prefix_len)
     keeps = []
     for layer in range(arch.num_layers):
@@ -202,7 +210,7 @@ def per_layer_keeps(ranking: Ranking, prefix_len: int, multiple_of: int | None) 
         if multiple_of:
             c = min(round_to_multiple(c, multiple_of), n_ch)
         units = last_removed(ranking, layer, attn_kind, int(n_units - attn_removed[layer]))
-        keeps.append(keep_from_units(arch, ranking.gqa_mode, units, last_removed(ranking, layer, ch_kind, c)))
+        keeps.append(keep_from_units(ranking.structures, units, last_removed(ranking, layer, ch_kind, c)))
     return tuple(keeps)
 
 
@@ -210,13 +218,13 @@ def uniform_widths(ranking: Ranking, prefix_len: int, multiple_of: int | None) -
     """(attention units per layer — query heads per KV group in GQA query mode —, channels per layer)."""
     arch = ranking.arch
     attn_removed, mlp_removed = removed_counts(ranking, prefix_len)
-    n_units = arch.num_attention_units(ranking.gqa_mode)
+    n_units = ranking.structures.attention_units
     mean_units = n_units - attn_removed.mean()
     if arch.is_gqa and ranking.gqa_mode == "query":  # query heads per KV group, every group kept
         candidates, heads_per, target = range(1, arch.group_size + 1), arch.num_kv_heads, mean_units / arch.num_kv_heads
     else:  # heads, or whole groups
         candidates, target = range(1, n_units + 1), mean_units
-        heads_per = arch.group_size if arch.attention_kind(ranking.gqa_mode) == "group" else 1
+        heads_per = arch.group_size if ranking.structures.attention_kind == "group" else 1
     attn = nearest([u for u in candidates if stock_head_count_ok(arch, u * heads_per)], target)
     m = multiple_of or 1
     mean_ch = arch.intermediate_size - mlp_removed.mean()
@@ -235,7 +243,7 @@ def uniform_keeps(ranking: Ranking, prefix_len: int, multiple_of: int | None) ->
                                     for g in range(arch.num_kv_heads)])
         else:
             units = last_removed(ranking, layer, attn_kind, attn)
-        keeps.append(keep_from_units(arch, ranking.gqa_mode, units, last_removed(ranking, layer, ch_kind, channels)))
+        keeps.append(keep_from_units(ranking.structures, units, last_removed(ranking, layer, ch_kind, channels)))
     return tuple(keeps)
 
 
@@ -262,7 +270,7 @@ def plan_variant(ranking: Ranking, sparsity: float, layout: Layout = "per-layer"
     layers = build(ranking, prefix_len, multiple_of)
     kept = kept_decoder_params(ranking.arch, ranking.decoder_params, layers)
     return VariantSpec(
-        arch=ranking.arch, gqa_mode=ranking.gqa_mode, layout=layout, layers=layers,
+        structures=ranking.structures, layout=layout, layers=layers,
         requested_sparsity=float(sparsity), achieved_sparsity=1.0 - kept / ranking.decoder_params,
         prefix_len=prefix_len, decoder_params=ranking.decoder_params, kept_decoder_params=kept,
         multiple_of=multiple_of,
