@@ -90,6 +90,7 @@ def check_logits(base: Path, var: Path, spec, out: Path, gguf_type: str = "f32",
     got = gguf_logits(out, prompts)
     scale = max(float(np.abs(r).max()) for r in ref)
     diff = max(float(np.abs(g - r).max()) for g, r in zip(got, ref, strict=True))
+    print(f"[gguf {out.name} {gguf_type}] max |logit diff| {diff:.3g}, logit scale {scale:.3g}")
     assert diff <= rel * scale, f"max |logit diff| {diff:.3g} > {rel} x logit scale {scale:.3g}"
     return diff
 
@@ -115,7 +116,7 @@ CASES = [  # (family, layout, gqa mode, sparsity, expected arch)
 def test_gguf_logits_match_transformers(tiny_model_dir, tmp_path, name, layout, mode, sparsity, arch):
     llama_cpp()
     base, var, spec, _ = build(tiny_model_dir, tmp_path, name, layout, mode, sparsity)
-    out = tmp_path / "v.gguf"
+    out = tmp_path / f"{name}-{layout}-{mode}-{sparsity}.gguf"
     check_logits(base, var, spec, out)
     assert field(out, "general.architecture") == arch
     if arch == "deci":
