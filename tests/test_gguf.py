@@ -362,3 +362,26 @@ def test_failure_midway_leaves_nothing(tiny_model_dir, tmp_path):
     with SafetensorsSource(base) as src, pytest.raises(NestpruneError, match="went away"):
         write_gguf(spec, FailingSource(src, 5), base, out)
     assert list((tmp_path / "out").iterdir()) == []
+
+
+@pytest.mark.parametrize("rope", [
+    {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+     "original_max_position_embeddings": 16},
+    {"rope_type": "linear", "rope_theta": 500.0, "factor": 2.0},
+])
+def test_rotary_scalings(tiny_model_dir, tmp_path, rope):
+    """Llama 3.1's frequency factors (rope_freqs.weight) and linear scaling reach llama.cpp exactly."""
+    llama_cpp()
+    base, var, spec, _ = build(tiny_model_dir, tmp_path, "llama-gqa", "per-layer", sparsity=0.3,
+                               rope_parameters=rope, head_dim=16, num_attention_heads=4, hidden_size=64)
+    out = tmp_path / "v.gguf"
+    check_logits(base, var, spec, out)
+    names = {t.name for t in gguf.GGUFReader(str(out)).tensors}
+    assert ("rope_freqs.weight" in names) == (rope["rope_type"] == "llama3")
+
+
+def test_unsupported_rotary_scaling_is_refused(tiny_model_dir, tmp_path):
+    rope = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 32}
+    base, var, spec, _ = build(tiny_model_dir, tmp_path, "llama", "per-layer", sparsity=0.3, rope_parameters=rope)
+    with SafetensorsSource(base) as src, pytest.raises(NestpruneError, match="rotary scaling 'yarn'"):
+        write_gguf(spec, src, base, tmp_path / "v.gguf")
