@@ -13,7 +13,7 @@ import torch
 from conftest import SAMPLE_TEXT
 from test_slicing import synthetic_ranking
 
-from nestprune.arch import arch_from_config
+from nestprune.arch import Structures, arch_from_config
 from nestprune.errors import NestpruneError
 from nestprune.io.weights import SafetensorsSource
 from nestprune.variant.gguf import plan_layer, rope_permutation, write_gguf
@@ -287,10 +287,10 @@ def test_sentencepiece_style_tokenizer(tmp_path):
 def test_plan_layer_repeats_kv_heads_by_gcd():
     arch = arch_from_config(dict(model_type="llama", hidden_size=64, intermediate_size=48, num_hidden_layers=2,
                                  num_attention_heads=8, num_key_value_heads=2, vocab_size=300))
-    keep = keep_from_units(arch, "query", np.array([0, 1, 2, 3, 4, 6]), np.arange(5))
+    keep = keep_from_units(Structures(arch, "query"), np.array([0, 1, 2, 3, 4, 6]), np.arange(5))
     g = plan_layer(keep, first=False, zero_head_needed=False)
     assert g.heads.tolist() == [0, 1, 2, 3, 4, 6] and g.kv_heads.tolist() == [0, 0, 1]  # gcd(4, 2) = 2
-    keep = keep_from_units(arch, "query", np.array([], np.int64), np.array([], np.int64))
+    keep = keep_from_units(Structures(arch, "query"), np.array([], np.int64), np.array([], np.int64))
     assert plan_layer(keep, first=False, zero_head_needed=False).n_head == 0
     g = plan_layer(keep, first=True, zero_head_needed=False)
     assert g.heads.tolist() == [-1] and g.kv_heads.tolist() == [-1] and g.channels.tolist() == [-1]

@@ -358,7 +358,7 @@ def write_gguf(
 
     if gguf_type not in GGUF_TYPES:
         raise NestpruneError(f"unknown GGUF type {gguf_type!r} (use {', '.join(GGUF_TYPES)})")
-    if ranking is not None and (spec.arch != ranking.arch or spec.gqa_mode != ranking.gqa_mode):
+    if ranking is not None and spec.structures != ranking.structures:
         raise NestpruneError("the variant spec was not planned from this ranking (architecture or GQA mode differs)")
     aux_dir = Path(aux_dir)
     if not (aux_dir / "config.json").exists():
