@@ -16,17 +16,13 @@ from test_slicing import synthetic_ranking
 from test_variant import model_arch, ranking_for, reference, write_variant
 from typer.testing import CliRunner
 
-import nestprune.variant.materialize as mat
+import nestprune.variant.hf as hf
 from nestprune.build import BuildConfig, build_artifact
 from nestprune.errors import NestpruneError
 from nestprune.io.weights import SafetensorsSource
+from nestprune.variant.hf import INDEX_NAME, safetensors_header
 from nestprune.variant.load import load_variant
-from nestprune.variant.materialize import (
-    INDEX_NAME,
-    materialize,
-    materialize_variant,
-    safetensors_header,
-)
+from nestprune.variant.materialize import materialize, materialize_variant
 from nestprune.variant.widths import is_nested, plan_variant
 
 
@@ -101,7 +97,7 @@ def test_written_tensors_are_the_kept_rows_and_columns(llama_gqa, tmp_path):
 
 
 def test_header_is_aligned_and_readable():
-    plans = [mat.TensorPlan("b", 0, None, (3,), torch.float16), mat.TensorPlan("a", 0, None, (2, 2), torch.float32)]
+    plans = [hf.TensorPlan("b", 0, None, (3,), torch.float16), hf.TensorPlan("a", 0, None, (2, 2), torch.float32)]
     raw = safetensors_header(plans)
     assert len(raw) % 8 == 0 and raw[8:9] == b"{"
     header = json.loads(raw[8:])
@@ -154,22 +150,22 @@ def test_local_fast_paths_write_the_same_bytes_as_take(llama_gqa, tmp_path, monk
     base, ranking = llama_gqa
     write_variant(base, ranking, tmp_path / "fast", 0.3, multiple_of=4)
     pieces = []
-    real_spans = mat.FileSpans.spans
-    monkeypatch.setattr(mat.FileSpans, "spans", lambda self, p: pieces.append(p.name) or real_spans(self, p))
-    monkeypatch.setattr(mat.FileSpans, "columns", lambda self, p: None)  # columns through take()
+    real_spans = hf.FileSpans.spans
+    monkeypatch.setattr(hf.FileSpans, "spans", lambda self, p: pieces.append(p.name) or real_spans(self, p))
+    monkeypatch.setattr(hf.FileSpans, "columns", lambda self, p: None)  # columns through take()
 
     def unsupported(*a, **k):
         raise OSError("copy_file_range not supported")
 
-    monkeypatch.setattr(mat.os, "copy_file_range", unsupported)
+    monkeypatch.setattr(hf.os, "copy_file_range", unsupported)
     write_variant(base, ranking, tmp_path / "slow", 0.3, multiple_of=4)
     assert "model.embed_tokens.weight" in pieces
     assert file_digests(tmp_path / "fast") == file_digests(tmp_path / "slow")
 
 
 def test_row_runs():
-    assert mat.row_runs(np.array([3, 4, 5, 9, 11, 12])) == [(3, 6), (9, 10), (11, 13)]
-    assert mat.row_runs(np.array([], np.int64)) == []
+    assert hf.row_runs(np.array([3, 4, 5, 9, 11, 12])) == [(3, 6), (9, 10), (11, 13)]
+    assert hf.row_runs(np.array([], np.int64)) == []
 
 
 def test_refuses_existing_out_and_force_replaces(llama_gqa, tmp_path):
@@ -188,7 +184,7 @@ def test_refuses_existing_out_and_force_replaces(llama_gqa, tmp_path):
 def test_interrupted_write_leaves_nothing(llama_gqa, tmp_path, monkeypatch):
     base, ranking = llama_gqa
     calls = []
-    real_write_all = mat.write_all
+    real_write_all = hf.write_all
 
     def failing_write_all(fd, data):
         calls.append(len(data))
@@ -196,7 +192,7 @@ def test_interrupted_write_leaves_nothing(llama_gqa, tmp_path, monkeypatch):
             raise KeyboardInterrupt
         return real_write_all(fd, data)
 
-    monkeypatch.setattr(mat, "write_all", failing_write_all)
+    monkeypatch.setattr(hf, "write_all", failing_write_all)
     with pytest.raises(KeyboardInterrupt):
         write_variant(base, ranking, tmp_path / "v", 0.3, shard_bytes=20_000)
     assert len(calls) == 5
