@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -205,6 +206,76 @@ def test_interrupted_write_leaves_nothing(llama_gqa, tmp_path, monkeypatch):
     assert not (tmp_path / "w").exists() and leftovers(tmp_path, "w") == []
 
 
+def test_force_replaces_with_no_moment_where_out_is_missing(llama_gqa, tmp_path, monkeypatch):
+    import shutil
+
+    from nestprune.io import atomic
+
+    base, ranking = llama_gqa
+    out = tmp_path / "v"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    seen = []
+
+    def state() -> str:
+        names = set(os.listdir(out)) if out.is_dir() else set()
+        return "old" if names == {"keep.txt"} else "new" if "model.safetensors" in names else f"broken {names}"
+
+    def watch(fn):
+        def wrapped(*a, **k):
+            seen.append(state())
+            r = fn(*a, **k)
+            seen.append(state())
+            return r
+        return wrapped
+
+    for mod, name in ((os, "rename"), (os, "replace"), (shutil, "rmtree"), (atomic, "rename2")):
+        monkeypatch.setattr(mod, name, watch(getattr(mod, name)))
+    write_variant(base, ranking, out, 0.2, force=True)
+    assert seen and set(seen) <= {"old", "new"} and seen[0] == "old" and seen[-1] == "new", seen
+    assert leftovers(tmp_path, "v") == []
+
+
+@pytest.mark.parametrize("mask", [0o022, 0o027])
+def test_variant_honours_the_umask_like_cp(llama_gqa, tmp_path, mask):
+    base, ranking = llama_gqa
+    old = os.umask(mask)
+    try:
+        write_variant(base, ranking, tmp_path / "v", 0.2)
+    finally:
+        os.umask(old)
+    assert (tmp_path / "v").stat().st_mode & 0o777 == 0o777 & ~mask
+    assert {p.stat().st_mode & 0o777 for p in (tmp_path / "v").iterdir()} == {0o666 & ~mask}
+
+
+def test_a_second_writer_to_the_same_out_fails_at_once(llama_gqa, tmp_path):
+    from nestprune.io import atomic
+
+    base, ranking = llama_gqa
+    out = tmp_path / "v"
+    with atomic.lock(out), pytest.raises(NestpruneError, match="being written by another nestprune process"):
+        write_variant(base, ranking, out, 0.2)
+    assert not out.exists() and leftovers(tmp_path, "v") == []
+    write_variant(base, ranking, out, 0.2)  # once the first writer is done
+    assert leftovers(tmp_path, "v") == []
+
+
+def test_stale_temporaries_of_a_killed_writer_are_swept(llama_gqa, tmp_path):
+    import subprocess
+    import sys
+
+    from nestprune.io import atomic
+
+    base, ranking = llama_gqa
+    p = subprocess.Popen([sys.executable, "-c", "pass"])
+    p.wait()
+    stale = tmp_path / f".v.nestprune-tmp.{atomic.HOST}.{p.pid}.0123abcd"
+    stale.mkdir()
+    (stale / "model.safetensors").write_bytes(b"half")
+    write_variant(base, ranking, tmp_path / "v", 0.2)
+    assert leftovers(tmp_path, "v") == []
+
+
 def test_source_returning_wrong_shape_is_refused(llama_gqa, tmp_path):
     base, ranking = llama_gqa
     tensors = load_file(str(base / "model.safetensors"))
@@ -233,6 +304,23 @@ def built(tiny_model_dir, sample_text_file, tmp_path):
     base = tiny_model_dir("mistral")
     cfg = BuildConfig(method="random", samples=2, seq_len=8, batch_size=2, max_sparsity=0.5)
     return base, build_artifact(base, sample_text_file, tmp_path / "art", cfg)
+
+
+def test_artifact_honours_the_umask_and_never_replaces_its_base(tiny_model_dir, sample_text_file, tmp_path):
+    base = tiny_model_dir("llama")
+    cfg = BuildConfig(method="random", samples=2, seq_len=8, batch_size=2, max_sparsity=0.5)
+    old = os.umask(0o022)
+    try:
+        art = build_artifact(base, sample_text_file, tmp_path / "art", cfg)
+    finally:
+        os.umask(old)
+    assert {p.stat().st_mode & 0o777 for p in (art, *art.rglob("*")) if p.is_dir()} == {0o755}
+    before = file_digests(base)
+    for out in (base, tmp_path):
+        with pytest.raises(NestpruneError, match="the input"):
+            build_artifact(base, sample_text_file, out, cfg, force=True)
+    assert file_digests(base) == before and sorted(p.name for p in tmp_path.iterdir()) == [
+        "art", "calib.txt", "llama-0"]
 
 
 def test_materialize_from_artifact_nested_and_verified(built, tmp_path):
@@ -278,6 +366,109 @@ def test_fingerprint_mismatch(built, tmp_path, tiny_model_dir):
     with pytest.raises(NestpruneError, match="config.json differs"):
         materialize(art, other, tmp_path / "cfg", sparsity=0.1)
     assert not (tmp_path / "full").exists() and not (tmp_path / "cfg").exists()
+
+
+def test_force_never_replaces_an_input(built, tmp_path):
+    base, art = built
+
+    def tree(d: Path) -> dict[str, str]:
+        return {str(p.relative_to(d)): hashlib.sha256(p.read_bytes()).hexdigest() for p in d.rglob("*") if p.is_file()}
+
+    before = tree(tmp_path)
+    for out in (base, art, tmp_path):
+        with pytest.raises(NestpruneError, match="the input"):
+            materialize(art, base, out, sparsity=0.2, force=True)
+    assert tree(tmp_path) == before
+
+
+def test_a_missing_artifact_creates_no_directories(built, tmp_path):
+    base, _ = built
+    with pytest.raises(NestpruneError, match="not a nestprune artifact"):
+        materialize(tmp_path / "nope", base, tmp_path / "new" / "deeper" / "v", sparsity=0.2)
+    assert not (tmp_path / "new").exists()
+
+
+def test_verify_needs_a_format_load_variant_reads(built, tmp_path, monkeypatch):
+    from nestprune.variant import writers
+
+    monkeypatch.setitem(writers.WRITERS, "opaque", writers.Writer("opaque", lambda: None, "test"))
+    base, art = built
+    with pytest.raises(NestpruneError, match="--verify .* cannot read --format opaque"):
+        materialize(art, base, tmp_path / "v", sparsity=0.2, verify=True, format="opaque")
+    with pytest.raises(NestpruneError, match="unknown format 'gguf2' \\(use hf"):
+        materialize(art, base, tmp_path / "v", sparsity=0.2, format="gguf2")
+    assert not (tmp_path / "v").exists()
+
+
+SIGTERM_CHILD = """
+import sys, time, pathlib
+import nestprune.variant.hf as hf
+real, calls = hf.write_all, []
+
+def slow(fd, data):
+    real(fd, data)
+    calls.append(1)
+    if len(calls) == 3:  # mid-write
+        pathlib.Path(sys.argv[1]).write_text("writing")
+        time.sleep(120)
+
+hf.write_all = slow
+from nestprune.cli.main import app
+app(sys.argv[2:], prog_name="nestprune")
+"""
+
+
+def test_sigterm_during_cli_materialize_leaves_nothing(built, tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    base, art = built
+    out, marker = tmp_path / "variants" / "v", tmp_path / "marker"
+    child = subprocess.Popen([sys.executable, "-c", SIGTERM_CHILD, str(marker), "materialize", str(art), "--base",
+                              str(base), "--sparsity", "0.3", "--out", str(out)],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not marker.exists():
+            assert child.poll() is None and time.monotonic() < deadline, child.communicate()
+            time.sleep(0.05)
+        assert any(p.name.startswith(".v.nestprune-tmp.") for p in out.parent.iterdir())
+        child.send_signal(signal.SIGTERM)
+        _, err = child.communicate(timeout=60)
+    finally:
+        if child.poll() is None:
+            child.kill()
+    assert child.returncode == 143, err
+    assert "terminated" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert not out.exists() and list(out.parent.iterdir()) == []
+
+
+def test_cli_refuses_a_second_writer_and_an_input_with_one_line(built, tmp_path):
+    from nestprune.cli.main import app
+    from nestprune.io import atomic
+
+    base, art = built
+    runner = CliRunner()
+    with atomic.lock(tmp_path / "v"):
+        res = runner.invoke(app, ["materialize", str(art), "--base", str(base), "--sparsity", "0.3",
+                                  "--out", str(tmp_path / "v")])
+    assert res.exit_code == 2 and res.output.startswith("error:") and "being written" in res.output
+    assert len(res.output.strip().splitlines()) == 1
+    res = runner.invoke(app, ["materialize", str(art), "--base", str(base), "--sparsity", "0.3",
+                              "--out", str(base), "--force"])
+    assert res.exit_code == 2 and res.output.startswith("error:") and "the input" in res.output
+    assert (base / "model.safetensors").exists()
+
+
+def test_cli_choices_come_from_the_registries():
+    from nestprune.cli.materialize import FormatChoice, LayoutChoice
+    from nestprune.variant.widths import WIDTH_POLICIES
+    from nestprune.variant.writers import WRITERS
+
+    assert [c.value for c in LayoutChoice] == list(WIDTH_POLICIES) == ["per-layer", "uniform"]
+    assert [c.value for c in FormatChoice] == list(WRITERS) == ["hf"]
 
 
 # --- CLI ----------------------------------------------------------------------------------------------------

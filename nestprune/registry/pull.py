@@ -83,7 +83,7 @@ def pull(
     inputs = [store.root] if isinstance(store, LocalStore) else []
     if isinstance(cache, ChunkCache):
         inputs.append(cache.root)
-    out = atomic.check_out(Path(out), force, inputs)
+    out = atomic.check_out(Path(out), force, inputs, directory=False)
     record = resolve(store, ref)
     manifest = read_manifest(store, record.digest)
     src = RegistrySource(store, manifest, cache, stats)  # type: ignore[arg-type]

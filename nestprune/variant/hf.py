@@ -207,7 +207,9 @@ def write_weights(out_dir: Path, plans: list[TensorPlan], source: TensorSource, 
 # --- config, manifest, aux files ----------------------------------------------------------------------------
 
 def variant_config(base_config: dict[str, Any], spec: VariantSpec) -> dict[str, Any]:
-    """Uniform: a stock config of the narrower model. Per-layer: the base config plus per-layer widths."""
+    """Widths the same in every layer (``uniform``): a stock config of the narrower model. Otherwise the base
+    config plus every layer's widths under "nestprune" — the per-layer config form ``load_variant`` reads,
+    whichever width policy chose them ("layout" there names that form, not the policy)."""
     cfg = {k: v for k, v in base_config.items() if k != "nestprune"}
     if spec.same_in_every_layer:
         first = spec.layers[0]

@@ -82,7 +82,7 @@ def materialize_variant(
         raise NestpruneError("the variant spec was not planned from this ranking (architecture or GQA mode differs)")
     write = writer(format)
     inputs = (*inputs, aux_dir)
-    atomic.check_out(out_dir, force, inputs)  # before any work
+    atomic.check_out(out_dir, force, inputs, directory=False)  # before any work; the writer checks the rest
     manifest = variant_manifest(spec, base, artifact_digest, requested_params)
     write(spec, source, Path(aux_dir), Path(out_dir), manifest, shard_bytes=shard_bytes, force=force,
           inputs=inputs, progress=progress)
@@ -125,7 +125,7 @@ def materialize(
     if (sparsity is None) == (params is None):
         raise NestpruneError("give exactly one target: --sparsity or --params")
     inputs = (Path(artifact_path), Path(base_dir))
-    atomic.check_out(out, force, inputs)
+    atomic.check_out(out, force, inputs, directory=False)
     if verify and not writer(format).loadable:
         raise NestpruneError(f"--verify reads the variant back with load_variant, which cannot read --format {format}")
     manifest, ranking = read_artifact(Path(artifact_path))

@@ -1,7 +1,7 @@
 """Removal order + target → kept indices per layer (pure: numpy only, no files, no devices).
 
 A *width policy* decides how many heads and channels each layer keeps, and which. Each policy is one
-registered entry (``register_width_policy``): a typed, frozen config class bound to a function
+registered entry (``register_width_policy(WidthPolicy(...))``): a typed, frozen config class bound to a function
 ``(ranking, target, config) -> tuple[LayerKeep, ...]``. A variant is kept widths (this module) × a
 writer (``nestprune.variant.writers``). The policies:
 
@@ -241,27 +241,24 @@ WidthFn = Callable[[Ranking, Target, Any], tuple[LayerKeep, ...]]
 class WidthPolicy:
     """A registered width policy: its config class, the function it is bound to, and what writers need."""
 
-    name: str
-    config: type  # a frozen dataclass with ``name`` and ``multiple_of``
+    config: type  # a frozen dataclass with ``name`` (the --layout value) and ``multiple_of``
     keep: WidthFn  # (ranking, target, config) -> what every layer keeps
     same_in_every_layer: bool  # True: a stock config of the family holds (writers write one)
     help: str
+
+    @property
+    def name(self) -> str:
+        return self.config.name
 
 
 WIDTH_POLICIES: dict[str, WidthPolicy] = {}
 
 
-def register_width_policy(config: type, *, same_in_every_layer: bool, help: str) -> Callable[[WidthFn], WidthFn]:
-    """Bind ``config`` (a frozen dataclass whose ``name`` is the ``--layout`` value) to the decorated function."""
-
-    def bind(fn: WidthFn) -> WidthFn:
-        name = config.name
-        if name in WIDTH_POLICIES:
-            raise ValueError(f"width policy {name!r} is already registered")
-        WIDTH_POLICIES[name] = WidthPolicy(name, config, fn, same_in_every_layer, help)
-        return fn
-
-    return bind
+def register_width_policy(policy: WidthPolicy) -> WidthPolicy:
+    if policy.name in WIDTH_POLICIES:
+        raise ValueError(f"width policy {policy.name!r} is already registered")
+    WIDTH_POLICIES[policy.name] = policy
+    return policy
 
 
 def width_policy(name: str) -> WidthPolicy:
@@ -294,16 +291,12 @@ class Uniform:
         check_multiple_of(self.multiple_of)
 
 
-@register_width_policy(PerLayer, same_in_every_layer=False,
-                       help="the exact GISP subnetwork (load with nestprune.load_variant)")
 def per_layer_keeps(ranking: Ranking, target: Target, config: PerLayer) -> tuple[LayerKeep, ...]:
     arch, attn_kind, ch_kind = ranking.arch, ranking.attention_kind, KIND_CODES["channel"]
     attn_kept, mlp_kept = kept_counts(ranking, target.prefix_len)
     keeps = []
     for layer in range(arch.num_layers):
-        c = int(mlp_kept[layer])
-        if config.multiple_of:
-            c = round_channels(c, arch.intermediate_size, config.multiple_of)
+        c = round_channels(int(mlp_kept[layer]), arch.intermediate_size, config.multiple_of)
         units = last_removed(ranking, layer, attn_kind, int(attn_kept[layer]))
         keeps.append(keep_from_units(ranking.structures, units, last_removed(ranking, layer, ch_kind, c)))
     return tuple(keeps)
@@ -315,16 +308,14 @@ def uniform_widths(ranking: Ranking, prefix_len: int, multiple_of: int | None) -
     attn_kept, mlp_kept = kept_counts(ranking, prefix_len)
     mean_units = attn_kept.mean()
     if arch.is_gqa and ranking.gqa_mode == "query":  # query heads per KV group, every group kept
-        candidates, heads_per, target = range(1, arch.group_size + 1), arch.num_kv_heads, mean_units / arch.num_kv_heads
+        candidates, heads_per, goal = range(1, arch.group_size + 1), arch.num_kv_heads, mean_units / arch.num_kv_heads
     else:  # heads, or whole groups
-        candidates, target = range(1, ranking.structures.attention_units + 1), mean_units
+        candidates, goal = range(1, ranking.structures.attention_units + 1), mean_units
         heads_per = arch.group_size if ranking.structures.attention_kind == "group" else 1
-    attn = nearest([u for u in candidates if stock_head_count_ok(arch, u * heads_per)], target)
+    attn = nearest([u for u in candidates if stock_head_count_ok(arch, u * heads_per)], goal)
     return attn, round_channels(mlp_kept.mean(), arch.intermediate_size, multiple_of, nonzero=True)
 
 
-@register_width_policy(Uniform, same_in_every_layer=True,
-                       help="the same width in every layer, a stock config")
 def uniform_keeps(ranking: Ranking, target: Target, config: Uniform) -> tuple[LayerKeep, ...]:
     arch, attn_kind, ch_kind = ranking.arch, ranking.attention_kind, KIND_CODES["channel"]
     attn, channels = uniform_widths(ranking, target.prefix_len, config.multiple_of)
@@ -338,6 +329,12 @@ def uniform_keeps(ranking: Ranking, target: Target, config: Uniform) -> tuple[La
             units = last_removed(ranking, layer, attn_kind, attn)
         keeps.append(keep_from_units(ranking.structures, units, last_removed(ranking, layer, ch_kind, channels)))
     return tuple(keeps)
+
+
+register_width_policy(WidthPolicy(PerLayer, per_layer_keeps, same_in_every_layer=False,
+                                  help="the exact GISP subnetwork (load with nestprune.load_variant)"))
+register_width_policy(WidthPolicy(Uniform, uniform_keeps, same_in_every_layer=True,
+                                  help="the same width in every layer, a stock config"))
 
 
 def kept_decoder_params(arch: ArchInfo, decoder_params: int, layers: tuple[LayerKeep, ...]) -> int:
