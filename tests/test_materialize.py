@@ -447,6 +447,7 @@ def test_sigterm_during_cli_materialize_leaves_nothing(built, tmp_path):
 
 def test_cli_refuses_a_second_writer_and_an_input_with_one_line(built, tmp_path):
     from nestprune.cli.main import app
+
     from nestprune.io import atomic
 
     base, art = built
@@ -464,6 +465,7 @@ def test_cli_refuses_a_second_writer_and_an_input_with_one_line(built, tmp_path)
 
 def test_cli_choices_come_from_the_registries():
     from nestprune.cli.materialize import FormatChoice, LayoutChoice
+
     from nestprune.variant.widths import WIDTH_POLICIES
     from nestprune.variant.writers import WRITERS
 
