@@ -27,6 +27,26 @@ def dead_pid() -> int:
     return p.pid
 
 
+def record_states(monkeypatch, state) -> list:
+    """Record ``state()`` before and after every call that renames or deletes (os.rename, os.replace,
+    shutil.rmtree, atomic.rename2) from now on; returns the list it fills."""
+    import shutil
+
+    seen: list = []
+
+    def watch(fn):
+        def wrapped(*a, **k):
+            seen.append(state())
+            r = fn(*a, **k)
+            seen.append(state())
+            return r
+        return wrapped
+
+    for mod, name in ((os, "rename"), (os, "replace"), (shutil, "rmtree"), (atomic, "rename2")):
+        monkeypatch.setattr(mod, name, watch(getattr(mod, name)))
+    return seen
+
+
 def entries(directory: Path) -> list[str]:
     return sorted(p.name for p in directory.iterdir())
 
@@ -100,22 +120,12 @@ def test_force_swaps_with_no_moment_where_out_is_missing(tmp_path, monkeypatch):
     """Every rename and delete happens while ``out`` holds the whole old or the whole new output."""
     out = tmp_path / "out"
     write_dir(out, "old")
-    seen = []
 
     def state() -> str:
         names = set(os.listdir(out)) if out.is_dir() else set()
         return "old" if names == {"old", "sub"} else "new" if names == {"new", "sub"} else f"broken {names}"
 
-    def watch(fn):
-        def wrapped(*a, **k):
-            seen.append(state())
-            r = fn(*a, **k)
-            seen.append(state())
-            return r
-        return wrapped
-
-    for mod, name in ((os, "rename"), (os, "replace"), (atomic, "rename2"), (atomic.shutil, "rmtree")):
-        monkeypatch.setattr(mod, name, watch(getattr(mod, name)))
+    seen = record_states(monkeypatch, state)
     write_dir(out, "new", force=True)
     assert seen and set(seen) <= {"old", "new"}, seen
     assert seen[0] == "old" and seen[-1] == "new" and entries(tmp_path) == ["out"]

@@ -207,30 +207,18 @@ def test_interrupted_write_leaves_nothing(llama_gqa, tmp_path, monkeypatch):
 
 
 def test_force_replaces_with_no_moment_where_out_is_missing(llama_gqa, tmp_path, monkeypatch):
-    import shutil
-
-    from nestprune.io import atomic
+    from test_atomic import record_states
 
     base, ranking = llama_gqa
     out = tmp_path / "v"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
-    seen = []
 
     def state() -> str:
         names = set(os.listdir(out)) if out.is_dir() else set()
         return "old" if names == {"keep.txt"} else "new" if "model.safetensors" in names else f"broken {names}"
 
-    def watch(fn):
-        def wrapped(*a, **k):
-            seen.append(state())
-            r = fn(*a, **k)
-            seen.append(state())
-            return r
-        return wrapped
-
-    for mod, name in ((os, "rename"), (os, "replace"), (shutil, "rmtree"), (atomic, "rename2")):
-        monkeypatch.setattr(mod, name, watch(getattr(mod, name)))
+    seen = record_states(monkeypatch, state)
     write_variant(base, ranking, out, 0.2, force=True)
     assert seen and set(seen) <= {"old", "new"} and seen[0] == "old" and seen[-1] == "new", seen
     assert leftovers(tmp_path, "v") == []
@@ -261,15 +249,12 @@ def test_a_second_writer_to_the_same_out_fails_at_once(llama_gqa, tmp_path):
 
 
 def test_stale_temporaries_of_a_killed_writer_are_swept(llama_gqa, tmp_path):
-    import subprocess
-    import sys
+    from test_atomic import dead_pid
 
     from nestprune.io import atomic
 
     base, ranking = llama_gqa
-    p = subprocess.Popen([sys.executable, "-c", "pass"])
-    p.wait()
-    stale = tmp_path / f".v.nestprune-tmp.{atomic.HOST}.{p.pid}.0123abcd"
+    stale = tmp_path / f".v.nestprune-tmp.{atomic.HOST}.{dead_pid()}.0123abcd"
     stale.mkdir()
     (stale / "model.safetensors").write_bytes(b"half")
     write_variant(base, ranking, tmp_path / "v", 0.2)

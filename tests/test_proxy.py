@@ -142,25 +142,11 @@ def test_budget_must_exist(corpus, tmp_path):
 
 
 def test_retraining_replaces_the_proxy_with_no_moment_where_it_is_missing(corpus, tmp_path, monkeypatch):
-    import os
-    import shutil
-
-    from nestprune.io import atomic
+    from test_atomic import record_states
 
     out = tmp_path / "proxy"
     train_proxy(micro_spec(tokens=8 * 32), corpus, out, device="cpu", progress=False)
-    seen = []
-
-    def watch(fn):
-        def wrapped(*a, **k):
-            seen.append((out / "model.safetensors").exists() and (out / "training.json").exists())
-            r = fn(*a, **k)
-            seen.append((out / "model.safetensors").exists() and (out / "training.json").exists())
-            return r
-        return wrapped
-
-    for mod, name in ((os, "rename"), (os, "replace"), (shutil, "rmtree"), (atomic, "rename2")):
-        monkeypatch.setattr(mod, name, watch(getattr(mod, name)))
+    seen = record_states(monkeypatch, lambda: (out / "model.safetensors").exists() and (out / "training.json").exists())
     rec = train_proxy(micro_spec(tokens=2 * 8 * 32), corpus, out, device="cpu", progress=False)
     assert seen and all(seen), seen
     assert read_record(out)["steps"] == rec.steps == 2

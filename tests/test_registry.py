@@ -373,15 +373,6 @@ def test_interrupted_push_leaves_no_visible_version(models, expected, tmp_path):
 
 # --- atomic outputs -----------------------------------------------------------------------------------------
 
-def _dead_pid() -> int:
-    import subprocess
-    import sys
-
-    p = subprocess.Popen([sys.executable, "-c", "pass"])
-    p.wait()
-    return p.pid
-
-
 def test_pull_never_replaces_the_registry_or_the_cache(models, expected, tmp_path):
     base, art = models["gqa"]
     reg = tmp_path / "reg"
@@ -413,6 +404,8 @@ def test_pull_second_writer_fails_at_once_and_force_swaps(models, expected, tmp_
 
 
 def test_a_killed_push_or_pull_leaves_temporaries_the_next_run_sweeps(models, expected, tmp_path):
+    from test_atomic import dead_pid
+
     from nestprune.io import atomic
 
     base, art = models["gqa"]
@@ -420,7 +413,7 @@ def test_a_killed_push_or_pull_leaves_temporaries_the_next_run_sweeps(models, ex
     first = push(reg, art, base, name="m")
     manifest = read_manifest(open_store(reg), first.record.digest)
     blob = reg / blob_key(manifest.tensors["model.layers.1.mlp.up_proj.weight"].blob)
-    pid = _dead_pid()
+    pid = dead_pid()
     stale_blob = blob.with_name(f".{blob.name}.nestprune-tmp.{atomic.HOST}.{pid}.0a")
     stale_blob.write_bytes(b"half a blob")
     blob.unlink()  # as if the push had died writing it

@@ -34,6 +34,7 @@ from typing import Any, ClassVar, Protocol
 import numpy as np
 
 from nestprune.arch import KIND_CODES, ArchInfo, GqaMode, Space, Structures
+from nestprune.entries import Entries
 from nestprune.errors import NestpruneError
 from nestprune.ranking import Ranking, kept_counts
 
@@ -251,21 +252,9 @@ class WidthPolicy:
         return self.config.name
 
 
-WIDTH_POLICIES: dict[str, WidthPolicy] = {}
-
-
-def register_width_policy(policy: WidthPolicy) -> WidthPolicy:
-    if policy.name in WIDTH_POLICIES:
-        raise ValueError(f"width policy {policy.name!r} is already registered")
-    WIDTH_POLICIES[policy.name] = policy
-    return policy
-
-
-def width_policy(name: str) -> WidthPolicy:
-    try:
-        return WIDTH_POLICIES[name]
-    except KeyError:
-        raise NestpruneError(f"unknown layout {name!r} (use {' or '.join(WIDTH_POLICIES)})") from None
+WIDTH_POLICIES: Entries[WidthPolicy] = Entries("layout")
+register_width_policy = WIDTH_POLICIES.register
+width_policy = WIDTH_POLICIES.find
 
 
 def width_config(layout: str, multiple_of: int | None = None) -> WidthConfig:

@@ -23,7 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from nestprune.errors import NestpruneError
+from nestprune.entries import Entries
 
 WriteFn = Callable[..., None]
 DEFAULT_FORMAT = "hf"
@@ -40,21 +40,9 @@ class Writer:
         self.load()(*args, **kwargs)
 
 
-WRITERS: dict[str, Writer] = {}
-
-
-def register_writer(entry: Writer) -> Writer:
-    if entry.name in WRITERS:
-        raise ValueError(f"writer {entry.name!r} is already registered")
-    WRITERS[entry.name] = entry
-    return entry
-
-
-def writer(name: str) -> Writer:
-    try:
-        return WRITERS[name]
-    except KeyError:
-        raise NestpruneError(f"unknown format {name!r} (use {' or '.join(WRITERS)})") from None
+WRITERS: Entries[Writer] = Entries("format")
+register_writer = WRITERS.register
+writer = WRITERS.find
 
 
 def _hf() -> WriteFn:
