@@ -403,8 +403,8 @@ app(sys.argv[2:], prog_name="nestprune")
 """
 
 
-def test_sigterm_during_cli_materialize_leaves_nothing(built, tmp_path):
-    import signal
+@pytest.mark.parametrize("signum,code,word", [(15, 143, "terminated"), (2, 130, "interrupted")])
+def test_sigterm_or_sigint_during_cli_materialize_leaves_nothing(built, tmp_path, signum, code, word):
     import subprocess
     import sys
     import time
@@ -420,13 +420,13 @@ def test_sigterm_during_cli_materialize_leaves_nothing(built, tmp_path):
             assert child.poll() is None and time.monotonic() < deadline, child.communicate()
             time.sleep(0.05)
         assert any(p.name.startswith(".v.nestprune-tmp.") for p in out.parent.iterdir())
-        child.send_signal(signal.SIGTERM)
+        child.send_signal(signum)  # SIGTERM or SIGINT (Ctrl-C)
         _, err = child.communicate(timeout=60)
     finally:
         if child.poll() is None:
             child.kill()
-    assert child.returncode == 143, err
-    assert "terminated" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert child.returncode == code, err
+    assert word in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
     assert not out.exists() and list(out.parent.iterdir()) == []
 
 

@@ -400,7 +400,8 @@ def test_pull_second_writer_fails_at_once_and_force_swaps(models, expected, tmp_
     assert list((tmp_path / "variants").iterdir()) == []  # no scratch directory, no lock file
     pull(f"{reg}/m", out, sparsity=0.5, cache=None)
     pull(f"{reg}/m", out, sparsity=0.3, cache=None, force=True)
-    assert_same_dir(out, expected("gqa", 0.3)) and [p.name for p in (tmp_path / "variants").iterdir()] == ["v"]
+    assert_same_dir(out, expected("gqa", 0.3))
+    assert [p.name for p in (tmp_path / "variants").iterdir()] == ["v"]
 
 
 def test_a_killed_push_or_pull_leaves_temporaries_the_next_run_sweeps(models, expected, tmp_path):
@@ -427,7 +428,8 @@ def test_a_killed_push_or_pull_leaves_temporaries_the_next_run_sweeps(models, ex
     push(reg, art, base, name="m")
     assert blob.exists() and not stale_blob.exists()
     assert not [p for p in reg.rglob(".*") if "nestprune-" in p.name]
-    pull(f"{reg}/m", tmp_path / "v", sparsity=0.3, cache=ChunkCache(cache_dir))
+    res = pull(f"{reg}/m", tmp_path / "v", sparsity=0.3, cache=ChunkCache(cache_dir))
+    assert res.variant_bytes == tensor_bytes(tmp_path / "v")
     assert not stale_scratch.exists() and not stale_chunk.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cache", "reg", "v"]
     assert_same_dir(tmp_path / "v", expected("gqa", 0.3))
