@@ -377,3 +377,20 @@ def test_sigkill_mid_write_leaves_a_temporary_the_next_run_sweeps(tiny_model_dir
     write_variant(base, ranking, out, 0.3, shard_bytes=20_000)
     assert entries(out.parent) == ["v"]
     assert (out / "model.safetensors.index.json").exists()
+
+
+def test_fallback_puts_the_old_output_back_if_the_new_cannot_be_renamed_in(tmp_path, monkeypatch):
+    monkeypatch.setattr(atomic, "_renameat2", None)
+    out = tmp_path / "out"
+    write_dir(out, "old")
+    real_rename = os.rename
+
+    def failing_second_rename(src, dst):
+        if Path(src).name.startswith(".out.nestprune-tmp."):
+            raise OSError(5, "Input/output error")
+        return real_rename(src, dst)
+
+    monkeypatch.setattr(atomic.os, "rename", failing_second_rename)
+    with pytest.raises(OSError, match="Input/output"):
+        write_dir(out, "new", force=True)
+    assert entries(out) == ["old", "sub"] and entries(tmp_path) == ["out"]

@@ -221,10 +221,14 @@ def publish(tmp: Path, out: Path, force: bool = False) -> None:
         if rename2(tmp, out, RENAME_EXCHANGE):
             remove(tmp)  # the old output, now at the temporary's name
             return
-        with tracked(temp_path(out, "old")) as aside:
-            os.rename(out, aside)
+        aside = temp_path(out, "old")
+        os.rename(out, aside)
+        try:
             os.rename(tmp, out)  # the path is missing between these two renames
-            remove(aside)
+        except BaseException:
+            os.rename(aside, out)  # put the old output back
+            raise
+        remove(aside)
         return
     try:
         done = rename2(tmp, out, RENAME_NOREPLACE)
