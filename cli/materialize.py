@@ -93,12 +93,12 @@ def materialize(
     """
     from transformers.utils import logging as hf_logging
 
+    from nestprune.variant.materialize import check_target
     from nestprune.variant.materialize import materialize as run
 
     hf_logging.disable_progress_bar()
 
-    if (sparsity is None) == (params is None):
-        raise NestpruneError("give exactly one target: --sparsity or --params")
+    check_target(sparsity, params)
     n_params = parse_params(params) if params is not None else None
     bar = ByteProgress()
     try:

@@ -67,11 +67,10 @@ def pull(
 
     The directory is byte-identical to what `nestprune materialize` writes for the same artifact and base.
     """
-    from nestprune.errors import NestpruneError
     from nestprune.registry.pull import pull as do_pull
     from nestprune.registry.source import TransferStats
-    if (sparsity is None) == (params is None):
-        raise NestpruneError("give exactly one target: --sparsity or --params")
+    from nestprune.variant.materialize import check_target
+    check_target(sparsity, params)
     n_params = parse_params(params) if params is not None else None
     columns = (TextColumn("pull"), DownloadColumn(), TransferSpeedColumn(), TimeElapsedColumn(),
                TextColumn("{task.fields[info]}"))

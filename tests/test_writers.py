@@ -145,3 +145,14 @@ def test_writer_registry_errors(single_file):
     with pytest.raises(NestpruneError, match="unknown format 'gguf' \\(use hf or safetensors-file\\)"):
         writers.writer("gguf")
     assert writers.writer("hf").loadable and not single_file.loadable
+
+
+def test_listing_policies_and_formats_imports_no_torch():
+    """The CLI builds --layout and --format from the registries at start-up; that must stay light."""
+    import subprocess
+    import sys
+
+    code = ("import sys, nestprune.cli.main, nestprune.variant.writers as w, nestprune.variant.widths as p; "
+            "assert list(w.WRITERS) and list(p.WIDTH_POLICIES); print('torch' in sys.modules)")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert res.stdout.strip() == "False"

@@ -24,7 +24,7 @@ from nestprune.registry.versions import Reference, parse_reference, read_manifes
 from nestprune.schemas.registry import FileRef, VersionRecord
 from nestprune.schemas.variant import VariantManifest
 from nestprune.variant.contents import DEFAULT_SHARD_BYTES, Progress, plan_tensors
-from nestprune.variant.materialize import materialize_variant, plan_target
+from nestprune.variant.materialize import check_target, materialize_variant, plan_target
 from nestprune.variant.widths import VariantSpec
 from nestprune.variant.writers import DEFAULT_FORMAT, writer
 
@@ -72,8 +72,7 @@ def pull(
     for remote registries (S3, HTTP); none for a local directory, which already is a local
     content-addressed store whose chunks are verified on every read.
     """
-    if (sparsity is None) == (params is None):
-        raise NestpruneError("give exactly one target: --sparsity or --params")
+    check_target(sparsity, params)
     writer(format)
     ref = parse_reference(ref) if isinstance(ref, str) else ref
     store = store or open_store(ref.registry)

@@ -38,11 +38,15 @@ def variant_manifest(spec: VariantSpec, base: BaseFingerprint | None = None, art
     )
 
 
+def check_target(sparsity: float | None, params: int | str | None) -> None:
+    if (sparsity is None) == (params is None):
+        raise NestpruneError("give exactly one target: --sparsity or --params")
+
+
 def plan_target(ranking: Ranking, sparsity: float | None, params: int | None, layout: str,
                 multiple_of: int | None) -> VariantSpec:
     """The spec for exactly one target: a ``sparsity``, or a total parameter count (``params``)."""
-    if (sparsity is None) == (params is None):
-        raise NestpruneError("give exactly one target: --sparsity or --params")
+    check_target(sparsity, params)
     target = sparsity if sparsity is not None else sparsity_for_params(ranking, int(params))  # type: ignore[arg-type]
     return plan_variant(ranking, target, layout, multiple_of)
 
@@ -122,8 +126,7 @@ def materialize(
     from nestprune.artifact import read_artifact
     from nestprune.io.fingerprint import check_fingerprint
 
-    if (sparsity is None) == (params is None):
-        raise NestpruneError("give exactly one target: --sparsity or --params")
+    check_target(sparsity, params)
     inputs = (Path(artifact_path), Path(base_dir))
     atomic.check_out(out, force, inputs, directory=False)
     if verify and not writer(format).loadable:
