@@ -2,7 +2,7 @@
 
 ``take(name, axis, index)`` returns tensor ``name`` restricted to ``index`` (ascending original
 indices) along ``axis``, or whole when ``index`` is None. Implementations: local safetensors files
-(here) and the registry's nested layout (nestprune.registry).
+(here) and a registry version in nested order (nestprune.registry.source).
 """
 
 from __future__ import annotations
