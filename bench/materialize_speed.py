@@ -94,13 +94,13 @@ def write_base(model_dir: Path, a: argparse.Namespace, shard_bytes: int = 500 * 
 def write_random_artifact(model_dir: Path, out: Path) -> None:
     """A random removal order over every structure (prunable layers first), written as a real artifact."""
     import numpy as np
-    from nestprune.schemas.artifact import ArtifactManifest, ObjectiveInfo, RankingInfo, ScheduleInfo
 
     from nestprune.arch import KIND_CODES, Structures, arch_from_config
     from nestprune.artifact import arch_summary, ranking_sha256, write_artifact
     from nestprune.io.fingerprint import fingerprint
     from nestprune.io.weights import SafetensorsSource
     from nestprune.ranking import RANKING_FIELDS, Ranking
+    from nestprune.schemas.artifact import ArtifactManifest, ObjectiveInfo, RankingInfo, ScheduleInfo
 
     cfg = json.loads((model_dir / "config.json").read_text())
     with SafetensorsSource(model_dir) as src:

@@ -6,8 +6,6 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from nestprune.cli.common import console, friendly
-from nestprune.schemas.artifact import StepRecord
 from rich.progress import (
     BarColumn,
     Progress,
@@ -16,6 +14,9 @@ from rich.progress import (
     TimeElapsedColumn,
     TimeRemainingColumn,
 )
+
+from nestprune.cli.common import console, friendly
+from nestprune.schemas.artifact import StepRecord
 
 
 class RichReporter:

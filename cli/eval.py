@@ -8,9 +8,10 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from nestprune.cli.common import console, friendly, is_tty, out
 from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
+
+from nestprune.cli.common import console, friendly, is_tty, out
 
 
 def _load(path: Path, device: str, dtype: str):

@@ -7,8 +7,9 @@ from typing import Annotated
 
 import numpy as np
 import typer
-from nestprune.cli.common import friendly, out
 from rich.table import Table
+
+from nestprune.cli.common import friendly, out
 
 
 def inspect(

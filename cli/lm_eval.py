@@ -8,8 +8,9 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from nestprune.cli.common import friendly, out
 from rich.table import Table
+
+from nestprune.cli.common import friendly, out
 
 
 def _table(model: str, tasks: dict[str, dict[str, Any]]) -> Table:

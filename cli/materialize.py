@@ -8,7 +8,6 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from nestprune.cli.common import console, friendly, out
 from rich.progress import (
     BarColumn,
     DownloadColumn,
@@ -18,6 +17,7 @@ from rich.progress import (
     TransferSpeedColumn,
 )
 
+from nestprune.cli.common import console, friendly, out
 from nestprune.errors import NestpruneError
 from nestprune.variant.widths import WIDTH_POLICIES
 from nestprune.variant.writers import DEFAULT_FORMAT, WRITERS
@@ -41,6 +41,8 @@ LayoutOption = Annotated[LayoutChoice, typer.Option(help=_choices_help(WIDTH_POL
 MultipleOfOption = Annotated[int | None, typer.Option("--multiple-of", min=1, help="round kept MLP widths to a multiple (e.g. 64, 128)")]
 FormatOption = Annotated[FormatChoice, typer.Option("--format", help="output format; " + _choices_help(WRITERS))]
 ForceOption = Annotated[bool, typer.Option("--force", help="replace an existing --out")]
+GgufTypeOption = Annotated[str | None, typer.Option("--gguf-type", help="--format gguf: f32 | f16 | bf16 for the matrices (default f16; vectors are f32)")]
+TokenizerPreOption = Annotated[str | None, typer.Option("--tokenizer-pre", help="--format gguf: llama.cpp pre-tokenizer name when it cannot be recognised from tokenizer.json (e.g. llama-bpe, qwen2, gpt-2)")]
 DEFAULT_LAYOUT = LayoutChoice("per-layer")
 DEFAULT_FORMAT_CHOICE = FormatChoice(DEFAULT_FORMAT)
 
@@ -86,6 +88,8 @@ def materialize(
     verify: Annotated[bool, typer.Option("--verify", help="check fp32 logits against the masked base model (≤ 1e-5) on 3 fixed prompts; loads both in fp32")] = False,
     full_check: Annotated[bool, typer.Option("--full-check", help="check the sha256 of every base file, not only names and sizes")] = False,
     format: FormatOption = DEFAULT_FORMAT_CHOICE,
+    gguf_type: GgufTypeOption = None,
+    tokenizer_pre: TokenizerPreOption = None,
 ) -> None:
     """Write a model directory at one size from ARTIFACT and the base weights, in seconds, on CPU.
 
@@ -104,7 +108,7 @@ def materialize(
     try:
         res = run(artifact, base, out_dir, sparsity=sparsity, params=n_params, layout=layout.value,
                   multiple_of=multiple_of, force=force, verify=verify, full_check=full_check, progress=bar,
-                  format=format.value)
+                  format=format.value, writer_options={"gguf_type": gguf_type, "tokenizer_pre": tokenizer_pre})
     finally:
         bar.stop()
     s = res.spec

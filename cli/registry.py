@@ -6,20 +6,23 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.progress import DownloadColumn, Progress, TextColumn, TimeElapsedColumn, TransferSpeedColumn
+from rich.table import Table
+
 from nestprune.cli.common import console, friendly, out
 from nestprune.cli.materialize import (  # the same targets, shapes and formats as `nestprune materialize`
     DEFAULT_FORMAT_CHOICE,
     DEFAULT_LAYOUT,
     ForceOption,
     FormatOption,
+    GgufTypeOption,
     LayoutOption,
     MultipleOfOption,
     ParamsOption,
     SparsityOption,
+    TokenizerPreOption,
     parse_params,
 )
-from rich.progress import DownloadColumn, Progress, TextColumn, TimeElapsedColumn, TransferSpeedColumn
-from rich.table import Table
 
 REGISTRY_HELP = "a directory (default ~/.cache/nestprune/registry), s3://bucket/prefix or https://host/prefix"
 
@@ -62,6 +65,8 @@ def pull(
     force: ForceOption = False,
     no_cache: Annotated[bool, typer.Option("--no-cache", help="do not use or fill the local chunk cache ($NESTPRUNE_CACHE or ~/.cache/nestprune/chunks; used for S3 and HTTP registries)")] = False,
     format: FormatOption = DEFAULT_FORMAT_CHOICE,
+    gguf_type: GgufTypeOption = None,
+    tokenizer_pre: TokenizerPreOption = None,
 ) -> None:
     """Write a size variant of REF, reading and verifying only the chunks it keeps.
 
@@ -80,6 +85,7 @@ def pull(
             task, completed=s.fetched, info=f"{_mib(s.cached)} from cache"))
         res = do_pull(ref, out_dir, sparsity=sparsity, params=n_params, layout=layout.value,
                       multiple_of=multiple_of, force=force, stats=stats, format=format.value,
+                      writer_options={"gguf_type": gguf_type, "tokenizer_pre": tokenizer_pre},
                       **({"cache": None} if no_cache else {}))
     s, m = res.stats, res.manifest
     console.print(

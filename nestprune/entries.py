@@ -34,4 +34,6 @@ class Entries(dict[str, E], Generic[E]):
         try:
             return self[name]
         except KeyError:
-            raise NestpruneError(f"unknown {self.option} {name!r} (use {' or '.join(self)})") from None
+            names = list(self)
+            choices = " or ".join(names) if len(names) < 3 else ", ".join(names[:-1]) + " or " + names[-1]
+            raise NestpruneError(f"unknown {self.option} {name!r} (use {choices})") from None

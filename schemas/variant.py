@@ -9,8 +9,9 @@ from __future__ import annotations
 
 from typing import Literal
 
-from nestprune.schemas.artifact import BaseFingerprint
 from pydantic import BaseModel, ConfigDict, Field
+
+from nestprune.schemas.artifact import BaseFingerprint
 
 VARIANT_SCHEMA_VERSIONS = ("1",)
 VARIANT_MANIFEST_NAME = "nestprune_variant.json"

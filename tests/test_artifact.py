@@ -7,20 +7,20 @@ import lzma
 from pathlib import Path
 
 import jsonschema
-import nestprune.schemas as schemas
 import numpy as np
 import pytest
 import zarr
-from nestprune.cli.main import app
-from nestprune.schemas.artifact import ArtifactManifest
-from nestprune.schemas.export import documents, render
 from typer.testing import CliRunner
 
+import nestprune.schemas as schemas
 from nestprune.artifact import MANIFEST_KEY, parse_manifest, read_artifact, read_manifest
 from nestprune.build import BuildConfig, build_artifact
+from nestprune.cli.main import app
 from nestprune.errors import NestpruneError
 from nestprune.io.text import read_documents
 from nestprune.rank.calibration import sample_windows
+from nestprune.schemas.artifact import ArtifactManifest
+from nestprune.schemas.export import documents, render
 
 runner = CliRunner()
 SCHEMA_DIR = Path(schemas.__file__).parent

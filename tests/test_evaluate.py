@@ -221,8 +221,9 @@ def test_exact_match_counts_extracted_answers(llama, tok):
 
 
 def test_cli_eval_json_and_table(tiny_model_dir, tmp_path):
-    from nestprune.cli.main import app
     from typer.testing import CliRunner
+
+    from nestprune.cli.main import app
 
     model_dir = tiny_model_dir("llama", num_layers=2)
     text = tmp_path / "valid.txt"
@@ -254,8 +255,9 @@ def test_cli_eval_json_and_table(tiny_model_dir, tmp_path):
 
 
 def test_cli_eval_errors_are_one_line(tiny_model_dir, tmp_path):
-    from nestprune.cli.main import app
     from typer.testing import CliRunner
+
+    from nestprune.cli.main import app
 
     runner = CliRunner()
     res = runner.invoke(app, ["eval", str(tmp_path), "--ppl", str(tmp_path / "missing.txt")])
@@ -271,10 +273,10 @@ def test_cli_eval_errors_are_one_line(tiny_model_dir, tmp_path):
 
 
 def test_cli_eval_of_a_per_layer_variant(tiny_model_dir, sample_text_file, tmp_path):
-    from nestprune.cli.main import app
     from typer.testing import CliRunner
 
     from nestprune.build import BuildConfig, build_artifact
+    from nestprune.cli.main import app
     from nestprune.variant.materialize import materialize
 
     base = tiny_model_dir("llama-gqa", num_hidden_layers=4)

@@ -385,3 +385,47 @@ def test_unsupported_rotary_scaling_is_refused(tiny_model_dir, tmp_path):
     base, var, spec, _ = build(tiny_model_dir, tmp_path, "llama", "per-layer", sparsity=0.3, rope_parameters=rope)
     with SafetensorsSource(base) as src, pytest.raises(NestpruneError, match="rotary scaling 'yarn'"):
         write_gguf(spec, src, base, tmp_path / "v.gguf")
+
+
+def test_materialize_and_pull_write_gguf_through_the_cli(tiny_model_dir, tmp_path, sample_text_file):
+    """`materialize --format gguf` = the library writer; `pull --format gguf` writes the same bytes; the writer's
+    options are refused for other formats."""
+    llama_cpp()
+    from typer.testing import CliRunner
+
+    from nestprune.cli.main import app
+
+    run = CliRunner().invoke
+    base = tiny_model_dir("llama-gqa")
+    art = tmp_path / "a.nestprune"
+    r = run(app, ["build", str(base), "--data", str(sample_text_file), "--out", str(art), "--samples", "4",
+                  "--seq-len", "16", "--steps", "4", "--max-sparsity", "0.5"])
+    assert r.exit_code == 0, r.output
+    gg, hf = tmp_path / "v.gguf", tmp_path / "v-hf"
+    r = run(app, ["materialize", str(art), "--base", str(base), "--out", str(gg), "--sparsity", "0.3",
+                  "--format", "gguf", "--gguf-type", "f32"])
+    assert r.exit_code == 0, r.output
+    r = run(app, ["materialize", str(art), "--base", str(base), "--out", str(hf), "--sparsity", "0.3"])
+    assert r.exit_code == 0, r.output
+    prompts = tokenize(hf, ["the kernel maps each page", "python reads the file in order"])
+    want = hf_logits(load_variant(hf, dtype=torch.float32), prompts)
+    got = gguf_logits(gg, prompts)
+    for a, b in zip(got, want, strict=True):
+        assert np.abs(a - b).max() <= 1e-4 * max(1.0, np.abs(b).max())
+
+    reg = tmp_path / "reg"
+    r = run(app, ["push", str(art), "--base", str(base), str(reg), "--name", "tiny"])
+    assert r.exit_code == 0, r.output
+    pulled = tmp_path / "p.gguf"
+    r = run(app, ["pull", f"{reg}/tiny:latest", "--out", str(pulled), "--sparsity", "0.3", "--format", "gguf",
+                  "--gguf-type", "f32"])
+    assert r.exit_code == 0, r.output
+    assert pulled.read_bytes() == gg.read_bytes()
+
+    r = run(app, ["materialize", str(art), "--base", str(base), "--out", str(tmp_path / "x"), "--sparsity", "0.3",
+                  "--gguf-type", "f16"])
+    assert r.exit_code != 0 and "--gguf-type does not apply to --format hf" in r.output
+    assert not (tmp_path / "x").exists()
+    r = run(app, ["materialize", str(art), "--base", str(base), "--out", str(tmp_path / "y.gguf"), "--sparsity",
+                  "0.3", "--format", "gguf", "--verify"])
+    assert r.exit_code != 0 and "--verify" in r.output

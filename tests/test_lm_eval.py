@@ -7,11 +7,11 @@ import json
 from pathlib import Path
 
 import pytest
-from nestprune.cli.main import app
 from test_slicing import synthetic_ranking
 from typer.testing import CliRunner
 
 from nestprune.arch import arch_from_config
+from nestprune.cli.main import app
 from nestprune.io.weights import SafetensorsSource
 from nestprune.variant.materialize import materialize_variant
 from nestprune.variant.widths import plan_variant

@@ -10,7 +10,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from nestprune.schemas.variant import VARIANT_MANIFEST_NAME, VariantManifest
 from safetensors import safe_open
 from safetensors.torch import load_file
 from test_slicing import synthetic_ranking
@@ -21,6 +20,7 @@ import nestprune.variant.hf as hf
 from nestprune.build import BuildConfig, build_artifact
 from nestprune.errors import NestpruneError
 from nestprune.io.weights import SafetensorsSource
+from nestprune.schemas.variant import VARIANT_MANIFEST_NAME, VariantManifest
 from nestprune.variant.hf import INDEX_NAME, safetensors_header
 from nestprune.variant.load import load_variant
 from nestprune.variant.materialize import materialize, materialize_variant
@@ -432,7 +432,6 @@ def test_sigterm_or_sigint_during_cli_materialize_leaves_nothing(built, tmp_path
 
 def test_cli_refuses_a_second_writer_and_an_input_with_one_line(built, tmp_path):
     from nestprune.cli.main import app
-
     from nestprune.io import atomic
 
     base, art = built
@@ -450,12 +449,11 @@ def test_cli_refuses_a_second_writer_and_an_input_with_one_line(built, tmp_path)
 
 def test_cli_choices_come_from_the_registries():
     from nestprune.cli.materialize import FormatChoice, LayoutChoice
-
     from nestprune.variant.widths import WIDTH_POLICIES
     from nestprune.variant.writers import WRITERS
 
     assert [c.value for c in LayoutChoice] == list(WIDTH_POLICIES) == ["per-layer", "uniform"]
-    assert [c.value for c in FormatChoice] == list(WRITERS) == ["hf"]
+    assert [c.value for c in FormatChoice] == list(WRITERS) == ["hf", "gguf"]
 
 
 # --- CLI ----------------------------------------------------------------------------------------------------
@@ -500,8 +498,9 @@ def test_parse_params():
 
 
 def test_variant_manifest_round_trip_and_exported_schema(llama_gqa, tmp_path):
-    from nestprune.schemas.export import HERE, render
     from pydantic import ValidationError
+
+    from nestprune.schemas.export import HERE, render
 
     base, ranking = llama_gqa
     write_variant(base, ranking, tmp_path / "v", 0.3, requested_params=12345)

@@ -11,7 +11,6 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import SAMPLE_TEXT, make_tiny_model, save_tiny_model
-from nestprune.schemas.registry import RegistryIndex, TagRecord, VersionManifestV1, VersionRecord
 from registry_servers import http_server, s3_server
 
 from nestprune.build import BuildConfig, build_artifact
@@ -29,6 +28,7 @@ from nestprune.registry import (
 from nestprune.registry.pull import pull
 from nestprune.registry.stores import LocalStore
 from nestprune.registry.versions import Reference, blob_key, read_manifest, set_tag
+from nestprune.schemas.registry import RegistryIndex, TagRecord, VersionManifestV1, VersionRecord
 from nestprune.variant.materialize import materialize
 
 
@@ -489,8 +489,9 @@ def test_registry_documents_round_trip(models, tmp_path):
 
 
 def test_cli_push_list_tag_pull(models, expected, tmp_path, monkeypatch):
-    from nestprune.cli.main import app
     from typer.testing import CliRunner
+
+    from nestprune.cli.main import app
 
     monkeypatch.setenv("NESTPRUNE_CACHE", str(tmp_path / "cache"))
     base, art = models["gqa"]

@@ -9,7 +9,6 @@ from typing import ClassVar
 import numpy as np
 import pytest
 import torch
-from nestprune.schemas.variant import VariantManifest
 from safetensors import safe_open
 from safetensors.torch import load_file
 from test_slicing import synthetic_ranking, tiny_arch
@@ -17,6 +16,7 @@ from test_variant import ranking_for, reference, write_variant
 
 from nestprune.errors import NestpruneError
 from nestprune.io import atomic
+from nestprune.schemas.variant import VariantManifest
 from nestprune.variant import widths, writers
 from nestprune.variant.contents import plan_tensors, take
 from nestprune.variant.load import load_variant
@@ -83,7 +83,7 @@ def test_width_registry_errors(channels_only):
     r = synthetic_ranking(tiny_arch("llama"))
     with pytest.raises(ValueError, match="already registered"):
         register_width_policy(channels_only)
-    with pytest.raises(NestpruneError, match="unknown layout 'diagonal' \\(use per-layer or uniform or channels-only\\)"):
+    with pytest.raises(NestpruneError, match="unknown layout 'diagonal' \\(use per-layer, uniform or channels-only\\)"):
         plan_variant(r, 0.1, "diagonal")
     with pytest.raises(NestpruneError, match="multiple-of"):
         PerLayer(multiple_of=0)
@@ -142,9 +142,13 @@ def test_a_new_writer_is_one_entry(single_file, tiny_model_dir, tmp_path):
 def test_writer_registry_errors(single_file):
     with pytest.raises(ValueError, match="already registered"):
         register_writer(single_file)
-    with pytest.raises(NestpruneError, match="unknown format 'gguf' \\(use hf or safetensors-file\\)"):
-        writers.writer("gguf")
-    assert writers.writer("hf").loadable and not single_file.loadable
+    with pytest.raises(NestpruneError, match="unknown format 'onnx' \\(use hf, gguf or safetensors-file\\)"):
+        writers.writer("onnx")
+    assert writers.writer("hf").loadable and not single_file.loadable and not writers.writer("gguf").loadable
+    with pytest.raises(NestpruneError, match="--gguf-type does not apply to --format hf \\(it applies to --format gguf\\)"):
+        writers.writer("hf").check_options({"gguf_type": "f16", "tokenizer_pre": None})
+    assert writers.writer("hf").check_options({"gguf_type": None}) == {}
+    assert writers.writer("gguf").check_options({"gguf_type": "f32", "tokenizer_pre": None}) == {"gguf_type": "f32"}
 
 
 def test_listing_policies_and_formats_imports_no_torch():

@@ -11,8 +11,10 @@ artifact and aux files are rebuilt in a scratch directory next to ``out`` (``ato
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from nestprune.artifact import read_artifact
 from nestprune.errors import NestpruneError
@@ -65,6 +67,7 @@ def pull(
     shard_bytes: int = DEFAULT_SHARD_BYTES,
     store: Store | None = None,
     format: str = DEFAULT_FORMAT,
+    writer_options: Mapping[str, Any] | None = None,
 ) -> PullResult:
     """Write the variant of ``ref`` (``REGISTRY/NAME[:TAG|@DIGEST]``) at one target to ``out``.
 
@@ -73,7 +76,7 @@ def pull(
     content-addressed store whose chunks are verified on every read.
     """
     check_target(sparsity, params)
-    writer(format)
+    writer(format).check_options(writer_options or {})
     ref = parse_reference(ref) if isinstance(ref, str) else ref
     store = store or open_store(ref.registry)
     if cache is _DEFAULT:  # a local registry is itself a local content-addressed store: no second copy
@@ -97,7 +100,7 @@ def pull(
         written = materialize_variant(
             src, ranking, spec, aux_dir, out, format=format, base=a_manifest.base,
             artifact_digest=a_manifest.digest(), requested_params=params, shard_bytes=shard_bytes, force=force,
-            inputs=inputs, progress=progress,
+            inputs=inputs, progress=progress, writer_options=writer_options,
         )
     variant_bytes = sum(p.nbytes for p in plan_tensors(src, spec))
     return PullResult(out_dir=out, record=record, spec=spec, manifest=written, stats=src.stats,

@@ -14,9 +14,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from nestprune import __version__
 from nestprune.arch import TensorSlice
 from nestprune.errors import NestpruneError
 from nestprune.io.weights import DTYPE_NAMES, TensorSource
+from nestprune.schemas.artifact import BaseFingerprint
+from nestprune.schemas.variant import LayerKept, VariantManifest
 from nestprune.variant.widths import VariantSpec
 
 # Files copied verbatim from the aux directory (tokenizer, generation settings, licence).
@@ -89,3 +92,17 @@ def aux_files(aux_dir: Path) -> list[Path]:
     """Tokenizer, generation and licence files of a model directory (what a variant copies), sorted."""
     found = {p for pat in AUX_PATTERNS for p in Path(aux_dir).glob(pat) if p.is_file()}
     return sorted(found, key=lambda p: p.name)
+
+
+def variant_manifest(spec: VariantSpec, base: BaseFingerprint | None = None, artifact_digest: str | None = None,
+                     requested_params: int | None = None) -> VariantManifest:
+    return VariantManifest(
+        nestprune_version=__version__, base=base, artifact_digest=artifact_digest,
+        model_type=spec.arch.model_type, layout=spec.layout, gqa_mode=spec.gqa_mode,
+        multiple_of=spec.multiple_of, requested_sparsity=spec.requested_sparsity,
+        requested_params=requested_params, achieved_sparsity=spec.achieved_sparsity, prefix_len=spec.prefix_len,
+        decoder_params=spec.decoder_params, kept_decoder_params=spec.kept_decoder_params,
+        total_params=spec.total_params,
+        layers=[LayerKept(heads=k.heads.tolist(), kv_heads=k.kv_heads.tolist(), kv_of_head=k.kv_of_head.tolist(),
+                          channels=k.channels.tolist()) for k in spec.layers],
+    )

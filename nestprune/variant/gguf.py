@@ -39,9 +39,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -54,6 +52,7 @@ from nestprune.errors import NestpruneError
 from nestprune.io.weights import TensorSource
 from nestprune.ranking import Ranking
 from nestprune.schemas.artifact import BaseFingerprint
+from nestprune.schemas.variant import VariantManifest
 from nestprune.variant.widths import LayerKeep, VariantSpec
 
 GgufType = Literal["f32", "f16", "bf16"]
@@ -313,16 +312,6 @@ def out_itemsize(shape: tuple[int, ...], gguf_type: str) -> int:
 
 # --- the writer ---------------------------------------------------------------------------------------------
 
-def check_out_file(out_path: Path, force: bool) -> Path:
-    out_path = Path(out_path)
-    if out_path.exists() and not force:
-        raise NestpruneError(f"{out_path} already exists; pass --force to replace it")
-    if out_path.is_dir():
-        raise NestpruneError(f"{out_path} is a directory; give a file name such as model.gguf")
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    return out_path
-
-
 def write_gguf(
     spec: VariantSpec,
     source: TensorSource,
@@ -337,6 +326,7 @@ def write_gguf(
     tokenizer_pre: str | None = None,
     name: str | None = None,
     force: bool = False,
+    inputs: Iterable[Path] = (),
     progress: Progress | None = None,
 ) -> Path:
     """Write the variant ``spec`` of the model behind ``source`` as one GGUF file at ``out_path``.
@@ -344,37 +334,52 @@ def write_gguf(
     spec       ``plan_variant(ranking, sparsity, layout, multiple_of)``
     source     every base tensor, by checkpoint key (``SafetensorsSource(base_dir)`` or a registry's store)
     aux_dir    a directory holding the base ``config.json`` and its tokenizer files
-    out_path   written atomically (temporary sibling + rename); refused if it exists unless ``force``
+    out_path   written atomically (``nestprune.io.atomic``); refused if it exists unless ``force``
     gguf_type  f32 | f16 | bf16 for matrices (1-D tensors are F32)
     ranking    when given, checked to be the one ``spec`` was planned from
     base, artifact_digest, requested_params   provenance, stored as the ``nestprune.variant`` JSON string
     tokenizer_pre  llama.cpp pre-tokenizer name, when it cannot be recognised from tokenizer.json
     progress   called after each tensor with (GGUF name, bytes written, bytes in total)
     """
+    from nestprune.variant.contents import variant_manifest
+
+    if ranking is not None and spec.structures != ranking.structures:
+        raise NestpruneError("the variant spec was not planned from this ranking (architecture or GQA mode differs)")
+    manifest = variant_manifest(spec, base, artifact_digest, requested_params)
+    write(spec, source, aux_dir, out_path, manifest, force=force, inputs=inputs, progress=progress,
+          gguf_type=gguf_type, tokenizer_pre=tokenizer_pre, name=name)
+    return Path(out_path)
+
+
+def write(spec: VariantSpec, source: TensorSource, aux_dir: Path, out: Path, manifest: VariantManifest, *,
+          shard_bytes: int | None = None, force: bool = False, inputs: Iterable[Path] = (),
+          progress: Progress | None = None, gguf_type: GgufType = "f16", tokenizer_pre: str | None = None,
+          name: str | None = None) -> None:
+    """The ``--format gguf`` writer (``nestprune.variant.writers``): one file, never sharded."""
     import gguf
 
+    from nestprune.io import atomic
     from nestprune.variant.gguf_vocab import add_vocab, read_vocab
-    from nestprune.variant.materialize import variant_manifest
 
     if gguf_type not in GGUF_TYPES:
         raise NestpruneError(f"unknown GGUF type {gguf_type!r} (use {', '.join(GGUF_TYPES)})")
-    if ranking is not None and spec.structures != ranking.structures:
-        raise NestpruneError("the variant spec was not planned from this ranking (architecture or GQA mode differs)")
-    aux_dir = Path(aux_dir)
+    aux_dir, out = Path(aux_dir), Path(out)
+    if out.is_dir():
+        raise NestpruneError(f"{out} is a directory; give a file name such as model.gguf")
     if not (aux_dir / "config.json").exists():
         raise NestpruneError(f"{aux_dir} has no config.json")
+    atomic.check_out(out, force, inputs, directory=False)
     config = json.loads((aux_dir / "config.json").read_text())
-    out_path = check_out_file(out_path, force)
     names = list(source.names())
     shapes = {n: tuple(source.shape(n)) for n in names}
     plan = plan_gguf(spec, names, shapes)  # before any write: refusals come first
     arch = spec.arch
     theta, scaling, rope_factors = rope_settings(config, arch.head_dim)
     vocab = read_vocab(aux_dir, arch.vocab_size, tokenizer_pre)
-    manifest = variant_manifest(spec, base, artifact_digest, requested_params)
 
     w = gguf.GGUFWriter(None, plan.arch)
-    write_metadata(w, plan, arch, config, gguf_type, theta, scaling, name or aux_dir.name)
+    default_name = Path(manifest.base.path).name if manifest.base is not None else aux_dir.name
+    write_metadata(w, plan, arch, config, gguf_type, theta, scaling, name or default_name)
     w.add_string("nestprune.variant", json.dumps(manifest.model_dump(mode="json"), separators=(",", ":")))
     add_vocab(w, vocab)
     qtype = {"f32": gguf.GGMLQuantizationType.F32, "f16": gguf.GGMLQuantizationType.F16,
@@ -389,31 +394,23 @@ def write_gguf(
         raw = gguf.GGMLQuantizationType.F32 if size == 4 else qtype[gguf_type]
         w.add_tensor_info(t.name, t.shape, np.dtype(np.float32 if size == 4 else np.float16), nbytes, raw_dtype=raw)
         total += nbytes
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{out_path.name}.", suffix=".tmp", dir=out_path.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        w.write_header_to_file(tmp)
-        w.write_kv_data_to_file()
-        w.write_ti_data_to_file()
-        done = 0
-        if rope_factors is not None:
-            w.write_tensor_data(rope_factors)
-            done += rope_factors.nbytes
-        for t in plan.tensors:
-            data, _ = to_numpy(read_tensor(source, t), gguf_type)
-            w.write_tensor_data(data)
-            done += data.nbytes
-            if progress is not None:
-                progress(t.name, done, total)
-        w.close()
-        os.chmod(tmp, 0o644)
-        tmp.replace(out_path)
-    except BaseException:
-        w.close()
-        tmp.unlink(missing_ok=True)
-        raise
-    return out_path
+    with atomic.output_file(out, force=force, inputs=inputs) as tmp:
+        try:
+            w.write_header_to_file(tmp)
+            w.write_kv_data_to_file()
+            w.write_ti_data_to_file()
+            done = 0
+            if rope_factors is not None:
+                w.write_tensor_data(rope_factors)
+                done += rope_factors.nbytes
+            for t in plan.tensors:
+                data, _ = to_numpy(read_tensor(source, t), gguf_type)
+                w.write_tensor_data(data)
+                done += data.nbytes
+                if progress is not None:
+                    progress(t.name, done, total)
+        finally:
+            w.close()
 
 
 def write_metadata(w: Any, plan: GgufPlan, arch: ArchInfo, config: dict[str, Any], gguf_type: str, theta: float,

@@ -8,34 +8,20 @@ base, plan the widths, write, and optionally verify.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from nestprune import __version__
 from nestprune.errors import NestpruneError
 from nestprune.io import atomic
 from nestprune.io.weights import SafetensorsSource, TensorSource
 from nestprune.ranking import Ranking
 from nestprune.schemas.artifact import BaseFingerprint
-from nestprune.schemas.variant import LayerKept, VariantManifest
-from nestprune.variant.contents import DEFAULT_SHARD_BYTES, Progress
+from nestprune.schemas.variant import VariantManifest
+from nestprune.variant.contents import DEFAULT_SHARD_BYTES, Progress, variant_manifest
 from nestprune.variant.widths import VariantSpec, plan_variant, sparsity_for_params
 from nestprune.variant.writers import DEFAULT_FORMAT, writer
-
-
-def variant_manifest(spec: VariantSpec, base: BaseFingerprint | None = None, artifact_digest: str | None = None,
-                     requested_params: int | None = None) -> VariantManifest:
-    return VariantManifest(
-        nestprune_version=__version__, base=base, artifact_digest=artifact_digest,
-        model_type=spec.arch.model_type, layout=spec.layout, gqa_mode=spec.gqa_mode,
-        multiple_of=spec.multiple_of, requested_sparsity=spec.requested_sparsity,
-        requested_params=requested_params, achieved_sparsity=spec.achieved_sparsity, prefix_len=spec.prefix_len,
-        decoder_params=spec.decoder_params, kept_decoder_params=spec.kept_decoder_params,
-        total_params=spec.total_params,
-        layers=[LayerKept(heads=k.heads.tolist(), kv_heads=k.kv_heads.tolist(), kv_of_head=k.kv_of_head.tolist(),
-                          channels=k.channels.tolist()) for k in spec.layers],
-    )
 
 
 def check_target(sparsity: float | None, params: int | str | None) -> None:
@@ -66,6 +52,7 @@ def materialize_variant(
     force: bool = False,
     inputs: Iterable[Path] = (),
     progress: Progress | None = None,
+    writer_options: Mapping[str, Any] | None = None,
 ) -> VariantManifest:
     """Write the variant ``spec`` of the model behind ``source`` at ``out_dir`` with the writer ``format``.
 
@@ -78,6 +65,7 @@ def materialize_variant(
     base, artifact_digest, requested_params   provenance recorded in ``nestprune_variant.json``
     shard_bytes  above this many bytes of tensors the weights are split (HF: shards with an index)
     progress   called after each tensor with (name, bytes written, bytes in total)
+    writer_options  settings of the writer ``format`` (e.g. gguf: ``gguf_type``); refused by other writers
 
     Returns the manifest written. Output bytes depend only on the arguments' contents, never on the source
     type, its tensor order or the clock.
@@ -85,11 +73,12 @@ def materialize_variant(
     if spec.structures != ranking.structures:
         raise NestpruneError("the variant spec was not planned from this ranking (architecture or GQA mode differs)")
     write = writer(format)
+    write.check_options(writer_options or {})
     inputs = (*inputs, aux_dir)
     atomic.check_out(out_dir, force, inputs, directory=False)  # before any work; the writer checks the rest
     manifest = variant_manifest(spec, base, artifact_digest, requested_params)
     write(spec, source, Path(aux_dir), Path(out_dir), manifest, shard_bytes=shard_bytes, force=force,
-          inputs=inputs, progress=progress)
+          inputs=inputs, progress=progress, options=writer_options)
     return manifest
 
 
@@ -117,6 +106,7 @@ def materialize(
     shard_bytes: int = DEFAULT_SHARD_BYTES,
     progress: Progress | None = None,
     format: str = DEFAULT_FORMAT,
+    writer_options: Mapping[str, Any] | None = None,
 ) -> MaterializeResult:
     """Artifact + base weights + one target (``sparsity`` or total ``params``) → a loadable variant at ``out``.
 
@@ -129,6 +119,7 @@ def materialize(
     check_target(sparsity, params)
     inputs = (Path(artifact_path), Path(base_dir))
     atomic.check_out(out, force, inputs, directory=False)
+    writer(format).check_options(writer_options or {})
     if verify and not writer(format).loadable:
         raise NestpruneError(f"--verify reads the variant back with load_variant, which cannot read --format {format}")
     manifest, ranking = read_artifact(Path(artifact_path))
@@ -138,7 +129,7 @@ def materialize(
         written = materialize_variant(
             source, ranking, spec, Path(base_dir), Path(out), format=format, base=manifest.base,
             artifact_digest=manifest.digest(), requested_params=params, shard_bytes=shard_bytes,
-            force=force, inputs=inputs, progress=progress,
+            force=force, inputs=inputs, progress=progress, writer_options=writer_options,
         )
     diff = None
     if verify:
