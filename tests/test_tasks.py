@@ -23,7 +23,9 @@ from nestprune.evaluate.tasks import (
     write_documents,
 )
 from nestprune.io.text import read_documents
-from nestprune.objectives import AnswerObjective, MarginObjective, join_choice
+from nestprune.objectives.answer import AnswerObjective
+from nestprune.objectives.items import join_choice
+from nestprune.objectives.margin import MarginObjective
 
 CORPUS = Path(__file__).resolve().parents[2] / "shared" / "corpus"
 SUBSYSTEMS = ["page", "lock", "irq", "dma", "usb", "pci", "net", "fs", "mm", "tty", "gpio", "clk"]
