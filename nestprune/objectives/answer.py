@@ -7,22 +7,17 @@ off. Lengths, truncation and batching: ``nestprune.objectives.sequences``.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
-
-import torch
 
 from nestprune.errors import NestpruneError
 from nestprune.io.text import sha256_file
 from nestprune.objectives import AnswerConfig
-from nestprune.objectives.base import Batch
 from nestprune.objectives.items import AnswerItem, encode_pairs, read_answer_items
 from nestprune.objectives.sequences import (
     DEFAULT_PERCENTILE,
     LabelledSequences,
-    bos_head,
-    length_rule,
     pad_token_id,
     prepare_groups,
     select_items,
@@ -84,13 +79,12 @@ class AnswerObjective:
             if not a:
                 raise NestpruneError(f"the response of the item with prompt {it.prompt[:40]!r} tokenises to nothing")
             groups.append([(p, a)])
-        kept, limit, truncated = prepare_groups(
-            groups, seq_len=seq_len, percentile=percentile, max_tokens=max_tokens,
-            keep_head=[bos_head(tokenizer, g[0][0]) for g in groups],
-        )
+        kept, limit, truncated = prepare_groups(groups, tokenizer, seq_len=seq_len, percentile=percentile,
+                                                max_tokens=max_tokens)
         sequences = [g[0] for g in kept]
         weights = [1.0 / len(sequences)] * len(sequences)
         self.data = LabelledSequences(sequences, weights, pad_token_id(tokenizer), limit, truncated, batch_tokens)
+        self.batches, self.loss = self.data.batches, self.data.loss  # the objective is its sequences'
         self.chat_template_applied = use_template
         self._prov = {
             "objective": "answer",
@@ -98,12 +92,7 @@ class AnswerObjective:
             "sha256": sha256,
             "items_available": len(items),
             "items": len(sequences),
-            "tokens_used": self.data.tokens_used,
-            "answer_tokens": self.data.answer_tokens,
-            "seq_len": limit,
-            "seq_len_rule": length_rule(percentile, seq_len),
-            "truncated": truncated,
-            "truncation": "left (prompt only)",
+            **self.data.provenance(percentile, seq_len),
             "chat_template": use_template,
             "chat_template_requested": chat_template,
             "separator": None if use_template else separator,
@@ -116,12 +105,6 @@ class AnswerObjective:
     def from_jsonl(cls, path: Path, tokenizer, **kwargs) -> AnswerObjective:
         path = Path(path)
         return cls(read_answer_items(path), tokenizer, source=str(path), sha256=sha256_file(path), **kwargs)
-
-    def batches(self, batch_size: int) -> Iterator[Batch]:
-        return self.data.batches(batch_size)
-
-    def loss(self, model: torch.nn.Module, batch: Batch) -> torch.Tensor:
-        return self.data.loss(model, batch)
 
     def provenance(self) -> dict[str, Any]:
         return dict(self._prov)

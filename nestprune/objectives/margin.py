@@ -11,22 +11,17 @@ batch. Lengths, truncation and batching: ``nestprune.objectives.sequences``.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
-
-import torch
 
 from nestprune.errors import NestpruneError
 from nestprune.io.text import sha256_file
 from nestprune.objectives import MarginConfig
-from nestprune.objectives.base import Batch
 from nestprune.objectives.items import ChoiceItem, encode_pairs, join_choice, read_choice_items
 from nestprune.objectives.sequences import (
     DEFAULT_PERCENTILE,
     LabelledSequences,
-    bos_head,
-    length_rule,
     pad_token_id,
     prepare_groups,
     select_items,
@@ -70,10 +65,8 @@ class MarginObjective:
                     raise NestpruneError(f"choice {c!r} of the item with prompt {it.prompt[:40]!r} tokenises to nothing")
             groups.append(g)
             labels.append(it.answer)
-        kept, limit, truncated = prepare_groups(
-            groups, seq_len=seq_len, percentile=percentile, max_tokens=max_tokens,
-            keep_head=[bos_head(tokenizer, g[0][0]) for g in groups],
-        )
+        kept, limit, truncated = prepare_groups(groups, tokenizer, seq_len=seq_len, percentile=percentile,
+                                                max_tokens=max_tokens)
         sequences, positive = [], []
         for g, ans in zip(kept, labels, strict=False):
             for j, s in enumerate(g):
@@ -84,6 +77,7 @@ class MarginObjective:
             raise NestpruneError("the margin objective needs incorrect choices; every item has only one")
         weights = [1.0 / n_pos if pos else -1.0 / n_neg for pos in positive]
         self.data = LabelledSequences(sequences, weights, pad_token_id(tokenizer), limit, truncated, batch_tokens)
+        self.batches, self.loss = self.data.batches, self.data.loss  # the objective is its sequences'
         self.positive = positive
         self.items_used = len(kept)
         self._prov = {
@@ -95,12 +89,7 @@ class MarginObjective:
             "sequences": len(sequences),
             "positives": n_pos,
             "negatives": n_neg,
-            "tokens_used": self.data.tokens_used,
-            "answer_tokens": self.data.answer_tokens,
-            "seq_len": limit,
-            "seq_len_rule": length_rule(percentile, seq_len),
-            "truncated": truncated,
-            "truncation": "left (prompt only)",
+            **self.data.provenance(percentile, seq_len),
             "prompt_template": prompt_template,
             "separator": separator,
             "max_tokens": max_tokens,
@@ -111,12 +100,6 @@ class MarginObjective:
     def from_jsonl(cls, path: Path, tokenizer, **kwargs) -> MarginObjective:
         path = Path(path)
         return cls(read_choice_items(path), tokenizer, source=str(path), sha256=sha256_file(path), **kwargs)
-
-    def batches(self, batch_size: int) -> Iterator[Batch]:
-        return self.data.batches(batch_size)
-
-    def loss(self, model: torch.nn.Module, batch: Batch) -> torch.Tensor:
-        return self.data.loss(model, batch)
 
     def provenance(self) -> dict[str, Any]:
         return dict(self._prov)

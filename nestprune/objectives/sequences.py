@@ -13,6 +13,7 @@ import math
 import random
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -124,6 +125,12 @@ class LabelledSequences:
     def answer_tokens(self) -> int:
         return sum(len(a) for _, a in self.sequences)
 
+    def provenance(self, percentile: float, cap: int | None) -> dict[str, Any]:
+        """What the sequences used: tokens, the length limit and its rule, truncation."""
+        return {"tokens_used": self.tokens_used, "answer_tokens": self.answer_tokens, "seq_len": self.seq_len,
+                "seq_len_rule": length_rule(percentile, cap), "truncated": self.truncated,
+                "truncation": "left (prompt only)"}
+
 
 def select_items(n_items: int, samples: int | None, seed: int) -> list[int]:
     """A seeded random subset of ``samples`` item indices (all of them, shuffled, when None)."""
@@ -138,15 +145,17 @@ def select_items(n_items: int, samples: int | None, seed: int) -> list[int]:
 
 def prepare_groups(
     groups: list[list[tuple[list[int], list[int]]]],
+    tokenizer,
     *,
     seq_len: int | None,
     percentile: float,
     max_tokens: int | None,
-    keep_head: list[int],
 ) -> tuple[list[list[tuple[list[int], list[int]]]], int, int]:
     """Length limit + left truncation + token budget over groups of sequences (one group per item;
     a group is kept or dropped whole). The limit is the ``percentile`` of the lengths, capped at
-    ``seq_len`` when given. Returns (kept groups, length limit, truncated count)."""
+    ``seq_len`` when given; a leading BOS survives truncation. Returns (kept groups, length limit,
+    truncated count)."""
+    keep_head = [bos_head(tokenizer, g[0][0]) for g in groups]
     if seq_len is not None and seq_len < 2:
         raise NestpruneError(f"sequence length must be at least 2, got {seq_len}")
     from_data = length_limit([len(p) + len(a) for g in groups for p, a in g], percentile)
