@@ -11,8 +11,8 @@ from nestprune.arch import KIND_CODES, Structures, arch_from_config
 from nestprune.artifact import read_artifact
 from nestprune.build import BuildConfig, build_artifact, rank_model
 from nestprune.objectives.lm import LanguageModeling
-from nestprune.rank.gisp import accumulate_gradients
 from nestprune.rank.calibration import CalibrationSet, sample_windows, tokenize_documents
+from nestprune.rank.gisp import accumulate_gradients
 from nestprune.rank.mask import masks_from_ranking
 from nestprune.rank.schedule import select_pruned, threshold_k
 from nestprune.rank.score import layer_scores, normalise
