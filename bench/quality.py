@@ -3,14 +3,14 @@
 Stages, each cached under ``--workdir`` (default ``runs/bench/<scale>``) so an interrupted run resumes:
 
 1. corpus     byte-level BPE trained on ``shared/corpus/train.txt.xz``; train/valid token streams.
-2. proxies    one small LLM per family (llama-mha, llama-gqa, qwen3), ``nestprune.proxy``.
+2. proxies    one small LLM per family (llama-mha, llama-gqa, qwen3), ``nestprune.evaluate.proxy``.
 3. builds     every method (gisp, gisp-oneshot, wanda-sp, magnitude, random) on calibration windows from
               train, one artifact each (``build_artifact``), ranked up to the largest target sparsity;
               plus dedicated builds per target: a one-shot build cut at that target, and (``--dedicated
               gisp``) an iterative GISP build whose whole schedule ends at that target.
 4. variants   ``materialize`` each artifact at 10 … 50 % parameter sparsity (per-layer layout),
               ``load_variant`` it and measure perplexity on valid (non-overlapping 128-token windows,
-              ``nestprune.evaluate``), then delete the variant directory.
+              ``nestprune.evaluate.metrics``), then delete the variant directory.
 5. report     ``bench/results/<name>.md`` (one table per model, the ratios the issue asks for) and
               ``<name>.png`` (PPL vs sparsity). Every number in them comes from this run's results file.
 

@@ -1,6 +1,6 @@
 """Task-aligned benchmark (issue 5, Deliver 3): does calibrating GISP on the task beat calibrating on text?
 
-Per proxy (Llama-style MHA, Llama-3-style GQA, Qwen3-style; ``nestprune.proxy`` presets), three GISP
+Per proxy (Llama-style MHA, Llama-3-style GQA, Qwen3-style; ``nestprune.evaluate.proxy`` presets), three GISP
 builds that differ only in the objective — ``lm`` (random windows of train text), ``margin`` (the
 identifier-cloze decision task's calibration items, from valid) and ``answer`` (the generated problems'
 calibration items) — each with the same calibration token budget; variants at 30/40/50 % parameter
@@ -9,13 +9,13 @@ sparsity (per-layer layout) evaluated on
   * the generation task's evaluation items: exact match (greedy, first line), lm- vs answer-calibrated;
   * perplexity on a slice of valid (context: what LM calibration optimises);
 plus the dense model. The proxies are trained on a train mix with a share of generated problems
-(``nestprune.tasks.mix_problems``; held-out calibration/evaluation prompts never appear), so that exact
+(``nestprune.evaluate.tasks.mix_problems``; held-out calibration/evaluation prompts never appear), so that exact
 match is measurable; the dense EM is checked before anything is built.
 
 Stages are cached under ``--workdir`` (default ``runs/bench-task/<scale>``; one ``results.json``,
 written after every entry), so an interrupted run resumes where it stopped:
 
-1. tasks      decision files (``nestprune.tasks.build_decision_files``: calib from valid, eval from
+1. tasks      decision files (``nestprune.evaluate.tasks.build_decision_files``: calib from valid, eval from
               test), generation files, the train mix (a seeded subset of train + problems)
 2. corpus     byte-level BPE on the train mix; train/valid token streams (``prepare_corpus``)
 3. proxies    ``load_or_train_proxy`` per family
@@ -52,7 +52,7 @@ SPARSITIES = (0.3, 0.4, 0.5)
 class ScaleSettings:
     """What differs between the CPU and the GPU run (the main ones overridable on the command line)."""
 
-    proxy_scale: str  # nestprune.proxy preset shape
+    proxy_scale: str  # nestprune.evaluate.proxy preset shape
     train_tokens: int  # proxy training budget
     train_batch: int  # windows per optimizer step (small: more steps for the same tokens)
     max_train_chars: int  # train text (before problems are mixed in)
