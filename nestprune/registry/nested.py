@@ -1,6 +1,6 @@
-"""The nested layout (pure: tensors and ints in, tensors and bytes out; no I/O).
+"""The nested order of registry packs (pure: tensors and ints in, tensors and bytes out; no I/O).
 
-Within each decoder layer, heads / KV groups / MLP channels are permuted into the reverse of the
+How a registry stores a tensor so that any variant reads a prefix of it. Within each decoder layer, heads / KV groups / MLP channels are permuted into the reverse of the
 layer's removal order — most important first — and every prunable tensor is stored with its pruned
 axis as the row axis (o_proj and down_proj transposed). A variant of any sparsity then keeps, in each
 layer, a *prefix* of the stored units, so its bytes are a prefix of every prunable pack. The
@@ -29,16 +29,10 @@ import torch
 from nestprune.arch import KIND_CODES, ArchInfo, Space
 from nestprune.errors import NestpruneError
 from nestprune.ranking import Ranking
+from nestprune.variant.widths import expand
 
 WHOLE_CHUNK_BYTES = 4 << 20
 DEFAULT_CHANNEL_BLOCK = 32  # 256 KiB chunks at hidden 4096 in bf16; a pull over-reads < 32 channels a layer
-
-DTYPE_NAMES: dict[torch.dtype, str] = {
-    torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
-    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
-    torch.bool: "BOOL",
-}
-DTYPES: dict[str, torch.dtype] = {v: k for k, v in DTYPE_NAMES.items()}
 
 
 @dataclass(frozen=True)
@@ -87,7 +81,7 @@ def layer_units(ranking: Ranking) -> dict[int, LayerUnits]:
                           f"MLP channels of layer {layer}")
         if group_mode:  # a KV head and its query heads, the query heads in their original order
             gs = arch.group_size
-            q = (a[:, None] * gs + np.arange(gs)[None, :]).reshape(-1)
+            q = expand(a, gs)
             kv = a
         else:
             q = a
@@ -121,13 +115,8 @@ def to_stored(t: torch.Tensor, where: Placement | None, units: dict[int, LayerUn
         return t.contiguous()
     rows = t.t() if where.axis == 1 else t
     order = units[where.layer].order(where.space)
-    perm = torch.as_tensor(unit_rows_of(order, where.unit_rows))
+    perm = torch.as_tensor(expand(order, where.unit_rows))
     return rows.index_select(0, perm).contiguous()
-
-
-def unit_rows_of(units: np.ndarray, width: int) -> np.ndarray:
-    """Element rows of a list of units, each ``width`` rows wide: [2, 0] w=2 -> [4, 5, 0, 1]."""
-    return (np.asarray(units, dtype=np.int64)[:, None] * width + np.arange(width)[None, :]).reshape(-1)
 
 
 def stored_rows(index: np.ndarray, order: np.ndarray, width: int) -> np.ndarray:
