@@ -163,7 +163,7 @@ def build_artifact(
     cfg = config or BuildConfig()
     cfg.validate()
     model_dir, out = Path(model_dir), Path(out)
-    prepare_out(out, force)
+    prepare_out(out, force, inputs=(model_dir, data))  # before any work: --out may not be an input
     arch = read_arch(model_dir)
     started = time.perf_counter()
     device = resolve_device(cfg.device)
@@ -185,7 +185,7 @@ def build_artifact(
     manifest = _manifest(cfg, arch, result, fp, objective, objective_config, total_params,
                          dtype=str(dtype).removeprefix("torch."), device=device_name(device),
                          seconds=time.perf_counter() - started)
-    return write_artifact(out, manifest, result.ranking, force=force)
+    return write_artifact(out, manifest, result.ranking, force=force, inputs=(data,))
 
 
 def _manifest(cfg: BuildConfig, arch: ArchInfo, result: RankResult, fp: Any, objective: Objective,
