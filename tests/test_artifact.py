@@ -179,6 +179,14 @@ def test_cli_build_errors(case, tiny_model_dir, sample_text_file, tmp_path):
     assert not list(tmp_path.glob(".art.*"))  # no temporary leftovers
 
 
+def test_out_may_not_be_an_input(tiny_model_dir, sample_text_file, tmp_path):
+    model_dir = tiny_model_dir("llama")
+    for out, what in ((model_dir, "is the input"), (tmp_path, "holds the input"), (sample_text_file, "is the input")):
+        line = _err(_build_cli(model_dir, sample_text_file, out, "--force"))
+        assert f"--out {out} {what}" in line
+    assert (model_dir / "model.safetensors").exists() and sample_text_file.exists()
+
+
 def test_interrupted_build_leaves_nothing(tiny_model_dir, sample_text_file, tmp_path, monkeypatch):
     import nestprune.artifact as artifact_mod
 

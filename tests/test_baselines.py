@@ -10,9 +10,10 @@ import pytest
 import torch
 from conftest import make_tiny_model
 
-from nestprune.arch import KIND_CODES, Structures, arch_from_config
+from nestprune.arch import KIND_CODES, Structures, arch_from_config, decoder_param_count
 from nestprune.errors import NestpruneError
 from nestprune.rank import baselines as bl
+from nestprune.rank import wanda as wd
 from nestprune.ranking import kept_counts
 
 FAMILIES = ("llama", "llama-gqa", "qwen2", "qwen3")
@@ -51,11 +52,11 @@ def _check_complete(r, arch, gqa_mode, prunable_layers):
 def test_every_baseline_ranks_every_structure_once(name, gqa_mode):
     model, arch = _setup(name)
     prunable = arch.prunable_layers(0.2, 1)
-    dp = bl.decoder_param_count(model, arch)
+    dp = decoder_param_count(model, arch)
     rankings = [
-        bl.wanda_sp_ranking(model, Structures(arch, gqa_mode), _windows(), batch_size=4, skip_first_frac=0.2,
+        wd.wanda_sp_ranking(model, Structures(arch, gqa_mode), _windows(), batch_size=4, skip_first_frac=0.2,
                             skip_last=1, decoder_params=dp),
-        bl.wanda_sp_ranking(model, Structures(arch, gqa_mode), _windows(), batch_size=4, skip_first_frac=0.2,
+        wd.wanda_sp_ranking(model, Structures(arch, gqa_mode), _windows(), batch_size=4, skip_first_frac=0.2,
                             skip_last=1, convention="full", steps=7),
         bl.magnitude_ranking(model, Structures(arch, gqa_mode), skip_first_frac=0.2, skip_last=1),
         bl.random_ranking(Structures(arch, gqa_mode), seed=3, decoder_params=dp, skip_first_frac=0.2, skip_last=1),
@@ -91,7 +92,7 @@ def test_input_norms_equal_brute_force_and_skip_padding():
     model, arch = _setup("llama-gqa")
     w = _windows(5, 10)
     mods = ("self_attn.q_proj", "self_attn.o_proj", "mlp.down_proj")
-    sq, tokens = bl.input_sq_norms(model, arch, w, modules=mods, batch_size=2)
+    sq, tokens = wd.input_sq_norms(model, arch, w, modules=mods, batch_size=2)
     brute = _brute_input_norms(model, arch, w, mods)
     assert tokens == 50 and set(sq) == set(brute)
     for k in brute:
@@ -99,8 +100,8 @@ def test_input_norms_equal_brute_force_and_skip_padding():
     # padded batches: positions with attention_mask 0 do not count
     pad = torch.cat([w[:2], torch.zeros(2, 4, dtype=torch.long)], 1)
     mask = torch.cat([torch.ones(2, 10), torch.zeros(2, 4)], 1).long()
-    sq_pad, tokens_pad = bl.input_sq_norms(model, arch, [{"input_ids": pad, "attention_mask": mask}], modules=mods)
-    sq_ref, _ = bl.input_sq_norms(model, arch, w[:2], modules=mods)
+    sq_pad, tokens_pad = wd.input_sq_norms(model, arch, [{"input_ids": pad, "attention_mask": mask}], modules=mods)
+    sq_ref, _ = wd.input_sq_norms(model, arch, w[:2], modules=mods)
     assert tokens_pad == 20
     for k in sq_ref:
         torch.testing.assert_close(sq_pad[k], sq_ref[k], rtol=1e-4, atol=1e-6)
@@ -110,7 +111,7 @@ def test_input_norms_equal_brute_force_and_skip_padding():
 def test_wanda_sp_scores_follow_the_flap_definition(name, gqa_mode):
     model, arch = _setup(name)
     w = _windows()
-    r = bl.wanda_sp_ranking(model, Structures(arch, gqa_mode), w, skip_first_frac=0.2)
+    r = wd.wanda_sp_ranking(model, Structures(arch, gqa_mode), w, skip_first_frac=0.2)
     norms = _brute_input_norms(model, arch, w, ("self_attn.o_proj", "mlp.down_proj"))
     akind = Structures(arch, gqa_mode).attention_code
     for layer in range(arch.num_layers):
@@ -132,7 +133,7 @@ def test_wanda_sp_scores_follow_the_flap_definition(name, gqa_mode):
 def test_wanda_sp_full_convention_sums_every_owned_weight():
     model, arch = _setup("llama")  # MHA: a head owns q/k/v rows and o columns
     w = _windows()
-    r = bl.wanda_sp_ranking(model, Structures(arch), w, convention="full")
+    r = wd.wanda_sp_ranking(model, Structures(arch), w, convention="full")
     mods = ("self_attn.q_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.down_proj")
     norms = _brute_input_norms(model, arch, w, mods)
     layer, h, j = 2, 1, 5
@@ -158,7 +159,7 @@ def test_wanda_sp_full_convention_sums_every_owned_weight():
                                                   ("qwen3", "group", None)])
 def test_wanda_sp_removes_the_same_share_in_every_prunable_layer(name, gqa_mode, steps):
     model, arch = _setup(name, num_layers=6)
-    r = bl.wanda_sp_ranking(model, Structures(arch, gqa_mode), _windows(), steps=steps)
+    r = wd.wanda_sp_ranking(model, Structures(arch, gqa_mode), _windows(), steps=steps)
     prunable = arch.prunable_layers()
     never = [layer for layer in range(arch.num_layers) if layer not in prunable]
     n_attn, n_mlp = Structures(arch, gqa_mode).attention_units, arch.intermediate_size
@@ -176,14 +177,14 @@ def test_wanda_sp_removes_the_same_share_in_every_prunable_layer(name, gqa_mode,
     for k in np.random.default_rng(0).integers(1, r.num_removed, 20).tolist():
         attn, mlp = kept_counts(r, k)
         assert np.ptp(attn[prunable]) <= 1 and np.ptp(mlp[prunable]) <= 1
-        b = bl.step_boundary_prefix(r, k)
+        b = wd.step_boundary_prefix(r, k)
         assert b >= k and (b == r.num_removed or r.step[b] != r.step[k - 1])
 
 
 def test_wanda_sp_max_sparsity_stops_at_a_step_boundary():
     model, arch = _setup("llama", num_layers=6)
-    full = bl.wanda_sp_ranking(model, Structures(arch), _windows())
-    cut = bl.wanda_sp_ranking(model, Structures(arch), _windows(), max_sparsity=0.3)
+    full = wd.wanda_sp_ranking(model, Structures(arch), _windows())
+    cut = wd.wanda_sp_ranking(model, Structures(arch), _windows(), max_sparsity=0.3)
     assert np.array_equal(cut.index, full.index) and np.array_equal(cut.layer, full.layer)  # same order
     assert 0.3 <= cut.max_sparsity < 0.3 + 0.05
     k = cut.num_removed
@@ -194,12 +195,12 @@ def test_wanda_sp_max_sparsity_stops_at_a_step_boundary():
 def test_wanda_sp_rejects_bad_input():
     model, arch = _setup("llama", num_layers=2)
     with pytest.raises(NestpruneError, match="no prunable layer"):
-        bl.wanda_sp_ranking(model, Structures(arch), _windows(), skip_first_frac=0.5, skip_last=1)
+        wd.wanda_sp_ranking(model, Structures(arch), _windows(), skip_first_frac=0.5, skip_last=1)
     model, arch = _setup("llama")
     with pytest.raises(NestpruneError, match="convention"):
-        bl.wanda_sp_ranking(model, Structures(arch), _windows(), convention="sum")
+        wd.wanda_sp_ranking(model, Structures(arch), _windows(), convention="sum")
     with pytest.raises(NestpruneError, match="non-empty"):
-        bl.wanda_sp_ranking(model, Structures(arch), torch.zeros(0, 4, dtype=torch.long))
+        wd.wanda_sp_ranking(model, Structures(arch), torch.zeros(0, 4, dtype=torch.long))
 
 
 # --------------------------------------------------------------------------------------- magnitude, random
@@ -260,23 +261,26 @@ def test_random_is_seed_reproducible():
 # --------------------------------------------------------------------------------------- build entry
 
 
-def test_ranking_for_returns_trajectory_for_the_build():
+def test_registered_baselines_return_a_trajectory_for_the_build():
     from nestprune.schemas.artifact import StepRecord
 
+    from nestprune.rank.methods import RANKERS, RankJob, rank
+
     model, arch = _setup("llama", num_layers=6)
-    cfg = SimpleNamespace(batch_size=4, seed=0, gqa_mode="query", normalisation="reference", skip_first_frac=0.1,
-                          skip_last=1, max_sparsity=0.25)
     objective = SimpleNamespace(calib=SimpleNamespace(windows=_windows()))
+    job = RankJob(model=model, structures=Structures(arch, "query"), objective=objective, batch_size=4, seed=0,
+                  max_sparsity=0.25, skip_first_frac=0.1, skip_last=1)
     for method in ("wanda-sp", "magnitude", "random"):
-        ranking, traj, planned = bl.ranking_for(method, model, arch, objective, cfg)
+        result = rank(RANKERS.config_class(method)(), job)
+        ranking, traj, planned = result.ranking, result.trajectory, result.steps_planned
         assert traj and all(isinstance(t, StepRecord) for t in traj)
         assert traj[-1].structures_removed == ranking.num_removed
         assert traj[-1].param_sparsity == pytest.approx(ranking.max_sparsity)
         if method == "wanda-sp":
             assert planned == arch.intermediate_size and 0.25 <= ranking.max_sparsity < 0.3
             assert len(traj) <= 257 and [t.step for t in traj] == sorted({t.step for t in traj})
-    with pytest.raises(NestpruneError, match="unknown baseline"):
-        bl.ranking_for("snip", model, arch, objective, cfg)
+    with pytest.raises(NestpruneError, match="--method must be one of .*; got 'snip'"):
+        RANKERS.config_class("snip")
 
 
 @pytest.mark.parametrize("method", ["wanda-sp", "magnitude", "random"])
@@ -292,7 +296,7 @@ def test_each_baseline_writes_a_valid_artifact(method, tiny_model_dir, sample_te
     _check_complete(ranking, ranking.arch, "query", ranking.arch.prunable_layers())
     assert ranking.max_sparsity >= 0.3
     k = ranking.prefix_for_sparsity(0.3)
-    attn, mlp = kept_counts(ranking, bl.step_boundary_prefix(ranking, k))
+    attn, mlp = kept_counts(ranking, wd.step_boundary_prefix(ranking, k))
     prunable = ranking.arch.prunable_layers()
     if method == "wanda-sp":  # a step boundary: the same share in every prunable layer
         assert np.ptp(attn[prunable]) == 0 and np.ptp(mlp[prunable]) == 0

@@ -9,9 +9,10 @@ from conftest import FAMILY_CONFIGS, SAMPLE_TEXT, make_tiny_model
 
 from nestprune.arch import KIND_CODES, Structures, arch_from_config
 from nestprune.artifact import read_artifact
-from nestprune.build import BuildConfig, accumulate_gradients, build_artifact, gisp_ranking
-from nestprune.objectives.base import LanguageModeling
+from nestprune.build import BuildConfig, build_artifact, rank_model
+from nestprune.objectives.lm import LanguageModeling
 from nestprune.rank.calibration import CalibrationSet, sample_windows, tokenize_documents
+from nestprune.rank.gisp import accumulate_gradients
 from nestprune.rank.mask import masks_from_ranking
 from nestprune.rank.schedule import select_pruned, threshold_k
 from nestprune.rank.score import layer_scores, normalise
@@ -120,11 +121,14 @@ def test_select_pruned_matches_sorting():
 
 def _run(model, tokenizer, **cfg):
     arch = _arch(model)
-    base = dict(samples=6, seq_len=24, batch_size=3, steps=8, r_max=0.6)
+    base = dict(samples=6, seq_len=24, batch_size=3, r_max=0.6)
+    if cfg.get("method", "gisp") == "gisp":
+        base["steps"] = 8
     base.update(cfg)
     c = BuildConfig(**base)
-    calib = _calib(tokenizer, c.samples, c.seq_len, c.seed)
-    return gisp_ranking(model, arch, LanguageModeling(calib), c)
+    calib = _calib(tokenizer, c.objective.samples, c.objective.seq_len, c.seed)
+    result = rank_model(model, arch, LanguageModeling(calib), c)
+    return result.ranking, result.trajectory, result.steps_planned
 
 
 @pytest.mark.parametrize("family,gqa_mode", [("llama", "query"), ("llama-gqa", "query"), ("qwen2", "group")])
