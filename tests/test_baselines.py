@@ -262,9 +262,8 @@ def test_random_is_seed_reproducible():
 
 
 def test_registered_baselines_return_a_trajectory_for_the_build():
-    from nestprune.schemas.artifact import StepRecord
-
     from nestprune.rank.methods import RANKERS, RankJob, rank
+    from nestprune.schemas.artifact import StepRecord
 
     model, arch = _setup("llama", num_layers=6)
     objective = SimpleNamespace(calib=SimpleNamespace(windows=_windows()))

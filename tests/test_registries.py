@@ -12,12 +12,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from nestprune.cli.main import app
 from typer.testing import CliRunner
 
 from nestprune.arch import KIND_CODES
 from nestprune.artifact import parse_manifest, read_artifact
 from nestprune.build import BuildConfig, build_artifact
+from nestprune.cli.main import app
 from nestprune.config import Registry, config, option, params, record
 from nestprune.errors import NestpruneError
 from nestprune.objectives import (
