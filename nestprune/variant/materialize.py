@@ -82,9 +82,10 @@ def natural_key(name: str) -> list[Any]:
 
 
 def sliced_tensors(spec: VariantSpec) -> dict[str, tuple[int, TensorSlice]]:
-    """Checkpoint key → (layer, slice) for every tensor the spec cuts."""
+    """Checkpoint key → (layer, first segment) for every tensor the spec cuts."""
     arch = spec.arch
-    return {arch.layer_key(layer, s.name): (layer, s) for layer in range(arch.num_layers) for s in arch.slices()}
+    return {arch.layer_key(layer, name): (layer, arch.segments(name)[0])
+            for layer in range(arch.num_layers) for name in arch.tensor_names()}
 
 
 def plan_tensors(source: TensorSource, spec: VariantSpec) -> list[TensorPlan]:
@@ -102,7 +103,7 @@ def plan_tensors(source: TensorSource, spec: VariantSpec) -> list[TensorPlan]:
             plans.append(TensorPlan(name, 0, None, shape, dtype))
             continue
         layer, s = cut[name]
-        index = spec.rows(layer, s.space)
+        index = spec.arch.tensor_index(s.name, lambda seg, layer=layer: spec.rows(layer, seg.space))
         out_shape = list(shape)
         out_shape[s.axis] = len(index)
         plans.append(TensorPlan(name, s.axis, index, tuple(out_shape), dtype))
@@ -291,9 +292,8 @@ def variant_config(base_config: dict[str, Any], spec: VariantSpec) -> dict[str, 
     cfg = {k: v for k, v in base_config.items() if k != "nestprune"}
     if spec.layout == "uniform":
         first = spec.layers[0]
-        cfg.update(num_attention_heads=first.num_heads, num_key_value_heads=first.num_kv_heads,
-                   head_dim=spec.arch.head_dim, intermediate_size=first.intermediate_size)
-        return cfg
+        return spec.arch.stock_config(cfg, {"q": first.num_heads, "kv": first.num_kv_heads,
+                                            "mlp": first.intermediate_size})
     cfg["nestprune"] = {
         "layout": "per-layer",
         "gqa_mode": spec.gqa_mode,
@@ -387,11 +387,12 @@ def materialize_variant(
         raise NestpruneError(f"{aux_dir} has no config.json")
     out_dir = check_out(out_dir, force)
     plans = plan_tensors(source, spec)  # before any write: a bad source fails early
+    config = variant_config(json.loads(config_file.read_text()), spec)  # so does a config the family cannot hold
     manifest = variant_manifest(spec, base, artifact_digest, requested_params)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
     try:
         write_weights(tmp, plans, source, shard_bytes, progress)
-        write_json(tmp / "config.json", variant_config(json.loads(config_file.read_text()), spec))
+        write_json(tmp / "config.json", config)
         for f in aux_files(aux_dir):
             shutil.copyfile(f, tmp / f.name)
         write_json(tmp / VARIANT_MANIFEST_NAME, manifest.model_dump(mode="json"))
