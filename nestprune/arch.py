@@ -97,6 +97,9 @@ class Family:
     attention_config_keys: tuple[str, ...] = ()
     # transformers' config class checks longrope factor lists against hidden_size // num_attention_heads (Phi-3)
     rope_factors_follow_heads: bool = False
+    # config keys whose (truthy) value needs eager attention: SDPA cannot soft-cap attention logits (transformers
+    # 5.24 refuses, 5.17 silently skips the cap)
+    eager_attention_if: tuple[str, ...] = ()
     # transformers' config defaults that differ from the generic fallbacks (used when config.json omits them)
     config_defaults: tuple[tuple[str, Any], ...] = ()
     notes: str = ""
@@ -156,6 +159,7 @@ _NORMS = _fixed("input_layernorm.weight", "post_attention_layernorm.weight")
 _FF_NORMS = _fixed("pre_feedforward_layernorm.weight", "post_feedforward_layernorm.weight")
 _QK_NORMS = _fixed("self_attn.q_norm.weight", "self_attn.k_norm.weight", size="head_dim")
 _GEMMA_DEFAULTS = (("head_dim", 256), ("num_key_value_heads", 4), ("tie_word_embeddings", True))
+_SOFTCAP = ("attn_logit_softcapping",)
 
 FAMILIES: tuple[Family, ...] = (
     Family("llama", ("llama",), _attention("attention_bias") + _mlp("mlp_bias"),
@@ -182,12 +186,12 @@ FAMILIES: tuple[Family, ...] = (
                  "splits qkv at config.num_attention_heads"),
     Family("gemma2", ("gemma2",), _attention("attention_bias") + _mlp(),
            _NORMS + _FF_NORMS + _fixed("self_attn.o_proj.bias", flag="attention_bias"),
-           stock_heads="divide-hidden", config_defaults=_GEMMA_DEFAULTS,
+           stock_heads="divide-hidden", eager_attention_if=_SOFTCAP, config_defaults=_GEMMA_DEFAULTS,
            notes="Gemma-2: head_dim independent of hidden/heads, pre/post feed-forward norms, attention and final "
-                 "logit soft-capping, scaled embeddings (tied by default); no SDPA in transformers"),
+                 "logit soft-capping (eager attention), scaled embeddings (tied by default)"),
     Family("gemma3", ("gemma3_text",), _attention("attention_bias") + _mlp(),
            _NORMS + _FF_NORMS + _QK_NORMS + _fixed("self_attn.o_proj.bias", flag="attention_bias"),
-           stock_heads="divide-hidden", config_defaults=_GEMMA_DEFAULTS,
+           stock_heads="divide-hidden", eager_attention_if=_SOFTCAP, config_defaults=_GEMMA_DEFAULTS,
            notes="Gemma-3 text (Gemma3ForCausalLM): as Gemma-2 plus q_norm/k_norm per head (never sliced), "
                  "sliding/full layers with their own rotary embeddings"),
 )
@@ -206,10 +210,16 @@ def family_for(model_type: str) -> Family:
     )
 
 
+def needs_eager_attention(config: Mapping[str, Any]) -> bool:
+    """Does this config.json need eager attention to compute what it says (attention soft-capping)?"""
+    fam = next((f for f in FAMILIES if config.get("model_type") in f.model_types), None)
+    return fam is not None and any(config.get(key) for key in fam.eager_attention_if)
+
+
 def join_segments(sizes: Sequence[int], rows: Sequence[np.ndarray]) -> np.ndarray:
     """Indices into a fused tensor from per-segment indices: segment i's indices shifted by the sizes of the
     segments before it, concatenated. ([4, 2], [[1, 3], [0]]) -> [1, 3, 4]. (sum of len(rows[i]),)"""
-    starts = np.concatenate([[0], np.cumsum(np.asarray(sizes, dtype=np.int64))[:-1]]).astype(np.int64)
+    starts = np.cumsum(np.asarray([0, *sizes], dtype=np.int64))[: len(sizes)]
     parts = [np.asarray(r, dtype=np.int64) + s for s, r in zip(starts, rows, strict=True)]
     return np.concatenate(parts) if parts else np.zeros(0, np.int64)
 

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from nestprune import __version__
-from nestprune.arch import ArchInfo, GqaMode, Structures, arch_from_config, decoder_param_count
+from nestprune.arch import ArchInfo, GqaMode, Structures, arch_from_config, decoder_param_count, needs_eager_attention
 from nestprune.artifact import arch_summary, prepare_out, ranking_sha256, write_artifact
 from nestprune.device import resolve_device, resolve_dtype
 from nestprune.errors import NestpruneError
@@ -324,9 +324,10 @@ def load_tokenizer(model_dir: Path):
 def load_model(model_dir: Path, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
     from transformers import AutoModelForCausalLM
 
+    attn = "eager" if needs_eager_attention(json.loads(config_path(model_dir).read_text())) else "sdpa"
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            str(model_dir), dtype=dtype, attn_implementation="sdpa", use_safetensors=True
+            str(model_dir), dtype=dtype, attn_implementation=attn, use_safetensors=True
         )
     except Exception as e:
         raise NestpruneError(f"cannot load the model in {model_dir}: {str(e).splitlines()[0]}") from None

@@ -29,7 +29,7 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from nestprune.arch import ArchInfo, arch_from_config
+from nestprune.arch import ArchInfo, arch_from_config, needs_eager_attention
 from nestprune.errors import NestpruneError
 from nestprune.io.weights import weight_files
 from nestprune.variant.widths import expand, uniform_groups
@@ -100,7 +100,8 @@ def resize_layer_(layer: nn.Module, widths: dict[str, Any], arch: ArchInfo) -> i
             if hasattr(module, name):
                 setattr(module, name, value)
         view = arch.attention_config(counts)
-        if view:  # this attention reads widths from the global config: give it its own view
+        if any(getattr(attn.config, key) != value for key, value in view.items()):
+            # this attention reads widths from the global config: a narrower layer gets its own view
             attn.config = copy.copy(attn.config)
             for key, value in view.items():
                 setattr(attn.config, key, value)
@@ -169,10 +170,13 @@ def load_variant(path: Path | str, dtype: torch.dtype | None = None, device: str
                  attn_implementation: str | None = None) -> nn.Module:
     """Load a variant directory (or any HF causal-LM directory) into a transformers model in eval mode.
 
-    ``dtype`` None keeps the stored dtype; ``attn_implementation`` ("eager", "sdpa", …) None = the default.
+    ``dtype`` None keeps the stored dtype; ``attn_implementation`` ("eager", "sdpa", …) None = the default
+    (eager where the config soft-caps attention logits, which SDPA cannot).
     """
     path = Path(path)
     raw = read_config(path)
+    if attn_implementation is None and needs_eager_attention(raw):
+        attn_implementation = "eager"  # SDPA cannot soft-cap attention logits
     if not is_per_layer(raw):
         return load_plain(path, dtype, device, attn_implementation)
     from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
@@ -195,12 +199,17 @@ def load_variant(path: Path | str, dtype: torch.dtype | None = None, device: str
         loaded_widths.append(widths)
     # so that save_pretrained of the loaded model writes a directory load_variant reads back
     model.config.nestprune = {**raw["nestprune"], "layers": loaded_widths}
-    if arch.tie_word_embeddings and "lm_head.weight" not in sd:
-        sd["lm_head.weight"] = sd["model.embed_tokens.weight"]
+    names = {m: n for n, m in model.named_modules()}
+    embed, head = model.get_input_embeddings(), model.get_output_embeddings()
+    head_key = f"{names[head]}.weight"
+    if arch.tie_word_embeddings and head_key not in sd:
+        sd[head_key] = sd[f"{names[embed]}.weight"]
     try:
         model.load_state_dict(sd, strict=True, assign=True)
     except RuntimeError as e:
         raise NestpruneError(f"{path} does not match its config.json: {str(e).splitlines()[0]}") from None
+    if arch.tie_word_embeddings:  # one parameter again (assign=True gave each module its own)
+        head.weight = embed.weight
     model.to(device)  # the buffers were built on the CPU
     stray = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if stray:
