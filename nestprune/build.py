@@ -20,7 +20,14 @@ import numpy as np
 import torch
 
 from nestprune import __version__
-from nestprune.arch import ArchInfo, GqaMode, Structures, arch_from_config, decoder_param_count, needs_eager_attention
+from nestprune.arch import (
+    ArchInfo,
+    GqaMode,
+    Structures,
+    arch_from_config,
+    decoder_param_count,
+    needs_eager_attention,
+)
 from nestprune.artifact import arch_summary, prepare_out, ranking_sha256, write_artifact
 from nestprune.device import resolve_device, resolve_dtype
 from nestprune.errors import NestpruneError

@@ -246,3 +246,25 @@ def test_build_materialize_verify(family, gqa_mode, tiny_model_dir, sample_text_
         for impl in ATTN_IMPLEMENTATIONS[family]:
             variant = load_variant(tmp_path / layout, dtype=torch.float32, attn_implementation=impl)
             assert_same_logits(variant, reference(base, res.spec, attn=impl), res.spec.arch.vocab_size)
+
+
+@pytest.mark.parametrize("family", ["llama", "phi3", "gemma3"])
+def test_a_layer_without_heads_keeps_the_cache_length(family, tiny_model_dir, tmp_path):
+    """The cache length (read from layer 0, and the source of positions when none are given) counts the
+    tokens an empty attention saw, whatever name this transformers version passes the cache under."""
+    base = tiny_model_dir(family)
+    arch = model_arch(base)
+    first = [(0, "head", u) for u in range(arch.num_heads)]
+    ranking = ranking_for(base, "query", seed=1, first=first)
+    spec = write_variant(base, ranking, tmp_path / "v", float(ranking.sparsity_curve()[len(first)]))
+    assert spec.layers[0].num_heads == 0
+    variant = load_variant(tmp_path / "v", dtype=torch.float32, attn_implementation="eager")
+    ref = reference(base, spec, ranking)
+    ids = torch.arange(1, 9).view(1, 8)
+    with torch.no_grad():
+        out = variant(input_ids=ids[:, :6], use_cache=True)
+        assert out.past_key_values.get_seq_length() == 6
+        step = variant(input_ids=ids[:, 6:], past_key_values=out.past_key_values, use_cache=True).logits
+        whole = ref(input_ids=ids).logits[:, 6:]
+    assert (step - whole).abs().max().item() <= 1e-5
+

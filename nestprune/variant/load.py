@@ -56,6 +56,8 @@ class EmptyAttention(nn.Module):
                 past_key_values: Any = None, **kwargs: Any) -> tuple[torch.Tensor, None]:
         batch, seq = hidden_states.shape[:2]
         out = getattr(self, self.output)(hidden_states.new_zeros(batch, seq, 0))  # (batch, seq, hidden)
+        if past_key_values is None:  # transformers >= 5.2x passes the cache as `cache`
+            past_key_values = kwargs.get("cache")
         if past_key_values is not None:
             dummy = hidden_states.new_zeros(batch, 1, seq, self.head_dim)  # (batch, 1 head, seq, head_dim)
             past_key_values.update(dummy, dummy, self.layer_idx)
