@@ -8,7 +8,7 @@ never instantiating a model), a random-order artifact for it (the writer's cost 
 which order), then times, each in a fresh subprocess so its peak RSS is its own:
 
 * ``copy``         shutil.copyfile of every safetensors file (the floor any materializer competes with);
-* ``materialize``  ``nestprune.materialize.materialize`` end to end — artifact read, fingerprint check,
+* ``materialize``  ``nestprune.variant.materialize.materialize`` end to end — artifact read, fingerprint check,
                    plan, streaming slice-and-write, config/tokenizer/manifest — at several targets.
 
 Files are in the page cache for every run (they were just written), so this compares CPU + write cost,
@@ -199,9 +199,9 @@ def child(op: str, args: list[str]) -> None:
     else:
         art, base, out, sparsity, layout, mult, kernel_copy = args
         if kernel_copy == "no":
-            import nestprune.variant.materialize as mat
+            import nestprune.variant.hf as hf
 
-            mat.FileSpans.spans = lambda self, p: None  # type: ignore[method-assign]
+            hf.FileSpans.spans = lambda self, p: None  # type: ignore[method-assign]
         materialize(Path(art), Path(base), Path(out), sparsity=float(sparsity), layout=layout,
                     multiple_of=int(mult) if mult != "none" else None)
         written = sum(f.stat().st_size for f in Path(out).glob("*.safetensors"))

@@ -1,6 +1,6 @@
 """What the registry persists: the version manifest (content-addressed), version records, tags, the index.
 
-Store layout (every key relative to the registry root)::
+Store keys (every key relative to the registry root)::
 
     blobs/sha256/<hh>/<hex>              immutable content: tensor packs, aux files, ranking, manifests
     models/<name>/versions/<hex>.json    VersionRecord: a version exists once this is written (last)

@@ -394,6 +394,106 @@ def test_interrupted_push_leaves_no_visible_version(models, expected, tmp_path):
     assert_same_dir(tmp_path / "out", expected("gqa", 0.3))
 
 
+# --- atomic outputs -----------------------------------------------------------------------------------------
+
+def test_pull_never_replaces_the_registry_or_the_cache(models, expected, tmp_path):
+    base, art = models["gqa"]
+    reg = tmp_path / "reg"
+    push(reg, art, base, name="m")
+    cache = ChunkCache(tmp_path / "cache")
+    pull(f"{reg}/m", tmp_path / "first", sparsity=0.3, cache=cache)
+    for out in (reg, tmp_path / "cache", tmp_path):
+        with pytest.raises(NestpruneError, match="the input"):
+            pull(f"{reg}/m", out, sparsity=0.3, force=True, cache=cache)
+    assert list_registry(open_store(reg)).models["m"]
+    pull(f"{reg}/m", tmp_path / "again", sparsity=0.3, cache=None)
+    assert_same_dir(tmp_path / "again", expected("gqa", 0.3))
+
+
+def test_pull_second_writer_fails_at_once_and_force_swaps(models, expected, tmp_path):
+    from nestprune.io import atomic
+
+    base, art = models["gqa"]
+    reg = tmp_path / "reg"
+    push(reg, art, base, name="m")
+    out = tmp_path / "variants" / "v"
+    out.parent.mkdir()
+    with atomic.lock(out), pytest.raises(NestpruneError, match="being written by another nestprune process"):
+        pull(f"{reg}/m", out, sparsity=0.3, cache=None)
+    assert list((tmp_path / "variants").iterdir()) == []  # no scratch directory, no lock file
+    pull(f"{reg}/m", out, sparsity=0.5, cache=None)
+    pull(f"{reg}/m", out, sparsity=0.3, cache=None, force=True)
+    assert_same_dir(out, expected("gqa", 0.3))
+    assert [p.name for p in (tmp_path / "variants").iterdir()] == ["v"]
+
+
+def test_a_killed_push_or_pull_leaves_temporaries_the_next_run_sweeps(models, expected, tmp_path):
+    from test_atomic import dead_pid
+
+    from nestprune.io import atomic
+
+    base, art = models["gqa"]
+    reg, cache_dir = tmp_path / "reg", tmp_path / "cache"
+    first = push(reg, art, base, name="m")
+    manifest = read_manifest(open_store(reg), first.record.digest)
+    blob = reg / blob_key(manifest.tensors["model.layers.1.mlp.up_proj.weight"].blob)
+    pid = dead_pid()
+    stale_blob = blob.with_name(f".{blob.name}.nestprune-tmp.{atomic.HOST}.{pid}.0a")
+    stale_blob.write_bytes(b"half a blob")
+    blob.unlink()  # as if the push had died writing it
+    stale_scratch = tmp_path / f".v.nestprune-scratch.{atomic.HOST}.{pid}.0b"
+    stale_scratch.mkdir()
+    chunk = manifest.tensors["model.embed_tokens.weight"].chunks[0]
+    stale_chunk = cache_dir / "sha256" / chunk[:2] / f".{chunk}.nestprune-tmp.{atomic.HOST}.{pid}.0c"
+    stale_chunk.parent.mkdir(parents=True)
+    stale_chunk.write_bytes(b"half a chunk")
+    atomic._SWEPT.clear()  # as in a new process
+    push(reg, art, base, name="m")
+    assert blob.exists() and not stale_blob.exists()
+    assert not [p for p in reg.rglob(".*") if "nestprune-" in p.name]
+    res = pull(f"{reg}/m", tmp_path / "v", sparsity=0.3, cache=ChunkCache(cache_dir))
+    assert res.variant_bytes == tensor_bytes(tmp_path / "v")
+    assert not stale_scratch.exists() and not stale_chunk.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cache", "reg", "v"]
+    assert_same_dir(tmp_path / "v", expected("gqa", 0.3))
+
+
+def test_registry_cache_and_pull_honour_the_umask(models, tmp_path):
+    import os
+
+    base, art = models["gqa"]
+    old = os.umask(0o022)
+    try:
+        push(tmp_path / "reg", art, base, name="m")
+        pull(f"{tmp_path / 'reg'}/m", tmp_path / "v", sparsity=0.3, cache=ChunkCache(tmp_path / "cache"))
+    finally:
+        os.umask(old)
+    made = [*(tmp_path / "reg").rglob("*"), *(tmp_path / "cache").rglob("*"), tmp_path / "v",
+            *(tmp_path / "v").iterdir()]
+    assert {p.stat().st_mode & 0o777 for p in made if p.is_dir()} == {0o755}
+    assert {p.stat().st_mode & 0o777 for p in made if p.is_file()} == {0o644}
+
+
+def test_pull_with_another_writer_equals_materialize_with_it(models, tmp_path):
+    from test_writers import write_single_file
+
+    from nestprune.variant import writers
+
+    base, art = models["qwen2-group"]
+    push(tmp_path / "reg", art, base, name="m")
+    entry = writers.register_writer(writers.Writer("safetensors-file", lambda: write_single_file, "one file"))
+    try:
+        materialize(art, base, tmp_path / "want.safetensors", sparsity=0.3, format="safetensors-file")
+        pull(f"{tmp_path / 'reg'}/m", tmp_path / "got.safetensors", sparsity=0.3, cache=None,
+             format="safetensors-file")
+    finally:
+        del writers.WRITERS[entry.name]
+    assert (tmp_path / "got.safetensors").read_bytes() == (tmp_path / "want.safetensors").read_bytes()
+    with pytest.raises(NestpruneError, match="unknown format"):
+        pull(f"{tmp_path / 'reg'}/m", tmp_path / "x", sparsity=0.3, format="safetensors-file")
+    assert not (tmp_path / "x").exists()
+
+
 # --- schemas and CLI ------------------------------------------------------------------------------------
 
 def test_registry_documents_round_trip(models, tmp_path):

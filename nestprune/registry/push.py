@@ -19,11 +19,10 @@ from nestprune import __version__
 from nestprune.artifact import read_artifact
 from nestprune.errors import NestpruneError
 from nestprune.io.fingerprint import check_fingerprint
-from nestprune.io.weights import SafetensorsSource
+from nestprune.io.weights import DTYPE_NAMES, SafetensorsSource
 from nestprune.registry.cache import sha256
-from nestprune.registry.layout import (
+from nestprune.registry.nested import (
     DEFAULT_CHANNEL_BLOCK,
-    DTYPE_NAMES,
     chunk_rows_for,
     layer_units,
     placement,

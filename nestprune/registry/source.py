@@ -18,8 +18,9 @@ import numpy as np
 import torch
 
 from nestprune.errors import NestpruneError
+from nestprune.io.weights import DTYPES
 from nestprune.registry.cache import ChunkCache, sha256
-from nestprune.registry.layout import DTYPES, stored_order, stored_rows_of, tensor_from_bytes
+from nestprune.registry.nested import stored_order, stored_rows_of, tensor_from_bytes
 from nestprune.registry.stores import KeyNotFound, Store
 from nestprune.registry.versions import blob_key
 from nestprune.schemas.registry import FileRef, TensorEntry, VersionManifestV1

@@ -1,6 +1,6 @@
-"""The nested layout (pure: tensors and ints in, tensors and bytes out; no I/O).
+"""The nested order of registry packs (pure: tensors and ints in, tensors and bytes out; no I/O).
 
-Within each decoder layer, heads / KV groups / MLP channels are permuted into the reverse of the
+How a registry stores a tensor so that any variant reads a prefix of it. Within each decoder layer, heads / KV groups / MLP channels are permuted into the reverse of the
 layer's removal order — most important first — and every prunable tensor is stored with its pruned
 axis as the row axis (o_proj and down_proj transposed). A variant of any sparsity then keeps, in each
 layer, a *prefix* of the stored units, so its bytes are a prefix of every prunable pack. The
@@ -30,16 +30,10 @@ import torch
 from nestprune.arch import KIND_CODES, ArchInfo, Space, join_segments
 from nestprune.errors import NestpruneError
 from nestprune.ranking import Ranking
+from nestprune.variant.widths import expand
 
 WHOLE_CHUNK_BYTES = 4 << 20
 DEFAULT_CHANNEL_BLOCK = 32  # 256 KiB chunks at hidden 4096 in bf16; a pull over-reads < 32 channels a layer
-
-DTYPE_NAMES: dict[torch.dtype, str] = {
-    torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
-    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
-    torch.bool: "BOOL",
-}
-DTYPES: dict[str, torch.dtype] = {v: k for k, v in DTYPE_NAMES.items()}
 
 
 @dataclass(frozen=True)
@@ -94,7 +88,7 @@ def layer_units(ranking: Ranking) -> dict[int, LayerUnits]:
                           f"MLP channels of layer {layer}")
         if group_mode:  # a KV head and its query heads, the query heads in their original order
             gs = arch.group_size
-            q = (a[:, None] * gs + np.arange(gs)[None, :]).reshape(-1)
+            q = expand(a, gs)
             kv = a
         else:
             q = a
@@ -136,12 +130,7 @@ def stored_order(segments: tuple[tuple[Space, int], ...] | list[tuple[Space, int
                  order: Callable[[Space], np.ndarray], width: int) -> np.ndarray:
     """Original row of each stored row of a tensor whose rows are ``segments`` (space, rows) in memory order,
     the units of each permuted into ``order(space)``. (rows,)"""
-    return join_segments([n for _, n in segments], [unit_rows_of(order(sp), width) for sp, _ in segments])
-
-
-def unit_rows_of(units: np.ndarray, width: int) -> np.ndarray:
-    """Element rows of a list of units, each ``width`` rows wide: [2, 0] w=2 -> [4, 5, 0, 1]."""
-    return (np.asarray(units, dtype=np.int64)[:, None] * width + np.arange(width)[None, :]).reshape(-1)
+    return join_segments([n for _, n in segments], [expand(order(sp), width) for sp, _ in segments])
 
 
 def stored_rows_of(index: np.ndarray, perm: np.ndarray) -> np.ndarray:
