@@ -270,3 +270,13 @@ def test_a_layer_without_heads_keeps_the_cache_length(family, tiny_model_dir, tm
         whole = ref(input_ids=ids).logits[:, 6:]
     assert (step - whole).abs().max().item() <= 1e-5
 
+
+@pytest.mark.parametrize("family", NEW)
+def test_gguf_refuses_the_new_families_clearly(family, tiny_model_dir):
+    from nestprune.variant.gguf import choose_arch
+    from nestprune.variant.widths import plan_variant
+
+    ranking = ranking_for(tiny_model_dir(family), "query", seed=3)
+    for layout in ("per-layer", "uniform"):
+        with pytest.raises(NestpruneError, match=f"GGUF export does not support the {family} family"):
+            choose_arch(plan_variant(ranking, 0.3, layout))
