@@ -29,7 +29,7 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from nestprune.arch import ArchInfo, arch_from_config, needs_eager_attention
+from nestprune.arch import ArchInfo, TensorSlice, arch_from_config, needs_eager_attention
 from nestprune.errors import NestpruneError
 from nestprune.io.weights import weight_files
 from nestprune.variant.widths import expand, uniform_groups
@@ -118,7 +118,7 @@ def gather_kv_(sd: dict[str, torch.Tensor], arch: ArchInfo, layer: int, widths: 
               "mlp": widths["intermediate_size"]}
     kv_rows = expand(np.asarray(widths["kv_of_head"], dtype=np.int64), arch.head_dim)  # (h*d,)
 
-    def rows(s: Any) -> np.ndarray:
+    def rows(s: TensorSlice) -> np.ndarray:
         return kv_rows if s.space == "kv" else np.arange(arch.segment_length(s, stored))
 
     for name in arch.tensor_names():
@@ -131,7 +131,9 @@ def gather_kv_(sd: dict[str, torch.Tensor], arch: ArchInfo, layer: int, widths: 
 @contextmanager
 def parameters_on_meta() -> Iterator[None]:
     """Modules built inside get their parameters on the meta device (no memory, no init cost) while their
-    buffers (rotary frequencies, embedding scales: computed from the config) are real."""
+    buffers (rotary frequencies, embedding scales: computed from the config) are real. It swaps
+    ``nn.Module.register_parameter`` while it is open (as accelerate's ``init_empty_weights`` does), so no
+    other thread should build modules meanwhile."""
     register = nn.Module.register_parameter
 
     def on_meta(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
