@@ -112,9 +112,14 @@ def load_tokenizer(model_dir: Path):
 def load_model(model_dir: Path, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
     from transformers import AutoModelForCausalLM
 
+    from nestprune.arch import needs_eager_attention
+    from nestprune.io.fingerprint import config_path
+
+    # soft-capped attention (Gemma-2) needs eager: SDPA refuses it (or silently skips the cap)
+    attn = "eager" if needs_eager_attention(json.loads(config_path(model_dir).read_text())) else "sdpa"
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            str(model_dir), dtype=dtype, attn_implementation="sdpa", use_safetensors=True
+            str(model_dir), dtype=dtype, attn_implementation=attn, use_safetensors=True
         )
     except Exception as e:
         raise NestpruneError(f"cannot load the model in {model_dir}: {str(e).splitlines()[0]}") from None

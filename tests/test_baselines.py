@@ -16,7 +16,7 @@ from nestprune.rank import baselines as bl
 from nestprune.rank import wanda as wd
 from nestprune.ranking import kept_counts
 
-FAMILIES = ("llama", "llama-gqa", "qwen2", "qwen3")
+FAMILIES = ("llama", "llama-gqa", "qwen2", "qwen3", "phi3", "gemma2", "gemma3")
 
 
 def _setup(name: str, **kw):
@@ -107,7 +107,8 @@ def test_input_norms_equal_brute_force_and_skip_padding():
         torch.testing.assert_close(sq_pad[k], sq_ref[k], rtol=1e-4, atol=1e-6)
 
 
-@pytest.mark.parametrize("name,gqa_mode", [("llama", "query"), ("llama-gqa", "query"), ("qwen2", "group")])
+@pytest.mark.parametrize("name,gqa_mode", [("llama", "query"), ("llama-gqa", "query"), ("qwen2", "group"),
+                                           ("phi3", "group"), ("gemma3", "query")])
 def test_wanda_sp_scores_follow_the_flap_definition(name, gqa_mode):
     model, arch = _setup(name)
     w = _windows()
@@ -130,24 +131,26 @@ def test_wanda_sp_scores_follow_the_flap_definition(name, gqa_mode):
             assert np.all(np.diff(r.score[sel]) >= -1e-12)
 
 
-def test_wanda_sp_full_convention_sums_every_owned_weight():
-    model, arch = _setup("llama")  # MHA: a head owns q/k/v rows and o columns
+@pytest.mark.parametrize("name", ["llama", "phi3"])
+def test_wanda_sp_full_convention_sums_every_owned_weight(name):
+    model, arch = _setup(name, num_key_value_heads=4)  # MHA: a head owns q/k/v rows and o columns
     w = _windows()
     r = wd.wanda_sp_ranking(model, Structures(arch), w, convention="full")
-    mods = ("self_attn.q_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.down_proj")
+    qkv_in, mlp_in = ("self_attn.qkv_proj", "mlp.gate_up_proj") if name == "phi3" else ("self_attn.q_proj", "mlp.gate_proj")
+    mods = (qkv_in, "self_attn.o_proj", mlp_in, "mlp.down_proj")
     norms = _brute_input_norms(model, arch, w, mods)
     layer, h, j = 2, 1, 5
     dh = arch.head_dim
 
     def W(m):
-        return model.get_submodule(arch.layer_key(layer, m)).weight.detach().double()
+        return projection_weight(model, arch, layer, m)
 
-    n_in = norms[arch.layer_key(layer, "self_attn.q_proj")]
+    n_in = norms[arch.layer_key(layer, qkv_in)]
     n_o = norms[arch.layer_key(layer, "self_attn.o_proj")]
     rows = slice(h * dh, (h + 1) * dh)
     head = sum(float((W(m)[rows].abs() * n_in).sum()) for m in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"))
     head += float((W("self_attn.o_proj")[:, rows].abs() * n_o[rows]).sum())
-    n_mlp = norms[arch.layer_key(layer, "mlp.gate_proj")]
+    n_mlp = norms[arch.layer_key(layer, mlp_in)]
     chan = float((W("mlp.gate_proj")[j].abs() * n_mlp).sum() + (W("mlp.up_proj")[j].abs() * n_mlp).sum())
     chan += float(W("mlp.down_proj")[:, j].abs().sum() * norms[arch.layer_key(layer, "mlp.down_proj")][j])
     pick = lambda kind, i: float(r.score[(r.layer == layer) & (r.kind == KIND_CODES[kind]) & (r.index == i)][0])  # noqa: E731
@@ -206,8 +209,28 @@ def test_wanda_sp_rejects_bad_input():
 # --------------------------------------------------------------------------------------- magnitude, random
 
 
+def projection_weight(model, arch, layer: int, m: str) -> torch.Tensor:
+    """Weight of projection ``m`` ("self_attn.q_proj", "mlp.up_proj", …) of one layer, cut by hand out of
+    Phi-3's fused qkv_proj (q, k, v rows) and gate_up_proj (gate, up rows) where the model fuses them."""
+    fused = {"self_attn.q_proj": ("self_attn.qkv_proj", 0), "self_attn.k_proj": ("self_attn.qkv_proj", 1),
+             "self_attn.v_proj": ("self_attn.qkv_proj", 2), "mlp.gate_proj": ("mlp.gate_up_proj", 0),
+             "mlp.up_proj": ("mlp.gate_up_proj", 1)}
+    try:
+        return model.get_submodule(arch.layer_key(layer, m)).weight.detach().double()
+    except AttributeError:
+        whole, part = fused[m]
+        w = model.get_submodule(arch.layer_key(layer, whole)).weight.detach().double()
+        if whole == "mlp.gate_up_proj":
+            sizes = [arch.intermediate_size] * 2
+        else:
+            sizes = [arch.num_heads * arch.head_dim] + [arch.num_kv_heads * arch.head_dim] * 2
+        assert sum(sizes) == w.shape[0]
+        return w.split(sizes)[part]
+
+
 @pytest.mark.parametrize("name,gqa_mode", [("llama", "query"), ("llama-gqa", "query"), ("mistral", "group"),
-                                           ("qwen2", "query")])
+                                           ("qwen2", "query"), ("phi3", "group"), ("phi3", "query"),
+                                           ("gemma2", "query")])
 def test_magnitude_equals_brute_force_norms(name, gqa_mode):
     model, arch = _setup(name)
     r = bl.magnitude_ranking(model, Structures(arch, gqa_mode))
@@ -217,7 +240,7 @@ def test_magnitude_equals_brute_force_norms(name, gqa_mode):
         layer, kind, idx = int(r.layer[i]), int(r.kind[i]), int(r.index[i])
 
         def W(m, layer=layer):
-            return model.get_submodule(arch.layer_key(layer, m)).weight.detach().double()
+            return projection_weight(model, arch, layer, m)
 
         if kind == KIND_CODES["channel"]:
             parts = [W("mlp.gate_proj")[idx], W("mlp.up_proj")[idx], W("mlp.down_proj")[:, idx]]

@@ -7,7 +7,7 @@ import pytest
 import torch
 from conftest import FAMILY_CONFIGS, SAMPLE_TEXT, make_tiny_model
 
-from nestprune.arch import KIND_CODES, Structures, arch_from_config
+from nestprune.arch import KIND_CODES, Structures, arch_from_config, family_for
 from nestprune.artifact import read_artifact
 from nestprune.build import BuildConfig, build_artifact, rank_model
 from nestprune.objectives.lm import LanguageModeling
@@ -31,6 +31,32 @@ def _arch(model):
     return arch_from_config(cfg, set(model.state_dict()))
 
 
+def per_weight_scores(model, layer, arch):
+    """|W ⊙ ∇W| of each projection of one layer, written out by hand per module layout (not from arch.py's
+    table): separate q/k/v/o and gate/up/down Linears, or Phi-3's fused qkv_proj (q, k, v rows) and
+    gate_up_proj (gate, up rows)."""
+    att = model.model.layers[layer].self_attn
+    mlp = model.model.layers[layer].mlp
+
+    def S(lin):
+        return (lin.weight.detach() * lin.weight.grad).abs()
+
+    out = {"o": S(att.o_proj), "down": S(mlp.down_proj)}
+    if hasattr(att, "qkv_proj"):
+        qkv, nq, nk = S(att.qkv_proj), arch.num_heads * arch.head_dim, arch.num_kv_heads * arch.head_dim
+        out.update(q=qkv[:nq], k=qkv[nq : nq + nk], v=qkv[nq + nk :])
+        assert out["v"].shape[0] == nk
+    else:
+        out.update(q=S(att.q_proj), k=S(att.k_proj), v=S(att.v_proj))
+    if hasattr(mlp, "gate_up_proj"):
+        gu, n = S(mlp.gate_up_proj), arch.intermediate_size
+        out.update(gate=gu[:n], up=gu[n:])
+        assert out["up"].shape[0] == n
+    else:
+        out.update(gate=S(mlp.gate_proj), up=S(mlp.up_proj))
+    return out
+
+
 def brute_force_scores(model, arch, windows, gqa_mode):
     """Independent computation: one full-batch forward of an unmasked copy, plain autograd,
     per-structure sums written out head by head / channel by channel."""
@@ -45,13 +71,8 @@ def brute_force_scores(model, arch, windows, gqa_mode):
     dh, G = arch.head_dim, arch.group_size
     out = {}
     for layer in range(arch.num_layers):
-        att = model.model.layers[layer].self_attn
-        mlp = model.model.layers[layer].mlp
-
-        def S(lin):
-            return (lin.weight.detach() * lin.weight.grad).abs()
-
-        q, k, v, o = S(att.q_proj), S(att.k_proj), S(att.v_proj), S(att.o_proj)
+        S = per_weight_scores(model, layer, arch)
+        q, k, v, o = S["q"], S["k"], S["v"], S["o"]
         heads = []
         if not arch.is_gqa:
             for h in range(arch.num_heads):
@@ -66,7 +87,7 @@ def brute_force_scores(model, arch, windows, gqa_mode):
                 qr = slice(g * G * dh, (g + 1) * G * dh)
                 kr = slice(g * dh, (g + 1) * dh)
                 heads.append(q[qr].sum() + o[:, qr].sum() + k[kr].sum() + v[kr].sum())
-        gate, up, down = S(mlp.gate_proj), S(mlp.up_proj), S(mlp.down_proj)
+        gate, up, down = S["gate"], S["up"], S["down"]
         chans = [gate[j].sum() + up[j].sum() + down[:, j].sum() for j in range(arch.intermediate_size)]
         out[layer] = (torch.stack(heads).double(), torch.stack(chans).double())
     model.zero_grad(set_to_none=True)
@@ -234,7 +255,9 @@ def test_each_family_builds_and_is_reproducible(family, tiny_model_dir, sample_t
     m2, r2 = read_artifact(a2)
     assert m1.ranking.sha256 == m2.ranking.sha256
     np.testing.assert_array_equal(r1.index, r2.index)
-    assert m1.arch.family == FAMILY_CONFIGS[family][0]
+    assert m1.arch.model_type == FAMILY_CONFIGS[family][0]
+    assert m1.arch.family == family_for(FAMILY_CONFIGS[family][0]).name == {"gemma3_text": "gemma3"}.get(
+        m1.arch.model_type, m1.arch.model_type)
     assert m1.objective.provenance["tokens_used"] == 4 * 16
     assert m1.base.files[0].name == "model.safetensors"
     from safetensors.torch import load_file

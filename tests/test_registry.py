@@ -27,7 +27,7 @@ from nestprune.registry import (
 )
 from nestprune.registry.pull import pull
 from nestprune.registry.stores import LocalStore
-from nestprune.registry.versions import Reference, blob_key, read_manifest, set_tag
+from nestprune.registry.versions import Reference, blob_key, canonical, read_manifest, set_tag
 from nestprune.schemas.registry import RegistryIndex, TagRecord, VersionManifestV1, VersionRecord
 from nestprune.variant.materialize import materialize
 
@@ -42,7 +42,8 @@ def _build(tmp: Path, base: Path, name: str, seed: int = 0, gqa_mode: str = "que
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory, tokenizer):
-    """Bases and artifacts: llama-gqa (query mode, two rankings), qwen2 (group mode, biases), llama bf16."""
+    """Bases and artifacts: llama-gqa (query mode, two rankings), qwen2 (group mode, biases), llama bf16,
+    phi3 (fused qkv_proj / gate_up_proj, query mode), gemma2 (query mode), gemma3 (group mode, tied)."""
     tmp = tmp_path_factory.mktemp("registry-models")
     out = {}
     base = save_tiny_model(make_tiny_model("llama-gqa", vocab_size=len(tokenizer)), tokenizer, tmp / "llama-gqa")
@@ -53,6 +54,9 @@ def models(tmp_path_factory, tokenizer):
     model = make_tiny_model("llama", seed=3, vocab_size=len(tokenizer)).to(torch.bfloat16)
     base = save_tiny_model(model, tokenizer, tmp / "llama-bf16")
     out["bf16"] = (base, _build(tmp, base, "art-bf16"))
+    for key, family, mode in (("phi3", "phi3", "query"), ("gemma2", "gemma2", "query"), ("gemma3-group", "gemma3", "group")):
+        base = save_tiny_model(make_tiny_model(family, vocab_size=len(tokenizer)), tokenizer, tmp / family)
+        out[key] = (base, _build(tmp, base, f"art-{family}", gqa_mode=mode))
     return out
 
 
@@ -98,7 +102,7 @@ def tensor_bytes(variant: Path) -> int:
 
 # --- layout ---------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("key", ["gqa", "qwen2-group", "bf16"])
+@pytest.mark.parametrize("key", ["gqa", "qwen2-group", "bf16", "phi3", "gemma3-group"])
 def test_registry_source_takes_what_safetensors_takes(models, tmp_path, key):
     base, art = models[key]
     reg = tmp_path / "reg"
@@ -118,11 +122,21 @@ def test_registry_source_takes_what_safetensors_takes(models, tmp_path, key):
                 got, want = src.take(name, axis, idx), ref.take(name, axis, idx)
                 assert got.dtype == want.dtype and torch.equal(got, want), (name, axis)
     # nested layout: the most important head of a pruned layer is stored first, o_proj transposed
-    q = manifest.tensors["model.layers.1.self_attn.q_proj.weight"]
     o = manifest.tensors["model.layers.1.self_attn.o_proj.weight"]
-    assert o.transposed and o.stored_shape == [o.shape[1], o.shape[0]] and not q.transposed
-    assert q.space == "q" and q.chunk_rows == q.unit_rows == 8 and len(q.chunks) == 4
+    assert o.transposed and o.stored_shape == [o.shape[1], o.shape[0]] and o.segments is None
     assert manifest.tensors["model.embed_tokens.weight"].space is None
+    if key == "phi3":  # fused: q, k, v segments of 4, 2, 2 heads of 8 rows; gate, up segments of 48 channels
+        qkv = manifest.tensors["model.layers.1.self_attn.qkv_proj.weight"]
+        assert [(g.space, g.rows) for g in qkv.segments] == [("q", 32), ("kv", 16), ("kv", 16)]
+        assert qkv.space == "q" and qkv.chunk_rows == qkv.unit_rows == 8 and len(qkv.chunks) == 8
+        gate_up = manifest.tensors["model.layers.1.mlp.gate_up_proj.weight"]
+        assert [(g.space, g.rows) for g in gate_up.segments] == [("mlp", 48), ("mlp", 48)]
+        assert "segments" not in json.loads(canonical(manifest))["tensors"]["model.layers.1.self_attn.o_proj.weight"]
+        return
+    q = manifest.tensors["model.layers.1.self_attn.q_proj.weight"]
+    assert not q.transposed and q.segments is None
+    assert q.space == "q" and q.chunk_rows == q.unit_rows == (16 if key.startswith("gemma") else 8)
+    assert len(q.chunks) == 4
     if key == "bf16":
         assert q.dtype == "BF16"
 
@@ -140,6 +154,15 @@ def test_local_pull_equals_materialize(models, expected, tmp_path, sparsity, lay
     assert_same_dir(tmp_path / "out", expected("gqa", sparsity, layout, multiple_of))
     assert res.spec.layout == layout and abs(res.manifest.achieved_sparsity - res.spec.achieved_sparsity) < 1e-12
     assert res.stats.fetched > 10 * res.stats.cached  # only identical small files come from the cache
+
+
+@pytest.mark.parametrize("layout", ["per-layer", "uniform"])
+@pytest.mark.parametrize("key", ["phi3", "gemma2", "gemma3-group"])
+def test_pull_equals_materialize_for_every_new_family(models, expected, tmp_path, key, layout):
+    base, art = models[key]
+    push(tmp_path / "reg", art, base, name="m", channel_block=8)
+    pull(f"{tmp_path / 'reg'}/m", tmp_path / "out", sparsity=0.3, layout=layout, cache=None)
+    assert_same_dir(tmp_path / "out", expected(key, 0.3, layout))
 
 
 def test_sharded_pull_equals_sharded_materialize(models, tmp_path):

@@ -1,7 +1,7 @@
 """Masks: which structures of each layer are kept, and zeroing removed ones in weights (pure tensor ops).
 
 Zeroing a head's q rows and o columns (and k/v rows where it owns them), or a channel's gate/up rows
-and down column, removes exactly its contribution: the masked dense model computes what the
+and down column (inside fused tensors: in each segment), removes exactly its contribution: the masked dense model computes what the
 materialized variant computes.
 """
 
@@ -35,7 +35,7 @@ def masks_from_ranking(ranking: Ranking, prefix_len: int) -> LayerMasks:
 
 
 def slice_mask(st: Structures, s: TensorSlice, attn_keep: np.ndarray, mlp_keep: np.ndarray) -> torch.Tensor | None:
-    """Per-row (axis 0) or per-column (axis 1) keep-vector of one sliced tensor; None = untouched."""
+    """Keep-vector of one segment's rows (axis 0) or columns (axis 1); None = untouched."""
     if s.space == "mlp":
         unit = mlp_keep
     elif not st.owns(s.space):
@@ -50,12 +50,14 @@ def slice_mask(st: Structures, s: TensorSlice, attn_keep: np.ndarray, mlp_keep: 
 @torch.no_grad()
 def zero_removed_(st: Structures, tensors: Mapping[str, torch.Tensor], attn_keep: np.ndarray,
                   mlp_keep: np.ndarray) -> None:
-    """Zero, in place, the rows/columns of removed structures in one layer's tensors (keyed by slice name)."""
+    """Zero, in place, the rows/columns of removed structures in one layer's tensors (keyed by tensor name),
+    segment by segment (a fused tensor is zeroed in each segment it holds)."""
     for s in st.arch.slices():
         keep = slice_mask(st, s, attn_keep, mlp_keep)
         if keep is None or bool(keep.all()):
             continue
-        t = tensors[s.name]
+        start, length = st.arch.segment_span(s)
+        t = tensors[s.name].narrow(s.axis, start, length)  # a view: zeroing it zeroes the tensor
         m = keep.to(device=t.device, dtype=t.dtype)
         t.mul_(m.view(-1, 1) if (s.axis == 0 and t.dim() == 2) else m)
 

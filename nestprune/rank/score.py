@@ -1,7 +1,8 @@
 """GISP's first-order, loss-based structure scores (pure tensor math, no I/O, no devices).
 
 Per weight: S_w = | W ⊙ mean_n ∇_W ℓ_n |  (abs after averaging). A structure's raw score is the sum
-of S_w over the weights it owns (arch.py's table; biases are not scored, as in the reference).
+of S_w over the weights it owns (arch.py's table, segment by segment inside fused tensors; biases are
+not scored, as in the reference).
 Block-wise normalisation divides by a constant per block type (arch.ArchInfo.normaliser).
 """
 
@@ -31,17 +32,25 @@ def fold_attention(st: Structures, s: TensorSlice, per: torch.Tensor) -> torch.T
 def aggregate(st: Structures, metric: Callable[[TensorSlice], torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """Sum a per-weight metric over the weights each structure owns: (attention units,), (channels,) fp64.
 
-    ``metric(slice)`` gives the (out, in) metric of one scored weight tensor of the layer.
+    ``metric(slice)`` gives the (out, in) metric of the whole weight tensor ``slice.name`` of the layer; it is
+    called once per tensor and cut into its segments (a fused tensor: one per segment it holds).
     """
     arch = st.arch
     attn = torch.zeros(st.attention_units, dtype=torch.float64)
     mlp = torch.zeros(arch.intermediate_size, dtype=torch.float64)
-    for s in st.scored_slices():
-        per = per_unit(s, metric(s), arch.space_size(s.space), arch.space_width(s.space)).double().cpu()
-        if s.space == "mlp":
-            mlp += per
-        else:
-            attn += fold_attention(st, s, per)
+    scored = st.scored_slices()
+    for name in dict.fromkeys(s.name for s in scored):
+        segments = [s for s in scored if s.name == name]
+        whole = metric(segments[0])  # (out, in) of the whole tensor
+        for s in segments:
+            start, length = arch.segment_span(s)
+            seg = whole.narrow(s.axis, start, length)  # this segment's rows (axis 0) or columns (axis 1)
+            per = per_unit(s, seg, arch.space_size(s.space), arch.space_width(s.space)).double().cpu()
+            if s.space == "mlp":
+                mlp += per
+            else:
+                attn += fold_attention(st, s, per)
+        del whole
     return attn, mlp
 
 

@@ -36,7 +36,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from nestprune.arch import ArchInfo, Structures, TensorSlice, decoder_param_count
+from nestprune.arch import ArchInfo, Structures, decoder_param_count
 from nestprune.errors import NestpruneError
 from nestprune.rank.baselines import assemble_ranking, layer_weights, thin_trajectory
 from nestprune.rank.methods import RankJob, RankResult, WandaSpConfig, prunable_layers
@@ -47,7 +47,6 @@ WandaConvention = Literal["flap", "full"]
 Batches = torch.Tensor | Iterable[Mapping[str, torch.Tensor]]
 Progress = Callable[[int, int], None]
 
-_OUTPUT_MODULES = ("self_attn.o_proj", "mlp.down_proj")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -73,7 +72,7 @@ def input_sq_norms(
     arch: ArchInfo,
     windows: Batches,
     *,
-    modules: tuple[str, ...] = _OUTPUT_MODULES,
+    modules: tuple[str, ...] | None = None,
     layers: Iterable[int] | None = None,
     batch_size: int = 8,
     progress: Progress | None = None,
@@ -81,9 +80,11 @@ def input_sq_norms(
     """Σ over calibration tokens of x_j² for the input of each Linear, and the token count.
 
     ``windows``: (n, seq_len) token ids, or batches ``{"input_ids", ["attention_mask"]}`` (masked
-    positions are left out). Keys of the result are full module names (``model.layers.3.mlp.down_proj``);
-    values are fp64 on the CPU, shape (in_features,). ‖X_j‖₂ is the square root.
+    positions are left out). ``modules`` (names inside a layer) default to the family's output projections.
+    Keys of the result are full module names (``model.layers.3.mlp.down_proj``); values are fp64 on the
+    CPU, shape (in_features,). ‖X_j‖₂ is the square root.
     """
+    modules = arch.fam.output_modules if modules is None else modules
     if batch_size < 1:
         raise NestpruneError(f"--batch-size must be at least 1, got {batch_size}")
     layers = list(range(arch.num_layers)) if layers is None else list(layers)
@@ -152,10 +153,11 @@ def wanda_layer_scores(
         return w.abs() * in_norms[name.rsplit(".", 1)[0]].double()[None, :]  # (out, in)
 
     if convention == "flap":
-        o = metric("self_attn.o_proj.weight").mean(0)  # (H·d_h,)
+        o_slice, down_slice = st.arch.fam.output_slice("q"), st.arch.fam.output_slice("mlp")
+        o = metric(o_slice.name).mean(0)  # (H·d_h,)
         heads = o.reshape(st.arch.num_heads, st.arch.head_dim).sum(1)  # (H,)
-        attn = fold_attention(st, TensorSlice("self_attn.o_proj.weight", "q", 1), heads)
-        return attn, metric("mlp.down_proj.weight").mean(0)  # (I,)
+        attn = fold_attention(st, o_slice, heads)
+        return attn, metric(down_slice.name).mean(0)  # (I,)
     if convention != "full":
         raise NestpruneError(f"unknown Wanda-sp convention {convention!r} (use 'flap' or 'full')")
     return aggregate(st, lambda s: metric(s.name))
@@ -164,7 +166,7 @@ def wanda_layer_scores(
 def wanda_modules(st: Structures, convention: WandaConvention) -> tuple[str, ...]:
     """Linear modules whose input norms the convention needs (names inside a layer)."""
     if convention == "flap":
-        return _OUTPUT_MODULES
+        return st.arch.fam.output_modules
     return tuple(dict.fromkeys(s.name.rsplit(".", 1)[0] for s in st.scored_slices()))
 
 

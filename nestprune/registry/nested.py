@@ -20,13 +20,14 @@ from __future__ import annotations
 
 import re
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cache
 
 import numpy as np
 import torch
 
-from nestprune.arch import KIND_CODES, ArchInfo, Space
+from nestprune.arch import KIND_CODES, ArchInfo, Space, join_segments
 from nestprune.errors import NestpruneError
 from nestprune.ranking import Ranking
 from nestprune.variant.widths import expand
@@ -53,12 +54,18 @@ class LayerUnits:
 
 @dataclass(frozen=True)
 class Placement:
-    """Where a prunable tensor's units live: its layer, index space, pruned axis and rows per unit."""
+    """Where a prunable tensor's units live: its layer, index space, pruned axis and rows per unit.
+
+    A fused tensor (Phi-3 qkv_proj, gate_up_proj) lists its ``segments`` (index space, rows along the pruned
+    axis) in memory order; units are permuted within each segment, ``space`` is the first one's (every
+    segment of a tensor has the same unit width). A plain tensor has no ``segments``.
+    """
 
     layer: int
     space: Space
     axis: int
     unit_rows: int
+    segments: tuple[tuple[Space, int], ...] = ()
 
 
 def _check_perm(order: np.ndarray, n: int, what: str) -> np.ndarray:
@@ -101,12 +108,12 @@ def placement(arch: ArchInfo, name: str, units: dict[int, LayerUnits]) -> Placem
     if not m:
         return None
     layer, local = int(m.group(1)), m.group(2)
-    for s in arch.slices():
-        if s.name == local:
-            if layer not in units:
-                return None
-            return Placement(layer=layer, space=s.space, axis=s.axis, unit_rows=arch.space_width(s.space))
-    return None
+    segs = arch.segments(local)
+    if not segs or layer not in units:
+        return None
+    s = segs[0]
+    fused = tuple((g.space, arch.segment_length(g)) for g in segs) if len(segs) > 1 else ()
+    return Placement(layer=layer, space=s.space, axis=s.axis, unit_rows=arch.space_width(s.space), segments=fused)
 
 
 def to_stored(t: torch.Tensor, where: Placement | None, units: dict[int, LayerUnits]) -> torch.Tensor:
@@ -114,17 +121,23 @@ def to_stored(t: torch.Tensor, where: Placement | None, units: dict[int, LayerUn
     if where is None:
         return t.contiguous()
     rows = t.t() if where.axis == 1 else t
-    order = units[where.layer].order(where.space)
-    perm = torch.as_tensor(expand(order, where.unit_rows))
+    segments = where.segments or ((where.space, rows.shape[0]),)
+    perm = torch.as_tensor(stored_order(segments, units[where.layer].order, where.unit_rows))
     return rows.index_select(0, perm).contiguous()
 
 
-def stored_rows(index: np.ndarray, order: np.ndarray, width: int) -> np.ndarray:
-    """Stored row of each original element row in ``index`` (for a unit order of ``width`` rows each)."""
-    pos = np.empty(len(order), dtype=np.int64)
-    pos[order] = np.arange(len(order))
-    index = np.asarray(index, dtype=np.int64)
-    return pos[index // width] * width + index % width
+def stored_order(segments: tuple[tuple[Space, int], ...] | list[tuple[Space, int]],
+                 order: Callable[[Space], np.ndarray], width: int) -> np.ndarray:
+    """Original row of each stored row of a tensor whose rows are ``segments`` (space, rows) in memory order,
+    the units of each permuted into ``order(space)``. (rows,)"""
+    return join_segments([n for _, n in segments], [expand(order(sp), width) for sp, _ in segments])
+
+
+def stored_rows_of(index: np.ndarray, perm: np.ndarray) -> np.ndarray:
+    """Stored row of each original row in ``index``, for ``perm`` = original row of each stored row."""
+    pos = np.empty(len(perm), dtype=np.int64)
+    pos[perm] = np.arange(len(perm))
+    return pos[np.asarray(index, dtype=np.int64)]
 
 
 def chunk_rows_for(where: Placement | None, stored_shape: tuple[int, ...], itemsize: int,

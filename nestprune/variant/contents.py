@@ -52,9 +52,10 @@ def natural_key(name: str) -> list[Any]:
 
 
 def sliced_tensors(spec: VariantSpec) -> dict[str, tuple[int, TensorSlice]]:
-    """Checkpoint key → (layer, slice) for every tensor the spec cuts."""
+    """Checkpoint key → (layer, first segment) for every tensor the spec cuts."""
     arch = spec.arch
-    return {arch.layer_key(layer, s.name): (layer, s) for layer in range(arch.num_layers) for s in arch.slices()}
+    return {arch.layer_key(layer, name): (layer, arch.segments(name)[0])
+            for layer in range(arch.num_layers) for name in arch.tensor_names()}
 
 
 def plan_tensors(source: TensorSource, spec: VariantSpec) -> list[TensorPlan]:
@@ -72,7 +73,7 @@ def plan_tensors(source: TensorSource, spec: VariantSpec) -> list[TensorPlan]:
             plans.append(TensorPlan(name, 0, None, shape, dtype))
             continue
         layer, s = cut[name]
-        index = spec.rows(layer, s.space)
+        index = spec.arch.tensor_index(s.name, lambda seg, layer=layer: spec.rows(layer, seg.space))
         out_shape = list(shape)
         out_shape[s.axis] = len(index)
         plans.append(TensorPlan(name, s.axis, index, tuple(out_shape), dtype))

@@ -168,9 +168,9 @@ class GgufPlan:
 
 def choose_arch(spec: VariantSpec) -> tuple[str, bool]:
     family = spec.arch.family
+    if family not in UNIFORM_ARCH:  # whatever the layout (Phi-3's fused tensors, Gemma's norms and soft-capping)
+        raise NestpruneError(f"GGUF export does not support the {family} family")
     if spec.layout == "uniform":
-        if family not in UNIFORM_ARCH:
-            raise NestpruneError(f"GGUF export does not support the {family} family")
         return UNIFORM_ARCH[family]
     if family not in PER_LAYER_FAMILIES:
         if family == "qwen3":

@@ -213,9 +213,8 @@ def variant_config(base_config: dict[str, Any], spec: VariantSpec) -> dict[str, 
     cfg = {k: v for k, v in base_config.items() if k != "nestprune"}
     if spec.same_in_every_layer:
         first = spec.layers[0]
-        cfg.update(num_attention_heads=first.num_heads, num_key_value_heads=first.num_kv_heads,
-                   head_dim=spec.arch.head_dim, intermediate_size=first.intermediate_size)
-        return cfg
+        return spec.arch.stock_config(cfg, {"q": first.num_heads, "kv": first.num_kv_heads,
+                                            "mlp": first.intermediate_size})
     cfg["nestprune"] = {
         "layout": "per-layer",
         "gqa_mode": spec.gqa_mode,
@@ -243,9 +242,10 @@ def write_hf(spec: VariantSpec, source: TensorSource, aux_dir: Path, out: Path, 
     if not config_file.exists():
         raise NestpruneError(f"{aux_dir} has no config.json")
     plans = plan_tensors(source, spec)  # before any write: a bad source fails early
+    config = variant_config(json.loads(config_file.read_text()), spec)  # so does a config the family cannot hold
     with atomic.output_dir(out, force=force, inputs=inputs) as tmp:
         write_weights(tmp, plans, source, shard_bytes, progress)
-        write_json(tmp / "config.json", variant_config(json.loads(config_file.read_text()), spec))
+        write_json(tmp / "config.json", config)
         for f in aux_files(aux_dir):
             shutil.copyfile(f, tmp / f.name)
         write_json(tmp / VARIANT_MANIFEST_NAME, manifest.model_dump(mode="json"))

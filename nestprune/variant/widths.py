@@ -152,13 +152,9 @@ def sparsity_for_params(ranking: Ranking, params: int) -> float:
     return 1.0 - (params - other) / ranking.decoder_params
 
 
-# transformers' LlamaConfig refuses hidden_size % num_attention_heads != 0 even with an explicit head_dim,
-# so a stock (uniform) Llama config can only hold head counts that divide hidden_size.
-HEADS_DIVIDE_HIDDEN = ("llama",)
-
-
 def stock_head_count_ok(arch: ArchInfo, num_heads: int) -> bool:
-    return arch.family not in HEADS_DIVIDE_HIDDEN or arch.hidden_size % num_heads == 0
+    """Can a stock (uniform) config hold ``num_heads``? Family knowledge: arch.Family.stock_heads."""
+    return arch.stock_head_count_ok(num_heads)
 
 
 def nearest(candidates: list[int], x: float) -> int:
