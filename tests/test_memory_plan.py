@@ -22,11 +22,12 @@ from nestprune.rank.memory import (
     hf_config,
     lm_step,
     measure_peak,
+    measure_throughput,
     meta_model,
     model_from_config,
     predict_peak,
 )
-from nestprune.rank.plan import BuildPlan, parse_memory, plan_build
+from nestprune.rank.plan import BuildPlan, detect_device_memory, parse_memory, plan_build
 
 MiB, GiB = 1 << 20, 1 << 30
 
@@ -357,6 +358,16 @@ def test_plan_rejects_bad_input():
                        ({"throughput": 0.0}, "throughput")]:
         with pytest.raises(NestpruneError, match=match):
             plan_build(cfg, "1GiB", **{**kw, **bad})
+
+
+def test_measure_throughput_on_a_real_model():
+    cfg = tiny_config("llama")
+    model = model_from_config(cfg, torch.float32, "cpu")
+    tps = measure_throughput(model, micro_batch=2, seq_len=16, params_requiring_grad=grad_param_names(cfg), repeats=2)
+    assert tps > 0
+    assert not any(p.requires_grad or p.grad is not None for p in model.parameters())
+    if not torch.cuda.is_available():
+        assert detect_device_memory() is None
 
 
 def test_parse_memory():

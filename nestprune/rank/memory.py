@@ -326,6 +326,15 @@ def install_accumulators(params: Mapping[str, torch.nn.Parameter], mode: str,
     return buffers, hooks
 
 
+def remove_accumulators(params: Mapping[str, torch.nn.Parameter], hooks: Iterable) -> None:
+    """Undo :func:`install_accumulators`: hooks removed, no gradient required or kept."""
+    for h in hooks:
+        h.remove()
+    for p in params.values():
+        p.requires_grad_(False)
+        p.grad = None
+
+
 # ---------------------------------------------------------------------------------------------
 # Peak of a step
 # ---------------------------------------------------------------------------------------------
@@ -415,11 +424,7 @@ def measure_peak(model: torch.nn.Module, *, micro_batch: int, seq_len: int,
                 peaks.append((tracker.peak_bytes, dict(tracker.peak_breakdown)))
             del buffers
     finally:
-        for h in hooks:
-            h.remove()
-        for p in params.values():
-            p.requires_grad_(False)
-            p.grad = None
+        remove_accumulators(params, hooks)
     peak, parts = max(peaks, key=lambda x: x[0])
     host = spec.host_bytes * sum(p.numel() for p in params.values() if p.dtype != torch.float32)
     return PeakEstimate(peak_bytes=peak, breakdown=MemoryBreakdown(**parts), micro_batch=micro_batch,
@@ -466,7 +471,5 @@ def measure_throughput(model: torch.nn.Module, *, micro_batch: int, seq_len: int
         sync()
         seconds = time.perf_counter() - t0
     finally:
-        for p in params:
-            p.requires_grad_(False)
-            p.grad = None
+        remove_accumulators(dict(enumerate(params)), [])
     return repeats * micro_batch * seq_len / seconds
