@@ -64,6 +64,10 @@ GPU_MODELS = {
     "Llama-2-13B": (llama(32000, 5120, 40, 40, 40, 13824), [("bfloat16", 8, 256)]),
 }
 STEPS = ("plain", "build")
+SHAPES = {  # predictions only, from configs (no weights): name -> config; the GPU models above
+    name: cfg for name, (cfg, _) in GPU_MODELS.items()
+}
+SHAPE_CASES = ((8, 256), (4, 2048))
 
 
 # --- the measured side (runs in a subprocess on CPU, in process on CUDA) -------------------------------------
@@ -180,6 +184,30 @@ def predict(cfg: dict, step: str, dtype: str, micro_batch: int, seq_len: int) ->
             "predict_seconds": time.perf_counter() - t0}
 
 
+def shape_predictions() -> tuple[list[dict], list[str]]:
+    """Peaks of the build step on LLM shapes (bf16, every accumulator mode) and the plan for an 80 GB card."""
+    import torch
+
+    from nestprune.rank.memory import meta_model, predict_peak
+    from nestprune.rank.plan import AUTO_ACCUMULATORS, plan_build
+
+    rows, plans = [], []
+    for name, cfg in SHAPES.items():
+        model = meta_model(cfg, torch.bfloat16)
+        for mb, seq in SHAPE_CASES:
+            for mode in AUTO_ACCUMULATORS:
+                t0 = time.perf_counter()
+                e = predict_peak(cfg, dtype=torch.bfloat16, micro_batch=mb, seq_len=seq, accumulator=mode, model=model)
+                rows.append(dict(model=name, micro_batch=mb, seq_len=seq, accumulator=mode, peak=e.peak_bytes,
+                                 breakdown=e.breakdown.as_dict(), seconds=time.perf_counter() - t0))
+                print(f"{name} {mb}x{seq} {mode}: {e.peak_bytes / GiB:.2f} GiB", flush=True)
+        t0 = time.perf_counter()
+        p = plan_build(cfg, "80GB", samples=2000, seq_len=256, dtype="bfloat16", steps=round(3.5 * cfg["num_hidden_layers"]))
+        plans.append(f"**{name}**, `plan_build(config, '80GB', samples=2000, seq_len=256, dtype='bfloat16', "
+                     f"steps={p.steps})`, {time.perf_counter() - t0:.0f} s:\n\n```\n{p.summary()}\n```\n")
+    return rows, plans
+
+
 # --- report -------------------------------------------------------------------------------------------------
 
 def machine(gpu: bool) -> str:
@@ -203,7 +231,8 @@ def fmt(n: float, unit: int) -> str:
     return f"{n / unit:,.1f}" if unit == MiB else f"{n / unit:,.2f}"
 
 
-def write_report(rows: list[dict], path: Path, command: str, gpu: bool) -> None:
+def write_report(rows: list[dict], path: Path, command: str, gpu: bool,
+                 shapes: tuple[list[dict], list[str]] | None = None) -> None:
     unit, uname = (GiB, "GiB") if gpu else (MiB, "MiB")
     what = "torch.cuda.max_memory_allocated" if gpu else "peak RSS"
     lines = [
@@ -230,14 +259,34 @@ def write_report(rows: list[dict], path: Path, command: str, gpu: bool) -> None:
             f"| {r['predict_seconds']:.1f} | {r['seconds']:.1f} |")
     ratios = [r["measured_peak"] / r["predicted_peak"] for r in rows]
     lines += ["", f"measured / predicted over all {len(rows)} cases: {min(ratios):.3f} to {max(ratios):.3f}.", ""]
+    if shapes:
+        shape_rows, plans = shapes
+        lines += [
+            "## Predictions for LLM shapes (config only, meta device; not measured here)", "",
+            "The build step on the first GISP step (every layer's scored weights require grad), bf16 weights, "
+            "two micro-batches, per accumulator mode. GiB = 2^30 bytes.", "",
+            "| shape | micro-batch | accumulators | peak GiB | weights | accumulators | activations | logits "
+            "| workspace | prediction s |",
+            "|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for r in shape_rows:
+            b = r["breakdown"]
+            lines.append(f"| {r['model']} | {r['micro_batch']}x{r['seq_len']} | {r['accumulator']} "
+                         f"| {r['peak'] / GiB:.2f} | " + " | ".join(f"{b[k] / GiB:.2f}" for k in
+                         ("weights", "accumulators", "activations", "logits", "workspace"))
+                         + f" | {r['seconds']:.1f} |")
+        lines += ["", "### The plan for an 80 GB card (10% headroom), micro-batch and accumulators chosen", ""]
+        lines += plans
     path.write_text("\n".join(lines))
-    path.with_suffix(".json").write_text(json.dumps(rows, indent=1))
+    path.with_suffix(".json").write_text(json.dumps({"measured": rows, "shapes": shapes[0] if shapes else []},
+                                                    indent=1))
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--gpu", action="store_true", help="measure on CUDA device 0 (torch.cuda.max_memory_allocated)")
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--no-shapes", action="store_true", help="skip the predictions for 7B-13B shapes")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.child:
@@ -268,8 +317,9 @@ def main() -> None:
                 print(f"{name} {step} {dtype} {mb}x{seq}: predicted {pred['predicted_peak'] / MiB:,.1f} MiB, "
                       f"measured {meas['measured_peak'] / MiB:,.1f} MiB "
                       f"({meas['measured_peak'] / pred['predicted_peak']:.3f})", flush=True)
+    shapes = None if a.gpu or a.no_shapes else shape_predictions()
     command = "python bench/plan_validation.py" + (" --gpu" if a.gpu else "")
-    write_report(rows, out, command, a.gpu)
+    write_report(rows, out, command, a.gpu, shapes)
     print(f"wrote {out}")
 
 

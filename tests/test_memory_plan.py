@@ -81,6 +81,16 @@ def test_tracker_counts_new_storages_not_views_or_in_place():
     assert t.current_bytes == 800  # frozen at exit
 
 
+def test_tracker_adds_the_softmax_kernels_internal_copy_of_a_transposed_input():
+    x = torch.randn(64, 32)
+    with AllocationTracker() as t:
+        y = torch.log_softmax(x, dim=1)
+    assert t.peak_bytes == t.current_bytes == nbytes(y)
+    with AllocationTracker() as t:
+        y = torch.log_softmax(x.t(), dim=0)  # the kernel copies x.t() to a contiguous temporary
+    assert t.current_bytes == nbytes(y) and t.peak_bytes == 2 * nbytes(y)
+
+
 def test_tracker_adopts_labels_and_relabels():
     w = torch.zeros(256)
     with AllocationTracker(logits_width=7) as t:

@@ -39,6 +39,12 @@ from nestprune.errors import NestpruneError
 from nestprune.rank.score import scored_slices
 
 LABELS = ("weights", "accumulators", "activations", "logits", "workspace")
+
+# Ops whose CPU and CUDA kernels copy a non-contiguous input to a contiguous temporary for the length of
+# the call (CUDA: host_softmax's ``input_.contiguous()``), which no dispatch mode sees. The build's loss
+# hits it: cross-entropy over ``logits.transpose(1, 2)`` log-softmaxes a transposed fp32 logits tensor.
+# op name -> indices of the arguments that are copied.
+_CONTIGUOUS_INSIDE = {"aten._log_softmax.default": (0,), "aten._softmax.default": (0,)}
 FUSED_ATTENTION = "nestprune_fused"
 
 Batch = dict[str, torch.Tensor]
@@ -70,8 +76,10 @@ class AllocationTracker(TorchDispatchMode):
     ``with AllocationTracker() as t: fn()`` then ``t.peak_bytes``, ``t.current_bytes`` and
     ``t.peak_breakdown`` (bytes per label at the peak). Only storages made inside the block are
     counted, plus those handed to :meth:`adopt`. A storage is new when an op returns it and none of
-    the op's inputs holds it (views and in-place results are not new). Works on any device,
-    meta included; numbers are storage bytes (no allocator rounding or caching).
+    the op's inputs holds it (views and in-place results are not new). Temporaries inside a kernel
+    are invisible to a dispatch mode; the known ones that scale with the model (``_CONTIGUOUS_INSIDE``)
+    are added for the op's duration. Works on any device, meta included; numbers are storage bytes
+    (no allocator rounding or caching).
     """
 
     def __init__(self, logits_width: int | None = None):
@@ -159,6 +167,12 @@ class AllocationTracker(TorchDispatchMode):
             s = t.untyped_storage()
             if s._cdata not in inputs or s._cdata in self._live:
                 self._add(s, self._classify(t))
+        for i in _CONTIGUOUS_INSIDE.get(str(func), ()):
+            a = args[i]
+            if not a.is_contiguous():  # the kernel's temporary lived alongside its output
+                label = self._classify(a)
+                self._move(label, a.numel() * a.element_size())
+                self._move(label, -a.numel() * a.element_size())
         return out
 
     def __exit__(self, *exc):
