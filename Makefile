@@ -12,6 +12,9 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q "$(TORCH)"
 	$(BIN)/python -m pip install -q -e ".[dev]"
+	# llama.cpp for the GGUF tests: a prebuilt wheel from ../shared/wheels where there is one (else they skip)
+	if ls ../shared/wheels/llama_cpp_python-*.whl >/dev/null 2>&1; then \
+	  $(BIN)/python -m pip install -q ../shared/wheels/llama_cpp_python-*.whl; fi
 	touch $(STAMP)
 
 install: $(STAMP)  ## create .venv and install nestprune with its test tools (CPU torch)

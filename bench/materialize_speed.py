@@ -8,7 +8,7 @@ never instantiating a model), a random-order artifact for it (the writer's cost 
 which order), then times, each in a fresh subprocess so its peak RSS is its own:
 
 * ``copy``         shutil.copyfile of every safetensors file (the floor any materializer competes with);
-* ``materialize``  ``nestprune.materialize.materialize`` end to end — artifact read, fingerprint check,
+* ``materialize``  ``nestprune.variant.materialize.materialize`` end to end — artifact read, fingerprint check,
                    plan, streaming slice-and-write, config/tokenizer/manifest — at several targets.
 
 Files are in the page cache for every run (they were just written), so this compares CPU + write cost,
@@ -94,13 +94,13 @@ def write_base(model_dir: Path, a: argparse.Namespace, shard_bytes: int = 500 * 
 def write_random_artifact(model_dir: Path, out: Path) -> None:
     """A random removal order over every structure (prunable layers first), written as a real artifact."""
     import numpy as np
-    from nestprune.schemas.artifact import ArtifactManifest, ObjectiveInfo, RankingInfo, ScheduleInfo
 
-    from nestprune.arch import KIND_CODES, arch_from_config
+    from nestprune.arch import KIND_CODES, Structures, arch_from_config
     from nestprune.artifact import arch_summary, ranking_sha256, write_artifact
     from nestprune.io.fingerprint import fingerprint
     from nestprune.io.weights import SafetensorsSource
     from nestprune.ranking import RANKING_FIELDS, Ranking
+    from nestprune.schemas.artifact import ArtifactManifest, ObjectiveInfo, RankingInfo, ScheduleInfo
 
     cfg = json.loads((model_dir / "config.json").read_text())
     with SafetensorsSource(model_dir) as src:
@@ -110,7 +110,7 @@ def write_random_artifact(model_dir: Path, out: Path) -> None:
     decoder = sum(v for k, v in numel.items() if k.startswith("model.layers."))
     prunable_layers = arch.prunable_layers()
     rng = np.random.default_rng(0)
-    kinds = [(arch.attention_kind("query"), arch.num_heads), ("channel", arch.intermediate_size)]
+    kinds = [(Structures(arch, "query").attention_kind, arch.num_heads), ("channel", arch.intermediate_size)]
     rows = [(layer, k, i) for layer in range(arch.num_layers) for k, n in kinds for i in range(n)]
     rows = [rows[i] for i in rng.permutation(len(rows))]
     rows.sort(key=lambda r: r[0] not in prunable_layers)
@@ -119,7 +119,7 @@ def write_random_artifact(model_dir: Path, out: Path) -> None:
     # the schedule "removed" prunable structures up to ~60% parameter sparsity
     removed = prunable & (np.cumsum(cost * prunable) <= 0.6 * decoder)
     ranking = Ranking(
-        arch=arch, gqa_mode="query", decoder_params=decoder,
+        structures=Structures(arch, "query"), decoder_params=decoder,
         layer=np.array([r[0] for r in rows], np.int32), kind=np.array([KIND_CODES[r[1]] for r in rows], np.uint8),
         index=np.array([r[2] for r in rows], np.int32), step=np.where(removed, 0, -1).astype(np.int32),
         score=rng.random(len(rows)), raw_score=rng.random(len(rows)), cost=cost, prunable=prunable,
@@ -199,9 +199,9 @@ def child(op: str, args: list[str]) -> None:
     else:
         art, base, out, sparsity, layout, mult, kernel_copy = args
         if kernel_copy == "no":
-            import nestprune.variant.materialize as mat
+            import nestprune.variant.hf as hf
 
-            mat.FileSpans.spans = lambda self, p: None  # type: ignore[method-assign]
+            hf.FileSpans.spans = lambda self, p: None  # type: ignore[method-assign]
         materialize(Path(art), Path(base), Path(out), sparsity=float(sparsity), layout=layout,
                     multiple_of=int(mult) if mult != "none" else None)
         written = sum(f.stat().st_size for f in Path(out).glob("*.safetensors"))

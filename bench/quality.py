@@ -3,14 +3,14 @@
 Stages, each cached under ``--workdir`` (default ``runs/bench/<scale>``) so an interrupted run resumes:
 
 1. corpus     byte-level BPE trained on ``shared/corpus/train.txt.xz``; train/valid token streams.
-2. proxies    one small LLM per family (llama-mha, llama-gqa, qwen3), ``nestprune.proxy``.
+2. proxies    one small LLM per family (llama-mha, llama-gqa, qwen3), ``nestprune.evaluate.proxy``.
 3. builds     every method (gisp, gisp-oneshot, wanda-sp, magnitude, random) on calibration windows from
               train, one artifact each (``build_artifact``), ranked up to the largest target sparsity;
               plus dedicated builds per target: a one-shot build cut at that target, and (``--dedicated
               gisp``) an iterative GISP build whose whole schedule ends at that target.
 4. variants   ``materialize`` each artifact at 10 … 50 % parameter sparsity (per-layer layout),
               ``load_variant`` it and measure perplexity on valid (non-overlapping 128-token windows,
-              ``nestprune.evaluate``), then delete the variant directory.
+              ``nestprune.evaluate.metrics``), then delete the variant directory.
 5. report     ``bench/results/<name>.md`` (one table per model, the ratios the issue asks for) and
               ``<name>.png`` (PPL vs sparsity). Every number in them comes from this run's results file.
 
@@ -20,38 +20,29 @@ Stages, each cached under ``--workdir`` (default ``runs/bench/<scale>``) so an i
 
 from __future__ import annotations
 
-import argparse
-import datetime as _dt
-import json
 import math
-import os
 import platform
-import shlex
 import shutil
-import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Annotated
 
+import _common as c
 import torch
-from rich.console import Console
+import typer
+from _common import REPO, Results, console, model_sha
 from rich.table import Table
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))  # run as a script from a checkout
-
-from nestprune.errors import NestpruneError  # noqa: E402
-from nestprune.evaluate.proxy import (  # noqa: E402
+from nestprune.device import resolve_device
+from nestprune.evaluate.proxy import (
     device_name,
     load_or_train_proxy,
-    pick_device,
     prepare_corpus,
     proxy_spec,
     read_record,
     subset_documents,
 )
-
-console = Console()
 
 FAMILY_ORDER = ("llama-mha", "llama-gqa", "qwen3")
 METHOD_ORDER = ("gisp", "gisp-oneshot", "wanda-sp", "magnitude", "random")
@@ -88,24 +79,6 @@ SETTINGS = {
 }
 
 
-# ------------------------------------------------------------------------------------------------
-# Results cache: one JSON file, one entry per (family, build, sparsity); written after every entry.
-
-
-class Results:
-    def __init__(self, path: Path):
-        self.path = path
-        self.data: dict = json.loads(path.read_text()) if path.exists() else {}
-        self.data.setdefault("proxies", {})
-        self.data.setdefault("builds", {})
-        self.data.setdefault("ppl", {})
-
-    def save(self) -> None:
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.data, indent=1, sort_keys=True) + "\n")
-        tmp.replace(self.path)
-
-
 def ppl_key(family: str, build: str, sparsity: float) -> str:
     return f"{family}/{build}/{sparsity:.2f}"
 
@@ -114,45 +87,10 @@ def ppl_key(family: str, build: str, sparsity: float) -> str:
 # Stages
 
 
-def write_docs(docs: list[str], path: Path) -> Path:
-    from nestprune.io.text import DOC_SEPARATOR
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if not path.exists():
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(f"\n{DOC_SEPARATOR}\n".join(docs) + "\n", encoding="utf-8")
-        tmp.replace(path)
-    return path
-
-
-def model_sha(model_dir: Path) -> str:
-    from nestprune.io.text import sha256_file
-
-    return sha256_file(model_dir / "model.safetensors")
-
-
 def build_one(model_dir: Path, out: Path, cfg, objective, results: Results, key: str) -> Path:
-    """Build (or reuse) one artifact; its manifest's digest and timing go into the results."""
-    from nestprune.artifact import read_artifact
-    from nestprune.build import build_artifact
-
-    base = model_sha(model_dir)
-    done = results.data["builds"].get(key)
-    if out.exists() and done and done.get("base") == base and done.get("config") == asdict(cfg):
-        return out
-    t0 = time.perf_counter()
-    with console.status(f"  build {key} ({cfg.method}, max sparsity {cfg.max_sparsity})"):
-        build_artifact(model_dir, None, out, cfg, objective=objective, force=True)
-    manifest, ranking = read_artifact(out)
-    results.data["builds"][key] = dict(
-        method=cfg.method, digest=manifest.digest(), base=base, config=asdict(cfg), seconds=round(time.perf_counter() - t0, 1),
-        steps_run=manifest.schedule.steps_run, steps_planned=manifest.schedule.steps_planned,
-        r_max=manifest.schedule.r_max, max_sparsity=manifest.ranking.max_sparsity,
-        trajectory=[(r.step, r.ratio, r.param_sparsity, r.loss) for r in manifest.trajectory],
-    )
-    results.save()
-    console.print(f"  built {key}: {manifest.schedule.steps_run} step(s), ranked to "
-                  f"{manifest.ranking.max_sparsity:.1%} in {results.data['builds'][key]['seconds']}s")
+    """Build (or reuse) one artifact; its manifest's digest, timing and trajectory go into the results."""
+    c.build_cached(model_dir, out, cfg, objective, results, key, describe=lambda m: dict(
+        r_max=m.schedule.r_max, trajectory=[(r.step, r.ratio, r.param_sparsity, r.loss) for r in m.trajectory]))
     return out
 
 
@@ -220,7 +158,7 @@ def ratio(results: Results, family: str, a: str, b: str, s: float) -> float | No
     return pa["ppl"] / pb["ppl"]
 
 
-def write_report(results: Results, args, sparsities: list[float], families: list[str], out_md: Path,
+def write_report(results: Results, scale: str, sparsities: list[float], families: list[str], out_md: Path,
                  out_png: Path) -> None:
     d = results.data
     lines = [
@@ -235,7 +173,7 @@ def write_report(results: Results, args, sparsities: list[float], families: list
         *[f"  - `{r['command']}` — stages {r['stages']}, {r['device']}, {r['seconds'] / 60:.1f} min, load average "
           f"(1/5/15 min) {r['load_average_start']} at start, {r['load_average_end']} at end, finished {r['finished']}"
           for r in d.get("runs", [])],
-        f"- scale `{args.scale}`: proxies trained on random windows of a {d['corpus']['train_tokens']:,}-token "
+        f"- scale `{scale}`: proxies trained on random windows of a {d['corpus']['train_tokens']:,}-token "
         f"subset of train ({d['corpus']['train_documents']} whole documents), BPE vocabulary "
         f"{d['corpus']['vocab_size']}; each proxy's training time and device come from its own training record "
         "(a proxy may have been trained by an earlier, interrupted invocation)",
@@ -329,72 +267,76 @@ def plot(results: Results, families: list[str], sparsities: list[float], out_png
 # ------------------------------------------------------------------------------------------------
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--scale", choices=("cpu", "gpu"), default=None, help="default: gpu if CUDA is available")
-    ap.add_argument("--corpus", type=Path, default=REPO.parent / "shared" / "corpus")
-    ap.add_argument("--workdir", type=Path, default=None, help="default runs/bench/<scale>")
-    ap.add_argument("--results-dir", type=Path, default=REPO / "bench" / "results")
-    ap.add_argument("--name", default=None, help="report file stem (default: quality for cpu, quality-gpu)")
-    ap.add_argument("--families", default=",".join(FAMILY_ORDER))
-    ap.add_argument("--methods", default=",".join(METHOD_ORDER))
-    ap.add_argument("--sparsities", default="0.1,0.2,0.3,0.4,0.5")
-    ap.add_argument("--dedicated", default=None, help="dedicated builds per target: oneshot,gisp (or none)")
-    ap.add_argument("--train-tokens", type=int, default=None, help="override the scale's token budget")
-    ap.add_argument("--samples", type=int, default=None)
-    ap.add_argument("--device", default="auto")
-    ap.add_argument("--stages", default="train,build,eval,report")
-    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
-    args = ap.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 
-    scale = args.scale or ("gpu" if torch.cuda.is_available() else "cpu")
-    args.scale = scale
+
+@app.command()
+def quality(
+    scale: c.Scale = None,
+    corpus: c.Corpus = c.CORPUS,
+    workdir: c.Workdir = None,
+    results_dir: c.ResultsDir = c.RESULTS_DIR,
+    name: c.Name = None,
+    families: c.Families = ",".join(FAMILY_ORDER),
+    methods: Annotated[str, typer.Option(help="build methods, comma-separated")] = ",".join(METHOD_ORDER),
+    sparsities: c.Sparsities = "0.1,0.2,0.3,0.4,0.5",
+    dedicated: Annotated[str | None, typer.Option(help="dedicated builds per target: oneshot,gisp (or none)")] = None,
+    train_tokens: Annotated[int | None, typer.Option(help="override the scale's token budget")] = None,
+    samples: Annotated[int | None, typer.Option(help="override the scale's calibration windows")] = None,
+    device: c.Device = "auto",
+    stages: c.Stages = "train,build,eval,report",
+    threads: Annotated[int, typer.Option(help="torch CPU threads (0: torch's default)")] = 0,
+) -> None:
+    """Does GISP rank better than the alternatives, on LLMs trained here? (see bench/README.md)"""
+    if threads:
+        torch.set_num_threads(threads)
+    scale = c.pick_scale(scale)
     st = SETTINGS[scale]
-    work = args.workdir or REPO / "runs" / "bench" / scale
+    work = workdir or REPO / "runs" / "bench" / scale
     work.mkdir(parents=True, exist_ok=True)
-    name = args.name or ("quality" if scale == "cpu" else f"quality-{scale}")
-    families = [f for f in args.families.split(",") if f]
-    methods = [m for m in args.methods.split(",") if m]
-    sparsities = sorted(float(s) for s in args.sparsities.split(","))
-    dedicated = st.dedicated if args.dedicated is None else tuple(x for x in args.dedicated.split(",") if x != "none")
-    samples = args.samples or st.samples
-    stages = set(args.stages.split(","))
-    device = pick_device(args.device)
-    results = Results(work / "results.json")
+    name = name or ("quality" if scale == "cpu" else f"quality-{scale}")
+    device_arg = device
+    families = c.names(families)
+    methods = c.names(methods)
+    sparsities = sorted(float(s) for s in c.names(sparsities))
+    dedicated = st.dedicated if dedicated is None else tuple(x for x in c.names(dedicated) if x != "none")
+    samples = samples or st.samples
+    stages = set(c.names(stages))
+    device = resolve_device(device_arg)
+    results = Results(work / "results.json", ("proxies", "builds", "ppl"))
     started = time.perf_counter()
-    load_at_start = [round(x, 2) for x in os.getloadavg()]
+    load_at_start = c.load_average()
     console.rule(f"[bold]quality benchmark — scale {scale}, {device_name(device)}, workdir {work}")
 
     # 1. corpus ------------------------------------------------------------------------------------
-    train_txt, valid_txt = args.corpus / "train.txt.xz", args.corpus / "valid.txt.xz"
+    train_txt, valid_txt = corpus / "train.txt.xz", corpus / "valid.txt.xz"
     vocab = proxy_spec(families[0], scale).vocab_size
     t0 = time.perf_counter()
     with console.status("corpus: training the BPE tokenizer and tokenising train/valid"):
-        corpus = prepare_corpus(train_txt, work / "corpus", vocab, valid_path=valid_txt,
+        corpus_data = prepare_corpus(train_txt, work / "corpus", vocab, valid_path=valid_txt,
                                 max_train_chars=st.max_train_chars, max_valid_chars=st.max_valid_chars)
-    results.data["corpus"] = {k: corpus.info[k] for k in ("train_tokens", "train_documents", "valid_tokens",
+    results.data["corpus"] = {k: corpus_data.info[k] for k in ("train_tokens", "train_documents", "valid_tokens",
                                                           "valid_documents", "vocab_size")}
-    console.print(f"corpus: {corpus.info['train_tokens']:,} train / {corpus.info['valid_tokens']:,} valid tokens "
-                  f"({time.perf_counter() - t0:.1f}s)")
+    console.print(f"corpus: {corpus_data.info['train_tokens']:,} train / {corpus_data.info['valid_tokens']:,} "
+                  f"valid tokens ({time.perf_counter() - t0:.1f}s)")
     # the evaluated valid text: the same documents, joined as nestprune eval does ("\n\n", one tokenisation)
     from nestprune.evaluate.metrics import token_stream
     from nestprune.io.text import read_documents
     from nestprune.rank.calibration import load_calibration
 
     valid_docs = subset_documents(read_documents(valid_txt), st.max_valid_chars, 0)
-    eval_stream = token_stream(valid_docs, corpus.tokenizer)
-    calib_file = write_docs(subset_documents(read_documents(train_txt), st.calib_chars, 7), work / "calibration.txt")
+    eval_stream = token_stream(valid_docs, corpus_data.tokenizer)
+    calib_file = c.write_docs(subset_documents(read_documents(train_txt), st.calib_chars, 7), work / "calibration.txt",
+                              overwrite=False)
 
     # 2. proxies -----------------------------------------------------------------------------------
     model_dirs: dict[str, Path] = {}
     for f in families:
-        overrides = {"tokens": args.train_tokens} if args.train_tokens else {}
+        overrides = {"tokens": train_tokens} if train_tokens else {}
         spec = proxy_spec(f, scale, **overrides)
         model_dirs[f] = work / "proxies" / f
         if "train" in stages:
-            rec = load_or_train_proxy(spec, corpus, model_dirs[f], device=args.device)
+            rec = load_or_train_proxy(spec, corpus_data, model_dirs[f], device=device_arg)
         else:  # never train outside the train stage; use what is there
             rec = read_record(model_dirs[f])
         if rec is not None:
@@ -405,7 +347,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # 3.+4. builds and evaluation, model by model ---------------------------------------------------
     from nestprune.build import BuildConfig
-    from nestprune.objectives.base import LanguageModeling
+    from nestprune.objectives.lm import LanguageModeling
 
     top = max(sparsities)
     for f in families:
@@ -484,15 +426,8 @@ def main(argv: list[str] | None = None) -> int:
         console.print(table)
 
     # 5. report --------------------------------------------------------------------------------------
-    argv_used = argv if argv is not None else sys.argv[1:]
-    env = "".join(f"{k}={os.environ[k]} " for k in ("OMP_NUM_THREADS", "CUDA_VISIBLE_DEVICES") if k in os.environ)
-    invocation = dict(
-        command=env + " ".join(shlex.quote(a) for a in ["python", "bench/quality.py", *argv_used]),
-        stages=",".join(x for x in ("train", "build", "eval", "report") if x in stages),
-        device=device_name(device), finished=_dt.datetime.now(_dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
-        seconds=round(time.perf_counter() - started, 1),
-        load_average_start=load_at_start, load_average_end=[round(x, 2) for x in os.getloadavg()],
-    )
+    invocation = c.invocation("bench/quality.py", device_name(device), started, load_at_start,
+                              stages=",".join(x for x in ("train", "build", "eval", "report") if x in stages))
     runs = results.data.setdefault("runs", [])
     old = results.data.get("meta", {})
     if not runs and "command" in old:  # a results file from before invocations were listed
@@ -501,22 +436,20 @@ def main(argv: list[str] | None = None) -> int:
     results.data["meta"] = dict(
         torch=torch.__version__, python=platform.python_version(), finished=invocation["finished"],
         samples=samples, seq_len=st.seq_len, eval_tokens=(len(eval_stream) // 128) * 127,
-        results_file=str(results.path.relative_to(REPO)) if results.path.is_relative_to(REPO) else str(results.path),
-        settings=asdict(st),
+        results_file=results.label(), settings=asdict(st),
     )
     results.save()
     if "report" in stages:
-        out_md, out_png = args.results_dir / f"{name}.md", args.results_dir / f"{name}.png"
-        write_report(results, args, sparsities, families, out_md, out_png)
-        shutil.copyfile(results.path, args.results_dir / f"{name}.json")
+        out_md, out_png = results_dir / f"{name}.md", results_dir / f"{name}.png"
+        write_report(results, scale, sparsities, families, out_md, out_png)
+        shutil.copyfile(results.path, results_dir / f"{name}.json")
         console.print(f"report: {out_md}, {out_png}")
     console.rule(f"done in {(time.perf_counter() - started) / 60:.1f} min")
-    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return c.run(app, argv, "bench/quality.py")
 
 
 if __name__ == "__main__":
-    try:
-        raise SystemExit(main())
-    except NestpruneError as e:
-        console.print(f"[red]error:[/] {e}")
-        raise SystemExit(1) from None
+    raise SystemExit(main())

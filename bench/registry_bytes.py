@@ -3,7 +3,7 @@
     python bench/registry_bytes.py [--layers 8 --hidden 1024 --intermediate 2816 --vocab 32000]
 
 Makes a random bf16 Llama (GQA) of the given shape, a random-order artifact (``build --method random``:
-the layout cost does not depend on which order), pushes it to a local directory and to moto's S3
+the cost of the nested order does not depend on which order), pushes it to a local directory and to moto's S3
 server on 127.0.0.1, then pulls s = 0.1 … 0.5 from each with a cold chunk cache, counting every byte
 the store returns (manifest, tags, files and chunks). Target: read ≤ 1.05 × the variant's size.
 Writes a Markdown table (``--out``, default bench/results/registry.md).

@@ -1,6 +1,6 @@
 """Task-aligned benchmark (issue 5, Deliver 3): does calibrating GISP on the task beat calibrating on text?
 
-Per proxy (Llama-style MHA, Llama-3-style GQA, Qwen3-style; ``nestprune.proxy`` presets), three GISP
+Per proxy (Llama-style MHA, Llama-3-style GQA, Qwen3-style; ``nestprune.evaluate.proxy`` presets), three GISP
 builds that differ only in the objective — ``lm`` (random windows of train text), ``margin`` (the
 identifier-cloze decision task's calibration items, from valid) and ``answer`` (the generated problems'
 calibration items) — each with the same calibration token budget; variants at 30/40/50 % parameter
@@ -9,13 +9,13 @@ sparsity (per-layer layout) evaluated on
   * the generation task's evaluation items: exact match (greedy, first line), lm- vs answer-calibrated;
   * perplexity on a slice of valid (context: what LM calibration optimises);
 plus the dense model. The proxies are trained on a train mix with a share of generated problems
-(``nestprune.tasks.mix_problems``; held-out calibration/evaluation prompts never appear), so that exact
+(``nestprune.evaluate.tasks.mix_problems``; held-out calibration/evaluation prompts never appear), so that exact
 match is measurable; the dense EM is checked before anything is built.
 
 Stages are cached under ``--workdir`` (default ``runs/bench-task/<scale>``; one ``results.json``,
 written after every entry), so an interrupted run resumes where it stopped:
 
-1. tasks      decision files (``nestprune.tasks.build_decision_files``: calib from valid, eval from
+1. tasks      decision files (``nestprune.evaluate.tasks.build_decision_files``: calib from valid, eval from
               test), generation files, the train mix (a seeded subset of train + problems)
 2. corpus     byte-level BPE on the train mix; train/valid token streams (``prepare_corpus``)
 3. proxies    ``load_or_train_proxy`` per family
@@ -31,28 +31,18 @@ written after every entry), so an interrupted run resumes where it stopped:
 
 from __future__ import annotations
 
-import argparse
-import datetime as _dt
 import json
 import math
-import os
-import platform
-import shlex
 import shutil
-import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Annotated
 
+import _common as c
 import torch
-from rich.console import Console
-
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))  # run as a script from a checkout
-
-from nestprune.errors import NestpruneError  # noqa: E402
-
-console = Console()
+import typer
+from _common import REPO, Results, console, model_sha
 
 FAMILY_ORDER = ("llama-mha", "llama-gqa", "qwen3")
 SPARSITIES = (0.3, 0.4, 0.5)
@@ -62,7 +52,7 @@ SPARSITIES = (0.3, 0.4, 0.5)
 class ScaleSettings:
     """What differs between the CPU and the GPU run (the main ones overridable on the command line)."""
 
-    proxy_scale: str  # nestprune.proxy preset shape
+    proxy_scale: str  # nestprune.evaluate.proxy preset shape
     train_tokens: int  # proxy training budget
     train_batch: int  # windows per optimizer step (small: more steps for the same tokens)
     max_train_chars: int  # train text (before problems are mixed in)
@@ -96,31 +86,8 @@ SETTINGS = {
 }
 
 
-class Results:
-    def __init__(self, path: Path):
-        self.path = path
-        self.data: dict = json.loads(path.read_text()) if path.exists() else {}
-        for k in ("proxies", "builds", "evals", "tasks"):
-            self.data.setdefault(k, {})
-
-    def save(self) -> None:
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.data, indent=1, sort_keys=True) + "\n")
-        tmp.replace(self.path)
-
-
 # ------------------------------------------------------------------------------------------------
 # Tasks and corpus
-
-
-def write_docs(docs: list[str], path: Path) -> Path:
-    from nestprune.io.text import DOC_SEPARATOR
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(f"\n{DOC_SEPARATOR}\n".join(docs) + "\n", encoding="utf-8")
-    tmp.replace(path)
-    return path
 
 
 def prepare_tasks(corpus: Path, work: Path, st: ScaleSettings, modes: list[str], results: Results) -> dict:
@@ -159,8 +126,8 @@ def prepare_tasks(corpus: Path, work: Path, st: ScaleSettings, modes: list[str],
                     for line in (gen / f).read_text().splitlines() if line.strip()]
         base = subset_documents(train_docs, st.max_train_chars, 0)
         mixed = mix_problems(base, st.problem_share, seed=2, exclude=held_out)
-        write_docs(mixed, mix)
-        write_docs(subset_documents(train_docs, st.calib_chars, 7), calib_txt)
+        c.write_docs(mixed, mix)
+        c.write_docs(subset_documents(train_docs, st.calib_chars, 7), calib_txt)
         g["train_mix"] = dict(source=str(corpus / "train.txt.xz"), text_documents=len(base),
                               text_chars=sum(map(len, base)), problem_blocks=len(mixed) - len(base),
                               share=st.problem_share, chars=sum(map(len, mixed)))
@@ -175,51 +142,28 @@ def prepare_tasks(corpus: Path, work: Path, st: ScaleSettings, modes: list[str],
 # Builds
 
 
-def model_sha(model_dir: Path) -> str:
-    from nestprune.io.text import sha256_file
-
-    return sha256_file(model_dir / "model.safetensors")
-
-
 def make_objective(kind: str, tok, paths: dict, st: ScaleSettings, mode: str = "any"):
-    from nestprune.objectives import make_objective as mk
+    from nestprune.objectives import AnswerConfig, LmConfig, MarginConfig, make_objective
 
     if kind == "lm":
-        return mk("lm", paths["calib_txt"], tok, samples=st.calib_tokens // st.lm_seq_len, seq_len=st.lm_seq_len,
-                  seed=0)
+        return make_objective(LmConfig(samples=st.calib_tokens // st.lm_seq_len, seq_len=st.lm_seq_len),
+                              paths["calib_txt"], tok, seed=0)
     if kind == "margin":
-        return mk("margin", paths["tasks"] / f"decision-{mode}" / "decision_calib.jsonl", tok,
-                  seq_len=st.margin_seq_len, max_tokens=st.calib_tokens, seed=0)
+        return make_objective(MarginConfig(seq_len=st.margin_seq_len, max_tokens=st.calib_tokens),
+                              paths["tasks"] / f"decision-{mode}" / "decision_calib.jsonl", tok, seed=0)
     if kind == "answer":  # the proxies' tokenizer has no chat template: prompt + response as in training
-        return mk("answer", paths["gen"] / "generation_calib.jsonl", tok, max_tokens=st.calib_tokens, seed=0)
+        return make_objective(AnswerConfig(max_tokens=st.calib_tokens), paths["gen"] / "generation_calib.jsonl",
+                              tok, seed=0)
     raise ValueError(kind)
 
 
 def build_one(model_dir: Path, out: Path, cfg, objective, results: Results, key: str) -> dict:
-    from nestprune.artifact import read_artifact
-    from nestprune.build import build_artifact
-
-    base = model_sha(model_dir)
-    done = results.data["builds"].get(key)
-    if out.exists() and done and done.get("base") == base and done.get("config") == asdict(cfg) \
-            and done.get("provenance") == json.loads(json.dumps(objective.provenance())):
-        return done
-    t0 = time.perf_counter()
-    with console.status(f"  build {key}"):
-        build_artifact(model_dir, None, out, cfg, objective=objective, force=True)
-    manifest, _ = read_artifact(out)
-    prov = manifest.objective.provenance
-    results.data["builds"][key] = dict(
-        digest=manifest.digest(), base=base, config=asdict(cfg), seconds=round(time.perf_counter() - t0, 1),
-        objective=manifest.objective.name, provenance=json.loads(json.dumps(prov)),
-        steps_run=manifest.schedule.steps_run, steps_planned=manifest.schedule.steps_planned,
-        max_sparsity=manifest.ranking.max_sparsity,
-    )
-    results.save()
-    b = results.data["builds"][key]
-    console.print(f"  built {key}: {b['steps_run']} steps, {prov.get('tokens_used')} calibration tokens, "
-                  f"{b['seconds']}s")
-    return b
+    """Build (or reuse, for the same objective provenance) one artifact; the objective goes into the results."""
+    provenance = json.loads(json.dumps(objective.provenance()))
+    return c.build_cached(model_dir, out, cfg, objective, results, key,
+                          same=lambda done: done.get("provenance") == provenance,
+                          describe=lambda m: dict(objective=m.objective.name,
+                                                  provenance=json.loads(json.dumps(m.objective.provenance))))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -393,7 +337,8 @@ def write_report(results: Results, families: list[str], modes: list[str], sparsi
     ]
     for inv in d.get("invocations", [meta]):
         L.append(f"  - `{inv['command']}` — {inv['finished']}, {inv['seconds'] / 60:.1f} min, load "
-                 f"{inv['loadavg_start'][0]} → {inv['loadavg_end'][0]}")
+                 f"{inv.get('load_average_start', inv.get('loadavg_start'))[0]} → "
+                 f"{inv.get('load_average_end', inv.get('loadavg_end'))[0]}")
     L += [
         f"- proxies: `nestprune.proxy` preset shape `{st['proxy_scale']}`, {st['train_tokens']:,} training tokens "
         f"each, on a train mix: a seeded {st['max_train_chars']:,}-character subset of `train.txt.xz` with "
@@ -585,32 +530,33 @@ def plot(results: Results, families: list[str], modes: list[str], sparsities: li
 # ------------------------------------------------------------------------------------------------
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--scale", choices=("cpu", "gpu"), default=None, help="default: gpu if CUDA is available")
-    ap.add_argument("--corpus", type=Path, default=REPO.parent / "shared" / "corpus")
-    ap.add_argument("--workdir", type=Path, default=None, help="default runs/bench-task/<scale>")
-    ap.add_argument("--results-dir", type=Path, default=REPO / "bench" / "results")
-    ap.add_argument("--name", default=None, help="report file stem (default task_aligned, task_aligned-gpu)")
-    ap.add_argument("--families", default=",".join(FAMILY_ORDER))
-    ap.add_argument("--modes", default="any", help="decision task modes: any, copy, recall (comma-separated)")
-    ap.add_argument("--sparsities", default=",".join(map(str, SPARSITIES)))
-    ap.add_argument("--train-tokens", type=int, default=None, help="override the scale's proxy token budget")
-    ap.add_argument("--calib-tokens", type=int, default=None, help="override the calibration token budget")
-    ap.add_argument("--problem-share", type=float, default=None, help="override the train mix's problem share")
-    ap.add_argument("--train-batch", type=int, default=None, help="override the proxies' training batch size")
-    ap.add_argument("--proxy-scale", choices=("tiny", "cpu", "gpu"), default=None,
-                    help="override the nestprune.proxy preset shape")
-    ap.add_argument("--max-train-chars", type=int, default=None, help="override the train text size")
-    ap.add_argument("--min-dense-em", type=float, default=0.05,
-                    help="refuse to build when the dense proxy's exact match is below this")
-    ap.add_argument("--device", default="auto")
-    ap.add_argument("--threads", type=int, default=1,
-                    help="torch CPU threads (1: on a shared 2-core machine 2 threads ran ~10x slower)")
-    ap.add_argument("--stages", default="train,build,eval,report")
-    args = ap.parse_args(argv)
+app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 
-    torch.set_num_threads(args.threads)
+
+@app.command()
+def task_aligned(
+    scale: c.Scale = None,
+    corpus: c.Corpus = c.CORPUS,
+    workdir: c.Workdir = None,
+    results_dir: c.ResultsDir = c.RESULTS_DIR,
+    name: c.Name = None,
+    families: c.Families = ",".join(FAMILY_ORDER),
+    modes: Annotated[str, typer.Option(help="decision task modes: any, copy, recall (comma-separated)")] = "any",
+    sparsities: c.Sparsities = ",".join(map(str, SPARSITIES)),
+    train_tokens: Annotated[int | None, typer.Option(help="override the scale's proxy token budget")] = None,
+    calib_tokens: Annotated[int | None, typer.Option(help="override the calibration token budget")] = None,
+    problem_share: Annotated[float | None, typer.Option(help="override the train mix's problem share")] = None,
+    train_batch: Annotated[int | None, typer.Option(help="override the proxies' training batch size")] = None,
+    proxy_scale: Annotated[str | None, typer.Option(help="override the nestprune.proxy preset shape: tiny | cpu | gpu")] = None,
+    max_train_chars: Annotated[int | None, typer.Option(help="override the train text size")] = None,
+    min_dense_em: Annotated[float, typer.Option(help="refuse to build when the dense proxy's exact match is below this")] = 0.05,
+    device: c.Device = "auto",
+    threads: Annotated[int, typer.Option(help="torch CPU threads (1: on a shared 2-core machine 2 threads ran ~10x "
+                                              "slower)")] = 1,
+    stages: c.Stages = "train,build,eval,report",
+) -> None:
+    """Does calibrating GISP on the task beat calibrating on text? (see bench/README.md)"""
+    torch.set_num_threads(threads)
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
@@ -623,50 +569,49 @@ def main(argv: list[str] | None = None) -> int:
     import nestprune.objectives  # noqa: F401
     import nestprune.variant.load  # noqa: F401
     import nestprune.variant.materialize  # noqa: F401
-    from nestprune.evaluate.proxy import (
-        device_name,
-        load_or_train_proxy,
-        pick_device,
-        prepare_corpus,
-        proxy_spec,
-    )
+    from nestprune.device import resolve_device
+    from nestprune.errors import NestpruneError
+    from nestprune.evaluate.proxy import device_name, load_or_train_proxy, prepare_corpus, proxy_spec
 
-    scale = args.scale or ("gpu" if torch.cuda.is_available() else "cpu")
+    if proxy_scale not in (None, "tiny", "cpu", "gpu"):
+        raise NestpruneError(f"--proxy-scale must be tiny, cpu or gpu, got {proxy_scale!r}")
+    scale = c.pick_scale(scale)
     st = SETTINGS[scale]
-    overrides = {k: v for k, v in (("train_tokens", args.train_tokens), ("calib_tokens", args.calib_tokens),
-                                   ("problem_share", args.problem_share), ("train_batch", args.train_batch),
-                                   ("proxy_scale", args.proxy_scale), ("max_train_chars", args.max_train_chars))
+    overrides = {k: v for k, v in (("train_tokens", train_tokens), ("calib_tokens", calib_tokens),
+                                   ("problem_share", problem_share), ("train_batch", train_batch),
+                                   ("proxy_scale", proxy_scale), ("max_train_chars", max_train_chars))
                  if v is not None}
     if overrides:
         from dataclasses import replace
 
         st = replace(st, **overrides)
-    work = args.workdir or REPO / "runs" / "bench-task" / scale
+    work = workdir or REPO / "runs" / "bench-task" / scale
     work.mkdir(parents=True, exist_ok=True)
-    name = args.name or ("task_aligned" if scale == "cpu" else f"task_aligned-{scale}")
-    families = [f for f in args.families.split(",") if f]
-    modes = [m for m in args.modes.split(",") if m]
-    sparsities = sorted(float(s) for s in args.sparsities.split(","))
-    stages = set(args.stages.split(","))
-    device = pick_device(args.device)
-    results = Results(work / "results.json")
+    name = name or ("task_aligned" if scale == "cpu" else f"task_aligned-{scale}")
+    families = c.names(families)
+    modes = c.names(modes)
+    sparsities = sorted(float(s) for s in c.names(sparsities))
+    stages = set(c.names(stages))
+    device_arg = device
+    device = resolve_device(device_arg)
+    results = Results(work / "results.json", ("proxies", "builds", "evals", "tasks"))
     started = time.perf_counter()
-    load_start = os.getloadavg()
+    load_start = c.load_average()
     console.rule(f"[bold]task-aligned benchmark — scale {scale}, {device_name(device)}, workdir {work}")
 
     # 1.+2. tasks, corpus ---------------------------------------------------------------------------
     if stages != {"report"}:
-        paths = prepare_tasks(args.corpus, work, st, modes, results)
+        paths = prepare_tasks(corpus, work, st, modes, results)
         vocab = proxy_spec(families[0], st.proxy_scale).vocab_size
         t0 = time.perf_counter()
         with console.status("corpus: BPE on the train mix, tokenising train mix / valid"):
-            corpus = prepare_corpus(paths["mix"], work / "corpus", vocab, valid_path=args.corpus / "valid.txt.xz",
-                                    max_valid_chars=st.max_valid_chars)
-        console.print(f"corpus: {corpus.info['train_tokens']:,} train-mix / {corpus.info['valid_tokens']:,} valid "
-                      f"tokens ({time.perf_counter() - t0:.1f}s)")
-        results.data["corpus"] = {k: corpus.info[k] for k in ("train_tokens", "train_documents", "valid_tokens",
-                                                              "vocab_size")}
-        ppl_stream = corpus.valid[: st.ppl_tokens]
+            corpus_data = prepare_corpus(paths["mix"], work / "corpus", vocab, valid_path=corpus / "valid.txt.xz",
+                                         max_valid_chars=st.max_valid_chars)
+        console.print(f"corpus: {corpus_data.info['train_tokens']:,} train-mix / "
+                      f"{corpus_data.info['valid_tokens']:,} valid tokens ({time.perf_counter() - t0:.1f}s)")
+        results.data["corpus"] = {k: corpus_data.info[k]
+                                  for k in ("train_tokens", "train_documents", "valid_tokens", "vocab_size")}
+        ppl_stream = corpus_data.valid[: st.ppl_tokens]
 
     from nestprune.build import BuildConfig
 
@@ -675,7 +620,7 @@ def main(argv: list[str] | None = None) -> int:
         spec = proxy_spec(f, st.proxy_scale, tokens=st.train_tokens, batch_size=st.train_batch)
         mdir = work / "proxies" / f
         if "train" in stages or (mdir / "config.json").exists():
-            rec = load_or_train_proxy(spec, corpus, mdir, device=args.device, progress=False)
+            rec = load_or_train_proxy(spec, corpus_data, mdir, device=device_arg, progress=False)
             results.data["proxies"][f] = rec
             results.save()
             console.print(f"proxy {f}: {rec['parameters']:,} params, {rec['tokens']:,} tokens, valid loss "
@@ -695,8 +640,8 @@ def main(argv: list[str] | None = None) -> int:
                              lambda mdir=mdir: (load_variant(mdir, dtype=torch.float32, device=device), lambda: None),
                              tok, paths, modes, st, ppl_stream, "dense")
             em = dense["generation"]["em"]
-            if em < args.min_dense_em:
-                console.print(f"[red]{f}: dense exact match {em:.3f} is below {args.min_dense_em}; "
+            if em < min_dense_em:
+                console.print(f"[red]{f}: dense exact match {em:.3f} is below {min_dense_em}; "
                               "train longer or with a larger problem share")
         if "build" not in stages and "eval" not in stages:
             continue
@@ -730,34 +675,25 @@ def main(argv: list[str] | None = None) -> int:
                          f"{bname} @ {s:.0%}")
 
     # report -------------------------------------------------------------------------------------------
-    seconds = round(time.perf_counter() - started, 1)
     if stages != {"report"}:
-        meta = dict(
-            command=" ".join(shlex.quote(a) for a in ["python", "bench/task_aligned.py",
-                                                       *(argv if argv is not None else sys.argv[1:])]),
-            device=device_name(device), torch=torch.__version__, python=platform.python_version(),
-            finished=_dt.datetime.now(_dt.UTC).strftime("%Y-%m-%d %H:%M UTC"), seconds=seconds,
-            settings=asdict(st), scale=scale, threads=torch.get_num_threads(), modes=modes,
-            loadavg_start=[round(x, 2) for x in load_start], loadavg_end=[round(x, 2) for x in os.getloadavg()],
-            results_file=str(results.path.relative_to(REPO)) if results.path.is_relative_to(REPO)
-            else str(results.path),
-        )
+        meta = c.invocation("bench/task_aligned.py", device_name(device), started, load_start,
+                            settings=asdict(st), scale=scale, threads=torch.get_num_threads(), modes=modes,
+                            results_file=results.label())
         results.data["meta"] = meta
         results.data.setdefault("invocations", []).append(meta)
     results.save()
     if "report" in stages:
-        out_md, out_png = args.results_dir / f"{name}.md", args.results_dir / f"{name}.png"
+        out_md, out_png = results_dir / f"{name}.md", results_dir / f"{name}.png"
         done = [m for m in ("any", "copy", "recall") if f"decision-{m}" in results.data["tasks"]]
         write_report(results, families, done or modes, sparsities, out_md, out_png)
-        shutil.copyfile(results.path, args.results_dir / f"{name}.json")
+        shutil.copyfile(results.path, results_dir / f"{name}.json")
         console.print(f"report: {out_md}, {out_png}")
     console.rule(f"done in {(time.perf_counter() - started) / 60:.1f} min")
-    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return c.run(app, argv, "bench/task_aligned.py")
 
 
 if __name__ == "__main__":
-    try:
-        raise SystemExit(main())
-    except NestpruneError as e:
-        console.print(f"[red]error:[/] {e}")
-        raise SystemExit(1) from None
+    raise SystemExit(main())

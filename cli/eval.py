@@ -3,48 +3,14 @@
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from nestprune.cli.common import console, friendly, is_tty, out
 from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-
-def _load(path: Path, device: str, dtype: str):
-    """(model, tokenizer, device) for a plain HF directory or a nestprune variant (either layout)."""
-    from transformers import AutoTokenizer
-
-    from nestprune.errors import NestpruneError
-
-    if not path.is_dir() or not (path / "config.json").exists():
-        raise NestpruneError(f"{path} is not a model directory (no config.json)")
-    from nestprune.device import resolve_device, resolve_dtype
-
-    dev = resolve_device(device)
-    dt = resolve_dtype(dtype, dev)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(str(path))
-    except Exception as e:
-        raise NestpruneError(f"cannot load the tokenizer of {path}: {str(e).splitlines()[0]}") from None
-    try:
-        from nestprune.variant.load import load_variant
-    except ImportError:  # older checkouts: plain HF directories only
-        load_variant = None
-    try:
-        if load_variant is not None:
-            model = load_variant(path, dtype=dt, device=dev)
-        else:
-            from transformers import AutoModelForCausalLM
-
-            model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dt, use_safetensors=True).to(dev)
-    except NestpruneError:
-        raise
-    except Exception as e:
-        raise NestpruneError(f"cannot load the model in {path}: {str(e).splitlines()[0]}") from None
-    return model.eval(), tokenizer, dev
+from nestprune.cli.common import console, friendly, is_tty, out
 
 
 def _table(results: list[dict[str, Any]], model: str) -> Table:
@@ -82,44 +48,26 @@ def evaluate(
     Perplexity follows the reference protocol: documents joined with blank lines, non-overlapping
     --seq-len windows. Multiple choice reports acc and acc_norm (per character, as lm-eval).
     """
-    from nestprune.errors import NestpruneError
-    from nestprune.evaluate import metrics as ev
-
-    ppl, mc, gen = ppl or [], mc or [], gen or []
-    if not (ppl or mc or gen):
-        raise NestpruneError("nothing to evaluate: give --ppl, --mc and/or --gen")
-    for f in [*ppl, *mc, *gen]:
-        if not f.is_file():
-            raise NestpruneError(f"task file {f} does not exist")
-    ev.Extractor(extract)  # reject a bad --extract before loading the model
     from transformers.utils import logging as hf_logging
 
+    from nestprune.evaluate.run import EvalTasks, evaluate_tasks, load_for_eval
+
+    tasks = EvalTasks(ppl=ppl or [], mc=mc or [], gen=gen or [], seq_len=seq_len, batch_size=batch_size,
+                      max_new_tokens=max_new_tokens, extract=extract, limit=limit)
+    tasks.check()
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
-    net, tokenizer, dev = _load(model, device, dtype)
-    results: list[dict[str, Any]] = []
+    net, tokenizer, dev = load_for_eval(model, device, dtype)
     progress = Progress(TextColumn("{task.description}"), BarColumn(), TaskProgressColumn(), TimeElapsedColumn(),
                         console=console, disable=not is_tty(), transient=True)
-    with progress:
-        def cb(label: str):
-            task = progress.add_task(label, total=None)
-            return lambda done, total: progress.update(task, completed=done, total=total)
 
-        for f in ppl:
-            r = ev.perplexity_file(net, tokenizer, f, seq_len=seq_len, batch_size=batch_size, device=dev,
-                                   progress=cb(f"ppl {f.name}"))
-            results.append(r.to_dict())
-        for f in mc:
-            r = ev.multiple_choice_file(net, tokenizer, f, limit=limit, batch_size=batch_size, device=dev,
-                                        progress=cb(f"mc {f.name}"))
-            results.append(r.to_dict())
-        for f in gen:
-            r = ev.exact_match_file(net, tokenizer, f, limit=limit, extract=extract, max_new_tokens=max_new_tokens,
-                                    batch_size=batch_size, device=dev, progress=cb(f"gen {f.name}"))
-            results.append(r.to_dict())
+    def callback(label: str):
+        task = progress.add_task(label, total=None)
+        return lambda done, total: progress.update(task, completed=done, total=total)
+
+    with progress:
+        results = evaluate_tasks(net, tokenizer, tasks, dev, callback)
     params = sum(p.numel() for p in net.parameters())
-    for r in results:  # JSON has no infinity: a diverged perplexity is null
-        r.update({k: None for k, v in r.items() if isinstance(v, float) and not math.isfinite(v)})
     if as_json:
         doc = {"model": str(model), "parameters": params, "device": str(dev),
                "dtype": str(next(net.parameters()).dtype).removeprefix("torch."), "results": results}

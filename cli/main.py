@@ -16,7 +16,7 @@ app = typer.Typer(
 
 # Each module defines ``register(app)``; the order here is the order of ``nestprune --help``.
 COMMAND_MODULES = ("nestprune.cli.build", "nestprune.cli.inspect", "nestprune.cli.materialize", "nestprune.cli.eval",
-                   "nestprune.cli.registry")
+                   "nestprune.cli.lm_eval", "nestprune.cli.registry")
 
 for _name in COMMAND_MODULES:
     importlib.import_module(_name).register(app)

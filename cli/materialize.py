@@ -5,10 +5,9 @@ from __future__ import annotations
 import re
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
-from nestprune.cli.common import console, friendly, out
 from rich.progress import (
     BarColumn,
     DownloadColumn,
@@ -18,15 +17,34 @@ from rich.progress import (
     TransferSpeedColumn,
 )
 
+from nestprune.cli.common import console, friendly, out
 from nestprune.errors import NestpruneError
+from nestprune.variant.widths import WIDTH_POLICIES
+from nestprune.variant.writers import DEFAULT_FORMAT, WRITERS
 
 PROGRESS_MIN_BYTES = 256 * 1024**2  # show a progress bar above this many bytes of tensors
 _SUFFIX = {"": 1, "K": 10**3, "M": 10**6, "B": 10**9, "G": 10**9, "T": 10**12}
 
+# The choices come from the registries: a new width policy or writer is a new choice here.
+LayoutChoice = StrEnum("LayoutChoice", {name.replace("-", "_"): name for name in WIDTH_POLICIES})
+FormatChoice = StrEnum("FormatChoice", {name.replace("-", "_"): name for name in WRITERS})
 
-class LayoutChoice(StrEnum):
-    per_layer = "per-layer"
-    uniform = "uniform"
+
+def _choices_help(entries: dict[str, Any]) -> str:
+    return "; ".join(f"{name}: {e.help}" for name, e in entries.items())
+
+
+# The target and shape options, declared once for `materialize` and `pull`.
+SparsityOption = Annotated[float | None, typer.Option(min=0.0, max=1.0, help="parameter sparsity of the decoder layers, e.g. 0.3")]
+ParamsOption = Annotated[str | None, typer.Option("--params", help="total parameters instead, e.g. 4.5B or 120M")]
+LayoutOption = Annotated[LayoutChoice, typer.Option(help=_choices_help(WIDTH_POLICIES))]
+MultipleOfOption = Annotated[int | None, typer.Option("--multiple-of", min=1, help="round kept MLP widths to a multiple (e.g. 64, 128)")]
+FormatOption = Annotated[FormatChoice, typer.Option("--format", help="output format; " + _choices_help(WRITERS))]
+ForceOption = Annotated[bool, typer.Option("--force", help="replace an existing --out")]
+GgufTypeOption = Annotated[str | None, typer.Option("--gguf-type", help="--format gguf: f32 | f16 | bf16 for the matrices (default f16; vectors are f32)")]
+TokenizerPreOption = Annotated[str | None, typer.Option("--tokenizer-pre", help="--format gguf: llama.cpp pre-tokenizer name when it cannot be recognised from tokenizer.json (e.g. llama-bpe, qwen2, gpt-2)")]
+DEFAULT_LAYOUT = LayoutChoice("per-layer")
+DEFAULT_FORMAT_CHOICE = FormatChoice(DEFAULT_FORMAT)
 
 
 def parse_params(text: str) -> int:
@@ -62,13 +80,16 @@ def materialize(
     artifact: Annotated[Path, typer.Argument(help="the artifact written by `nestprune build`")],
     base: Annotated[Path, typer.Option("--base", help="the base model directory the artifact was built from")],
     out_dir: Annotated[Path, typer.Option("--out", help="variant directory to write")],
-    sparsity: Annotated[float | None, typer.Option(min=0.0, max=1.0, help="parameter sparsity of the decoder layers, e.g. 0.3")] = None,
-    params: Annotated[str | None, typer.Option("--params", help="total parameters instead, e.g. 4.5B or 120M")] = None,
-    layout: Annotated[LayoutChoice, typer.Option(help="per-layer: the exact GISP subnetwork (load with nestprune.load_variant); uniform: same width in every layer, a stock config")] = LayoutChoice.per_layer,
-    multiple_of: Annotated[int | None, typer.Option("--multiple-of", min=1, help="round kept MLP widths to a multiple (e.g. 64, 128)")] = None,
-    force: Annotated[bool, typer.Option("--force", help="replace an existing --out")] = False,
+    sparsity: SparsityOption = None,
+    params: ParamsOption = None,
+    layout: LayoutOption = DEFAULT_LAYOUT,
+    multiple_of: MultipleOfOption = None,
+    force: ForceOption = False,
     verify: Annotated[bool, typer.Option("--verify", help="check fp32 logits against the masked base model (≤ 1e-5) on 3 fixed prompts; loads both in fp32")] = False,
     full_check: Annotated[bool, typer.Option("--full-check", help="check the sha256 of every base file, not only names and sizes")] = False,
+    format: FormatOption = DEFAULT_FORMAT_CHOICE,
+    gguf_type: GgufTypeOption = None,
+    tokenizer_pre: TokenizerPreOption = None,
 ) -> None:
     """Write a model directory at one size from ARTIFACT and the base weights, in seconds, on CPU.
 
@@ -76,17 +97,18 @@ def materialize(
     """
     from transformers.utils import logging as hf_logging
 
+    from nestprune.variant.materialize import check_target
     from nestprune.variant.materialize import materialize as run
 
     hf_logging.disable_progress_bar()
 
-    if (sparsity is None) == (params is None):
-        raise NestpruneError("give exactly one target: --sparsity or --params")
+    check_target(sparsity, params)
     n_params = parse_params(params) if params is not None else None
     bar = ByteProgress()
     try:
         res = run(artifact, base, out_dir, sparsity=sparsity, params=n_params, layout=layout.value,
-                  multiple_of=multiple_of, force=force, verify=verify, full_check=full_check, progress=bar)
+                  multiple_of=multiple_of, force=force, verify=verify, full_check=full_check, progress=bar,
+                  format=format.value, writer_options={"gguf_type": gguf_type, "tokenizer_pre": tokenizer_pre})
     finally:
         bar.stop()
     s = res.spec

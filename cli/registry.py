@@ -6,15 +6,27 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from nestprune.cli.common import console, friendly, out
-from nestprune.cli.materialize import (  # the same targets as `nestprune materialize`
-    LayoutChoice,
-    parse_params,
-)
 from rich.progress import DownloadColumn, Progress, TextColumn, TimeElapsedColumn, TransferSpeedColumn
 from rich.table import Table
 
+from nestprune.cli.common import console, friendly, out
+from nestprune.cli.materialize import (  # the same targets, shapes and formats as `nestprune materialize`
+    DEFAULT_FORMAT_CHOICE,
+    DEFAULT_LAYOUT,
+    ForceOption,
+    FormatOption,
+    GgufTypeOption,
+    LayoutOption,
+    MultipleOfOption,
+    ParamsOption,
+    SparsityOption,
+    TokenizerPreOption,
+    parse_params,
+)
+
 REGISTRY_HELP = "a directory (default ~/.cache/nestprune/registry), s3://bucket/prefix or https://host/prefix"
+
+
 def _mib(n: int) -> str:
     return f"{n / 2**20:,.1f} MiB"
 
@@ -27,7 +39,7 @@ def push(
     tag: Annotated[str, typer.Option("--tag", help="tag to point at the new version (latest is always moved too)")] = "latest",
     channel_block: Annotated[int, typer.Option("--channel-block", min=1, help="MLP channels per chunk")] = 32,
 ) -> None:
-    """Publish ARTIFACT with the weights of --base in the nested layout, as a new immutable version."""
+    """Publish ARTIFACT with the weights of --base in the nested order, as a new immutable version."""
     from nestprune.registry import push as do_push
 
     columns = (TextColumn("push"), DownloadColumn(), TransferSpeedColumn(), TimeElapsedColumn())
@@ -46,22 +58,24 @@ def push(
 def pull(
     ref: Annotated[str, typer.Argument(help="REGISTRY/NAME[:TAG|@DIGEST] (no REGISTRY: the default local one)")],
     out_dir: Annotated[Path, typer.Option("--out", help="variant directory to write")],
-    sparsity: Annotated[float | None, typer.Option(min=0.0, max=1.0, help="parameter sparsity of the decoder layers, e.g. 0.3")] = None,
-    params: Annotated[str | None, typer.Option("--params", help="total parameters instead, e.g. 4.5B")] = None,
-    layout: Annotated[LayoutChoice, typer.Option(help="per-layer: the exact GISP subnetwork; uniform: same width in every layer, a stock config")] = LayoutChoice.per_layer,
-    multiple_of: Annotated[int | None, typer.Option("--multiple-of", min=1, help="round kept channel counts to a multiple")] = None,
-    force: Annotated[bool, typer.Option("--force", help="replace an existing --out")] = False,
+    sparsity: SparsityOption = None,
+    params: ParamsOption = None,
+    layout: LayoutOption = DEFAULT_LAYOUT,
+    multiple_of: MultipleOfOption = None,
+    force: ForceOption = False,
     no_cache: Annotated[bool, typer.Option("--no-cache", help="do not use or fill the local chunk cache ($NESTPRUNE_CACHE or ~/.cache/nestprune/chunks; used for S3 and HTTP registries)")] = False,
+    format: FormatOption = DEFAULT_FORMAT_CHOICE,
+    gguf_type: GgufTypeOption = None,
+    tokenizer_pre: TokenizerPreOption = None,
 ) -> None:
     """Write a size variant of REF, reading and verifying only the chunks it keeps.
 
     The directory is byte-identical to what `nestprune materialize` writes for the same artifact and base.
     """
-    from nestprune.errors import NestpruneError
     from nestprune.registry.pull import pull as do_pull
     from nestprune.registry.source import TransferStats
-    if (sparsity is None) == (params is None):
-        raise NestpruneError("give exactly one target: --sparsity or --params")
+    from nestprune.variant.materialize import check_target
+    check_target(sparsity, params)
     n_params = parse_params(params) if params is not None else None
     columns = (TextColumn("pull"), DownloadColumn(), TransferSpeedColumn(), TimeElapsedColumn(),
                TextColumn("{task.fields[info]}"))
@@ -70,7 +84,9 @@ def pull(
         stats = TransferStats(on_update=lambda s: progress.update(
             task, completed=s.fetched, info=f"{_mib(s.cached)} from cache"))
         res = do_pull(ref, out_dir, sparsity=sparsity, params=n_params, layout=layout.value,
-                      multiple_of=multiple_of, force=force, stats=stats, **({"cache": None} if no_cache else {}))
+                      multiple_of=multiple_of, force=force, stats=stats, format=format.value,
+                      writer_options={"gguf_type": gguf_type, "tokenizer_pre": tokenizer_pre},
+                      **({"cache": None} if no_cache else {}))
     s, m = res.stats, res.manifest
     console.print(
         f"wrote [bold]{res.out_dir}[/] from {res.record.name}@sha256:{res.record.digest[:12]}: "

@@ -1,18 +1,17 @@
 """The build artifact: one zarr v3 store = manifest (root attributes) + ranking (columnar arrays).
 
-Layout::
+Files::
 
     ARTIFACT/zarr.json              root group; attributes["nestprune"] = the manifest (schemas/artifact.py)
     ARTIFACT/ranking/<field>/...    one 1-D array per ranking column, in removal order
 
-Written to a temporary sibling directory and renamed into place only when complete.
+Written atomically (``nestprune.io.atomic.output_dir``): it appears complete or not at all.
 """
 
 from __future__ import annotations
 
 import hashlib
-import shutil
-import tempfile
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -20,8 +19,9 @@ import numpy as np
 import zarr
 from pydantic import ValidationError
 
-from nestprune.arch import ArchInfo
+from nestprune.arch import ArchInfo, Structures
 from nestprune.errors import NestpruneError, validation_message
+from nestprune.io import atomic
 from nestprune.ranking import RANKING_FIELDS, Ranking
 from nestprune.schemas.artifact import ARTIFACT_SCHEMA_VERSIONS, ArchSummary, ArtifactManifest
 
@@ -60,43 +60,23 @@ def arch_from_summary(s: ArchSummary) -> ArchInfo:
     )
 
 
-def prepare_out(out: Path, force: bool) -> Path:
-    """Refuse an existing ``out`` unless ``force``; make sure its parent exists."""
-    out = Path(out)
-    if out.exists() and not force:
-        raise NestpruneError(f"{out} already exists; pass --force to replace it")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    return out
+def prepare_out(out: Path, force: bool, inputs: Iterable[Path | str | None] = ()) -> Path:
+    """The early check of a build's ``--out`` (``atomic.check_out``; creates nothing)."""
+    return atomic.check_out(out, force, inputs)
 
 
-def replace_atomically(tmp: Path, out: Path) -> None:
-    """Move a finished temporary directory into place (replacing ``out`` if it exists)."""
-    if out.exists():
-        old = out.with_name(out.name + ".old-nestprune")
-        shutil.rmtree(old, ignore_errors=True)
-        out.rename(old)
-        tmp.rename(out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        tmp.rename(out)
-
-
-def write_artifact(out: Path, manifest: ArtifactManifest, ranking: Ranking, force: bool = False) -> Path:
-    out = prepare_out(out, force)
+def write_artifact(out: Path, manifest: ArtifactManifest, ranking: Ranking, force: bool = False,
+                   inputs: Iterable[Path | str | None] = ()) -> Path:
+    """Write the artifact at ``out`` atomically. ``out`` may not be (or hold) the base model or ``inputs``."""
     if manifest.ranking.sha256 != ranking_sha256(ranking):
         raise NestpruneError("internal: manifest ranking digest does not match the ranking arrays")
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
-    try:
+    with atomic.output_dir(out, force=force, inputs=(manifest.base.path, *inputs)) as tmp:
         root = zarr.open_group(str(tmp), mode="w", zarr_format=3)
         root.attrs[MANIFEST_KEY] = manifest.model_dump(mode="json")
         for f in RANKING_FIELDS:
             data = np.ascontiguousarray(getattr(ranking, f), dtype=DTYPES[f])
             root.create_array(f"ranking/{f}", data=data, chunks=(max(1, min(CHUNK, len(data))),))
-        replace_atomically(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+    return Path(out)
 
 
 def parse_manifest(data: Any) -> ArtifactManifest:
@@ -137,7 +117,7 @@ def read_artifact(path: Path) -> tuple[ArtifactManifest, Ranking]:
     except Exception as e:
         raise NestpruneError(f"artifact {path} has corrupt ranking arrays: {e}") from None
     ranking = Ranking(
-        arch=arch_from_summary(manifest.arch), gqa_mode=manifest.schedule.gqa_mode,
+        structures=Structures(arch_from_summary(manifest.arch), manifest.schedule.gqa_mode),
         decoder_params=manifest.arch.decoder_params, **cols,
     )
     if ranking_sha256(ranking) != manifest.ranking.sha256:

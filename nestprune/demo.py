@@ -11,14 +11,12 @@ Everything lands in ``--workdir`` (default ``runs/demo``). A second run reuses t
 
 from __future__ import annotations
 
-import argparse
 import importlib.resources
-import os
-import subprocess
-import sys
 import time
 from pathlib import Path
+from typing import Annotated
 
+import typer
 from rich.console import Console
 from rich.table import Table
 
@@ -111,18 +109,38 @@ def held_out_perplexity(model, tokenizer, valid: Path, max_chars: int) -> float 
     return perplexity(model, tokenizer, docs, seq_len=128, batch_size=16, source=str(valid)).ppl
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m nestprune.demo", description=__doc__.split("\n")[0])
-    ap.add_argument("--workdir", type=Path, default=Path("runs/demo"))
-    ap.add_argument("--family", default="llama-mha", help="llama-mha | llama-gqa | qwen3")
-    ap.add_argument("--tokens", type=int, default=1_000_000, help="training token budget")
-    ap.add_argument("--train-seconds", type=float, default=120.0, help="training time cap (0: none)")
-    ap.add_argument("--sparsities", default="0.2,0.4", help="the two (or more) sizes to materialize")
-    ap.add_argument("--samples", type=int, default=128, help="calibration windows of 128 tokens")
-    ap.add_argument("--retrain", action="store_true", help="train again even if the workdir holds a model")
-    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: all cores)")
-    args = ap.parse_args(argv)
+app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 
+
+@app.command()
+def demo(
+    workdir: Annotated[Path, typer.Option(help="where everything is written")] = Path("runs/demo"),
+    family: Annotated[str, typer.Option(help="llama-mha | llama-gqa | qwen3")] = "llama-mha",
+    tokens: Annotated[int, typer.Option(help="training token budget")] = 1_000_000,
+    train_seconds: Annotated[float, typer.Option(help="training time cap (0: none)")] = 120.0,
+    sparsities: Annotated[str, typer.Option(help="the two (or more) sizes to materialize")] = "0.2,0.4",
+    samples: Annotated[int, typer.Option(help="calibration windows of 128 tokens")] = 128,
+    retrain: Annotated[bool, typer.Option("--retrain", help="train again even if the workdir holds a model")] = False,
+    threads: Annotated[int, typer.Option(help="torch CPU threads (0: all cores)")] = 0,
+) -> None:
+    """The whole product on a laptop CPU, nothing downloaded: train → build → inspect → materialize → generate."""
+    status = run_demo(workdir, family, tokens, train_seconds, [float(x) for x in sparsities.split(",")], samples,
+                      retrain, threads)
+    if status:
+        raise typer.Exit(status)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m nestprune.demo [OPTIONS]``; returns the exit status."""
+    try:
+        app(args=argv, prog_name="python -m nestprune.demo")
+    except SystemExit as e:
+        return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    return 0
+
+
+def run_demo(work: Path, family: str, tokens: int, train_seconds: float, sparsities: list[float], samples: int,
+             retrain: bool, threads: int) -> int:
     import torch
     from transformers.utils import logging as hf_logging
 
@@ -131,21 +149,19 @@ def main(argv: list[str] | None = None) -> int:
 
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    work: Path = args.workdir
-    sparsities = [float(x) for x in args.sparsities.split(",")]
+    if threads:
+        torch.set_num_threads(threads)
     started = time.perf_counter()
     try:
         # 1. tokenizer + tiny model -----------------------------------------------------------------
-        t0 = stage(1, f"train a tokenizer and a tiny {args.family} on the bundled sample")
+        t0 = stage(1, f"train a tokenizer and a tiny {family} on the bundled sample")
         train_txt, valid_txt = split_sample(sample_path(), work / "data")
-        spec = proxy_spec(args.family, "tiny", tokens=args.tokens, seconds=args.train_seconds or None)
+        spec = proxy_spec(family, "tiny", tokens=tokens, seconds=train_seconds or None)
         corpus = prepare_corpus(train_txt, work / "corpus", spec.vocab_size, valid_path=valid_txt)
         console.print(f"  tokenizer: {len(corpus.tokenizer)} tokens; {corpus.info['train_tokens']:,} training "
                       f"tokens, {corpus.info['valid_tokens']:,} held-out")
         model_dir = work / "model"
-        if args.retrain:
+        if retrain:
             from dataclasses import asdict
 
             record = asdict(train_proxy(spec, corpus, model_dir))
@@ -160,21 +176,24 @@ def main(argv: list[str] | None = None) -> int:
 
         t0 = stage(2, "nestprune build: GISP ranks every head and channel, once")
         artifact = work / "artifact.nestprune"
-        cfg = BuildConfig(samples=args.samples, seq_len=128, batch_size=16, max_sparsity=max(sparsities) + 0.05,
+        cfg = BuildConfig(samples=samples, seq_len=128, batch_size=16, max_sparsity=max(sparsities) + 0.05,
                           device="cpu")
         console.print(f"  $ nestprune build {model_dir} --data {train_txt} --out {artifact} --samples "
-                      f"{cfg.samples} --seq-len {cfg.seq_len} --max-sparsity {cfg.max_sparsity:.2f} --force")
+                      f"{cfg.objective.samples} --seq-len {cfg.objective.seq_len} --max-sparsity "
+                      f"{cfg.max_sparsity:.2f} --force")
         with BuildProgress() as rep:
             build_artifact(model_dir, train_txt, artifact, cfg, force=True, reporter=rep)
         done(t0)
 
-        # 3. inspect (the CLI, as a user would run it) -----------------------------------------------
+        # 3. inspect ---------------------------------------------------------------------------------
+        from nestprune.artifact import read_artifact
+        from nestprune.describe import describe_artifact
+
         t0 = stage(3, "nestprune inspect")
-        console.print(f"  $ nestprune inspect {artifact}")
-        levels = ",".join(f"{s:g}" for s in sorted({0.1, *sparsities}))
-        env = dict(os.environ, COLUMNS=os.environ.get("COLUMNS", "110"))
-        subprocess.run([sys.executable, "-m", "nestprune.cli.main", "inspect", str(artifact), "--levels", levels],
-                       check=False, env=env)
+        levels = sorted({0.1, *sparsities})
+        console.print(f"  $ nestprune inspect {artifact} --levels {','.join(f'{s:g}' for s in levels)}")
+        for part in describe_artifact(str(artifact), *read_artifact(artifact), levels):
+            console.print(part)
         done(t0)
 
         # 4. materialize two sizes ---------------------------------------------------------------------

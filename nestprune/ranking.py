@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from nestprune.arch import KIND_CODES, ArchInfo, GqaMode
+from nestprune.arch import KIND_CODES, ArchInfo, GqaMode, Structures
 from nestprune.errors import NestpruneError
 
 RANKING_FIELDS = ("layer", "kind", "index", "step", "score", "raw_score", "cost", "prunable")
@@ -20,8 +20,7 @@ RANKING_FIELDS = ("layer", "kind", "index", "step", "score", "raw_score", "cost"
 
 @dataclass(frozen=True)
 class Ranking:
-    arch: ArchInfo
-    gqa_mode: GqaMode
+    structures: Structures  # the model's shapes and how attention is cut into units
     decoder_params: int  # all decoder-layer parameters of the base model, norms included
     layer: np.ndarray  # int32 (n,)
     kind: np.ndarray  # uint8 (n,) KIND_CODES
@@ -42,8 +41,16 @@ class Ranking:
         return len(self.layer)
 
     @property
+    def arch(self) -> ArchInfo:
+        return self.structures.arch
+
+    @property
+    def gqa_mode(self) -> GqaMode:
+        return self.structures.gqa_mode
+
+    @property
     def attention_kind(self) -> int:
-        return KIND_CODES[self.arch.attention_kind(self.gqa_mode)]
+        return self.structures.attention_code
 
     @property
     def num_removed(self) -> int:
@@ -91,9 +98,9 @@ class StructureTable:
         return len(self.layer)
 
 
-def structure_table(arch: ArchInfo, gqa_mode: GqaMode, prunable_layers: list[int]) -> StructureTable:
-    akind = arch.attention_kind(gqa_mode)
-    n_attn, n_mlp = arch.num_attention_units(gqa_mode), arch.intermediate_size
+def structure_table(st: Structures, prunable_layers: list[int]) -> StructureTable:
+    arch, akind = st.arch, st.attention_kind
+    n_attn, n_mlp = st.attention_units, arch.intermediate_size
     per_layer = n_attn + n_mlp
     L = arch.num_layers
     layer = np.repeat(np.arange(L, dtype=np.int32), per_layer)
@@ -111,6 +118,6 @@ def kept_counts(ranking: Ranking, prefix_len: int) -> tuple[np.ndarray, np.ndarr
     L = arch.num_layers
     removed_layer = ranking.layer[:prefix_len]
     is_ch = ranking.kind[:prefix_len] == KIND_CODES["channel"]
-    attn = arch.num_attention_units(ranking.gqa_mode) - np.bincount(removed_layer[~is_ch], minlength=L)
+    attn = ranking.structures.attention_units - np.bincount(removed_layer[~is_ch], minlength=L)
     mlp = arch.intermediate_size - np.bincount(removed_layer[is_ch], minlength=L)
     return attn, mlp

@@ -43,9 +43,19 @@ class ArchSummary(_Doc):
     total_params: int = Field(ge=1)
 
 
+class ConfigRecord(_Doc):
+    """A build method's or an objective's config, as ``nestprune.config.record`` writes it."""
+
+    name: str = Field(description="the registered name, e.g. gisp, wanda-sp, lm, margin")
+    version: int = Field(ge=1, description="the config class's version")
+    options: dict[str, Any] = Field(description="every option of the config, defaults included")
+
+
 class ObjectiveInfo(_Doc):
-    name: str = Field(description="lm | margin | answer | custom:<module:callable>")
+    name: str = Field(description="lm | margin | answer | the custom objective's own name")
     provenance: dict[str, Any] = Field(description="data file sha256, samples, tokens, window length, seed …")
+    config: ConfigRecord | None = Field(default=None, description="the objective's config (absent in older "
+                                        "artifacts, and when the library was given an objective object)")
 
 
 class ScheduleInfo(_Doc):
@@ -64,6 +74,8 @@ class ScheduleInfo(_Doc):
     batch_size: int = Field(ge=1)
     dtype: str
     seed: int
+    method_config: ConfigRecord | None = Field(default=None, description="the method's config (absent in "
+                                               "older artifacts)")
 
 
 class StepRecord(_Doc):

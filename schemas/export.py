@@ -7,8 +7,9 @@ import json
 import sys
 from pathlib import Path
 
-from nestprune.schemas import SCHEMA_MODULES
 from pydantic import BaseModel
+
+from nestprune.schemas import SCHEMA_MODULES
 
 HERE = Path(__file__).parent
 DRAFT = "https://json-schema.org/draft/2020-12/schema"

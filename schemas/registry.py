@@ -1,6 +1,6 @@
 """What the registry persists: the version manifest (content-addressed), version records, tags, the index.
 
-Store layout (every key relative to the registry root)::
+Store keys (every key relative to the registry root)::
 
     blobs/sha256/<hh>/<hex>              immutable content: tensor packs, aux files, ranking, manifests
     models/<name>/versions/<hex>.json    VersionRecord: a version exists once this is written (last)
@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_serializer
 
 Hex = str  # sha256, 64 lowercase hex digits
 
@@ -31,11 +31,20 @@ class FileRef(_Doc):
     size: int = Field(ge=0)
 
 
+class TensorSegment(_Doc):
+    """One segment of a fused tensor's pruned axis (Phi-3 qkv_proj: q, k, v; gate_up_proj: gate, up)."""
+
+    space: Literal["q", "kv", "mlp"] = Field(description="index space of the segment's rows")
+    rows: int = Field(ge=0, description="rows of the segment along the pruned axis")
+
+
 class TensorEntry(_Doc):
     """One tensor of the base model, stored as one pack blob of row-major chunks.
 
     The stored tensor is the original with its pruned axis moved to the rows (``transposed`` for
     o_proj/down_proj) and its units permuted into ``LayerOrder`` order (most important first).
+    A fused tensor lists its ``segments`` (in memory order); its units are permuted within each segment,
+    so segment boundaries are the same in stored and original order.
     Chunk ``i`` holds stored rows ``[i*chunk_rows, (i+1)*chunk_rows)``; its byte offset in the pack is
     the sum of the sizes before it. Bytes are the tensor's raw little-endian bits (bf16 stays bf16,
     bit-exact), whatever ``dtype`` says.
@@ -49,11 +58,22 @@ class TensorEntry(_Doc):
     space: Literal["q", "kv", "mlp"] | None = Field(
         default=None, description="index space of the stored rows; None = stored whole, original order"
     )
+    segments: list[TensorSegment] | None = Field(
+        default=None, description="fused tensors only: the segments of the pruned axis in memory order (``space`` "
+        "is the first one's); absent = one segment of ``space``"
+    )
     unit_rows: int = Field(ge=1, description="stored rows per unit (head_dim for heads, 1 for channels)")
     chunk_rows: int = Field(ge=1, description="stored rows per chunk (the last chunk may be shorter)")
     blob: Hex = Field(description="sha256 of the whole pack")
     size: int = Field(ge=0, description="bytes of the pack")
     chunks: list[Hex] = Field(description="sha256 of each chunk, in stored order")
+
+    @model_serializer(mode="wrap")
+    def _omit_absent_segments(self, handler):  # tensors that are not fused serialise as before segments existed
+        data = handler(self)
+        if self.segments is None:
+            data.pop("segments", None)
+        return data
 
 
 class LayerOrder(_Doc):

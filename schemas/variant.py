@@ -1,7 +1,7 @@
 """The variant manifest: ``nestprune_variant.json`` inside every materialized model directory.
 
 It says where the variant came from (base fingerprint, artifact digest), what was asked and reached
-(sparsity, parameters, layout, rounding) and exactly which heads and channels each layer kept.
+(sparsity, parameters, width policy, rounding) and exactly which heads and channels each layer kept.
 Versioned by ``schema_version``: a new version is a new model, joined to this one in a union on that field.
 """
 
@@ -9,8 +9,9 @@ from __future__ import annotations
 
 from typing import Literal
 
-from nestprune.schemas.artifact import BaseFingerprint
 from pydantic import BaseModel, ConfigDict, Field
+
+from nestprune.schemas.artifact import BaseFingerprint
 
 VARIANT_SCHEMA_VERSIONS = ("1",)
 VARIANT_MANIFEST_NAME = "nestprune_variant.json"
@@ -34,7 +35,8 @@ class VariantManifestV1(_Doc):
     base: BaseFingerprint | None = Field(description="fingerprint of the base model the weights came from")
     artifact_digest: str | None = Field(description="digest of the build artifact whose ranking was sliced")
     model_type: str
-    layout: Literal["per-layer", "uniform"]
+    layout: str = Field(pattern=r"^[a-z][a-z0-9-]{0,63}$",
+                        description="the width policy (--layout): per-layer, uniform, or another registered policy")
     gqa_mode: Literal["query", "group"]
     multiple_of: int | None = Field(ge=1, description="kept channel counts rounded to this multiple")
     requested_sparsity: float = Field(ge=0, lt=1)

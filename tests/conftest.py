@@ -23,7 +23,19 @@ FAMILY_CONFIGS = {
     "mistral": ("mistral", {"num_key_value_heads": 2}),
     "qwen2": ("qwen2", {"num_key_value_heads": 2}),
     "qwen3": ("qwen3", {"num_key_value_heads": 2, "head_dim": 8}),
+    # fused qkv_proj / gate_up_proj; token ids inside the tiny vocabulary
+    "phi3": ("phi3", {"num_key_value_heads": 2, "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}),
+    # head_dim 16 != hidden/heads 8; sliding-window layers that matter on 24-token prompts; soft-capping that bites
+    "gemma2": ("gemma2", {"num_key_value_heads": 2, "head_dim": 16, "query_pre_attn_scalar": 16, "sliding_window": 8,
+                          "attn_logit_softcapping": 0.02, "final_logit_softcapping": 0.5}),
+    # + q/k norms, sliding/full layers alternating, tied embeddings (as Gemma-3: no attention soft-capping)
+    "gemma3": ("gemma3_text", {"num_key_value_heads": 2, "head_dim": 16, "query_pre_attn_scalar": 16,
+                               "sliding_window": 8, "sliding_window_pattern": 2, "final_logit_softcapping": 0.5,
+                               "tie_word_embeddings": True}),
 }
+# attention implementations each tiny model can run exactly (SDPA cannot soft-cap attention logits)
+ATTN_IMPLEMENTATIONS = {name: ("eager",) if extra.get("attn_logit_softcapping") else ("eager", "sdpa")
+                        for name, (_, extra) in FAMILY_CONFIGS.items()}
 
 
 @pytest.fixture(scope="session")

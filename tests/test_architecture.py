@@ -126,7 +126,7 @@ def test_layering():
 
 
 PURE = ("nestprune.rank.score", "nestprune.rank.schedule", "nestprune.ranking", "nestprune.variant.widths",
-        "nestprune.registry.layout")
+        "nestprune.registry.nested")
 
 
 def test_pure_modules_touch_no_files_or_formats():

@@ -7,20 +7,20 @@ import lzma
 from pathlib import Path
 
 import jsonschema
-import nestprune.schemas as schemas
 import numpy as np
 import pytest
 import zarr
-from nestprune.cli.main import app
-from nestprune.schemas.artifact import ArtifactManifest
-from nestprune.schemas.export import documents, render
 from typer.testing import CliRunner
 
+import nestprune.schemas as schemas
 from nestprune.artifact import MANIFEST_KEY, parse_manifest, read_artifact, read_manifest
 from nestprune.build import BuildConfig, build_artifact
+from nestprune.cli.main import app
 from nestprune.errors import NestpruneError
 from nestprune.io.text import read_documents
 from nestprune.rank.calibration import sample_windows
+from nestprune.schemas.artifact import ArtifactManifest
+from nestprune.schemas.export import documents, render
 
 runner = CliRunner()
 SCHEMA_DIR = Path(schemas.__file__).parent
@@ -177,6 +177,14 @@ def test_cli_build_errors(case, tiny_model_dir, sample_text_file, tmp_path):
     if case != "exists":
         assert not out.exists()
     assert not list(tmp_path.glob(".art.*"))  # no temporary leftovers
+
+
+def test_out_may_not_be_an_input(tiny_model_dir, sample_text_file, tmp_path):
+    model_dir = tiny_model_dir("llama")
+    for out, what in ((model_dir, "is the input"), (tmp_path, "holds the input"), (sample_text_file, "is the input")):
+        line = _err(_build_cli(model_dir, sample_text_file, out, "--force"))
+        assert f"--out {out} {what}" in line
+    assert (model_dir / "model.safetensors").exists() and sample_text_file.exists()
 
 
 def test_interrupted_build_leaves_nothing(tiny_model_dir, sample_text_file, tmp_path, monkeypatch):

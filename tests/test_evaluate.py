@@ -125,11 +125,7 @@ def test_multiple_choice_on_a_constructed_model():
 def test_multiple_choice_batched_equals_single_on_a_real_model(llama, tok):
     items = [ev.ChoiceItem("the kernel maps each", ("page", "python reads the file", "of"), 0),
              ev.ChoiceItem("python reads", ("the file in order", "memory"), 1)]
-    reqs = []
-    for it in items:
-        for c in it.choices:
-            ctx, cont = ev._join(it.prompt, c, " ")
-            reqs.append(ev._encode_pair(tok, ctx, cont))
+    reqs = ev.encode_pairs(tok, [ev.join_choice(it.prompt, c, " ") for it in items for c in it.choices])
     batched = ev.continuation_logprobs(llama, reqs, batch_size=5)
     single = [ev.continuation_logprobs(llama, [q], batch_size=1)[0] for q in reqs]
     assert batched == pytest.approx(single, abs=1e-4)
@@ -142,9 +138,9 @@ def test_multiple_choice_batched_equals_single_on_a_real_model(llama, tok):
 
 
 def test_join_moves_spaces_like_lm_eval():
-    assert ev._join("Question: x\nAnswer:", "yes", " ") == ("Question: x\nAnswer:", " yes")
-    assert ev._join("Answer: ", "yes", " ") == ("Answer:", " yes")
-    assert ev._join("Answer:", " yes", " ") == ("Answer:", " yes")
+    assert ev.join_choice("Question: x\nAnswer:", "yes", " ") == ("Question: x\nAnswer:", " yes")
+    assert ev.join_choice("Answer: ", "yes", " ") == ("Answer:", " yes")
+    assert ev.join_choice("Answer:", " yes", " ") == ("Answer:", " yes")
 
 
 def test_choice_items_are_validated(tmp_path):
@@ -221,8 +217,9 @@ def test_exact_match_counts_extracted_answers(llama, tok):
 
 
 def test_cli_eval_json_and_table(tiny_model_dir, tmp_path):
-    from nestprune.cli.main import app
     from typer.testing import CliRunner
+
+    from nestprune.cli.main import app
 
     model_dir = tiny_model_dir("llama", num_layers=2)
     text = tmp_path / "valid.txt"
@@ -254,8 +251,9 @@ def test_cli_eval_json_and_table(tiny_model_dir, tmp_path):
 
 
 def test_cli_eval_errors_are_one_line(tiny_model_dir, tmp_path):
-    from nestprune.cli.main import app
     from typer.testing import CliRunner
+
+    from nestprune.cli.main import app
 
     runner = CliRunner()
     res = runner.invoke(app, ["eval", str(tmp_path), "--ppl", str(tmp_path / "missing.txt")])
@@ -271,10 +269,10 @@ def test_cli_eval_errors_are_one_line(tiny_model_dir, tmp_path):
 
 
 def test_cli_eval_of_a_per_layer_variant(tiny_model_dir, sample_text_file, tmp_path):
-    from nestprune.cli.main import app
     from typer.testing import CliRunner
 
     from nestprune.build import BuildConfig, build_artifact
+    from nestprune.cli.main import app
     from nestprune.variant.materialize import materialize
 
     base = tiny_model_dir("llama-gqa", num_hidden_layers=4)

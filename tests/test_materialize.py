@@ -4,29 +4,26 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from nestprune.schemas.variant import VARIANT_MANIFEST_NAME, VariantManifest
 from safetensors import safe_open
 from safetensors.torch import load_file
 from test_slicing import synthetic_ranking
 from test_variant import model_arch, ranking_for, reference, write_variant
 from typer.testing import CliRunner
 
-import nestprune.variant.materialize as mat
+import nestprune.variant.hf as hf
 from nestprune.build import BuildConfig, build_artifact
 from nestprune.errors import NestpruneError
 from nestprune.io.weights import SafetensorsSource
+from nestprune.schemas.variant import VARIANT_MANIFEST_NAME, VariantManifest
+from nestprune.variant.hf import INDEX_NAME, safetensors_header
 from nestprune.variant.load import load_variant
-from nestprune.variant.materialize import (
-    INDEX_NAME,
-    materialize,
-    materialize_variant,
-    safetensors_header,
-)
+from nestprune.variant.materialize import materialize, materialize_variant
 from nestprune.variant.widths import is_nested, plan_variant
 
 
@@ -101,7 +98,7 @@ def test_written_tensors_are_the_kept_rows_and_columns(llama_gqa, tmp_path):
 
 
 def test_header_is_aligned_and_readable():
-    plans = [mat.TensorPlan("b", 0, None, (3,), torch.float16), mat.TensorPlan("a", 0, None, (2, 2), torch.float32)]
+    plans = [hf.TensorPlan("b", 0, None, (3,), torch.float16), hf.TensorPlan("a", 0, None, (2, 2), torch.float32)]
     raw = safetensors_header(plans)
     assert len(raw) % 8 == 0 and raw[8:9] == b"{"
     header = json.loads(raw[8:])
@@ -154,22 +151,22 @@ def test_local_fast_paths_write_the_same_bytes_as_take(llama_gqa, tmp_path, monk
     base, ranking = llama_gqa
     write_variant(base, ranking, tmp_path / "fast", 0.3, multiple_of=4)
     pieces = []
-    real_spans = mat.FileSpans.spans
-    monkeypatch.setattr(mat.FileSpans, "spans", lambda self, p: pieces.append(p.name) or real_spans(self, p))
-    monkeypatch.setattr(mat.FileSpans, "columns", lambda self, p: None)  # columns through take()
+    real_spans = hf.FileSpans.spans
+    monkeypatch.setattr(hf.FileSpans, "spans", lambda self, p: pieces.append(p.name) or real_spans(self, p))
+    monkeypatch.setattr(hf.FileSpans, "columns", lambda self, p: None)  # columns through take()
 
     def unsupported(*a, **k):
         raise OSError("copy_file_range not supported")
 
-    monkeypatch.setattr(mat.os, "copy_file_range", unsupported)
+    monkeypatch.setattr(hf.os, "copy_file_range", unsupported)
     write_variant(base, ranking, tmp_path / "slow", 0.3, multiple_of=4)
     assert "model.embed_tokens.weight" in pieces
     assert file_digests(tmp_path / "fast") == file_digests(tmp_path / "slow")
 
 
 def test_row_runs():
-    assert mat.row_runs(np.array([3, 4, 5, 9, 11, 12])) == [(3, 6), (9, 10), (11, 13)]
-    assert mat.row_runs(np.array([], np.int64)) == []
+    assert hf.row_runs(np.array([3, 4, 5, 9, 11, 12])) == [(3, 6), (9, 10), (11, 13)]
+    assert hf.row_runs(np.array([], np.int64)) == []
 
 
 def test_refuses_existing_out_and_force_replaces(llama_gqa, tmp_path):
@@ -188,7 +185,7 @@ def test_refuses_existing_out_and_force_replaces(llama_gqa, tmp_path):
 def test_interrupted_write_leaves_nothing(llama_gqa, tmp_path, monkeypatch):
     base, ranking = llama_gqa
     calls = []
-    real_write_all = mat.write_all
+    real_write_all = hf.write_all
 
     def failing_write_all(fd, data):
         calls.append(len(data))
@@ -196,7 +193,7 @@ def test_interrupted_write_leaves_nothing(llama_gqa, tmp_path, monkeypatch):
             raise KeyboardInterrupt
         return real_write_all(fd, data)
 
-    monkeypatch.setattr(mat, "write_all", failing_write_all)
+    monkeypatch.setattr(hf, "write_all", failing_write_all)
     with pytest.raises(KeyboardInterrupt):
         write_variant(base, ranking, tmp_path / "v", 0.3, shard_bytes=20_000)
     assert len(calls) == 5
@@ -207,6 +204,61 @@ def test_interrupted_write_leaves_nothing(llama_gqa, tmp_path, monkeypatch):
         materialize_variant(DictSource(load_file(str(base / "model.safetensors"))), ranking,
                             plan_variant(ranking, 0.3), base, tmp_path / "w", shard_bytes=20_000)
     assert not (tmp_path / "w").exists() and leftovers(tmp_path, "w") == []
+
+
+def test_force_replaces_with_no_moment_where_out_is_missing(llama_gqa, tmp_path, monkeypatch):
+    from test_atomic import record_states
+
+    base, ranking = llama_gqa
+    out = tmp_path / "v"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+
+    def state() -> str:
+        names = set(os.listdir(out)) if out.is_dir() else set()
+        return "old" if names == {"keep.txt"} else "new" if "model.safetensors" in names else f"broken {names}"
+
+    seen = record_states(monkeypatch, state)
+    write_variant(base, ranking, out, 0.2, force=True)
+    assert seen and set(seen) <= {"old", "new"} and seen[0] == "old" and seen[-1] == "new", seen
+    assert leftovers(tmp_path, "v") == []
+
+
+@pytest.mark.parametrize("mask", [0o022, 0o027])
+def test_variant_honours_the_umask_like_cp(llama_gqa, tmp_path, mask):
+    base, ranking = llama_gqa
+    old = os.umask(mask)
+    try:
+        write_variant(base, ranking, tmp_path / "v", 0.2)
+    finally:
+        os.umask(old)
+    assert (tmp_path / "v").stat().st_mode & 0o777 == 0o777 & ~mask
+    assert {p.stat().st_mode & 0o777 for p in (tmp_path / "v").iterdir()} == {0o666 & ~mask}
+
+
+def test_a_second_writer_to_the_same_out_fails_at_once(llama_gqa, tmp_path):
+    from nestprune.io import atomic
+
+    base, ranking = llama_gqa
+    out = tmp_path / "v"
+    with atomic.lock(out), pytest.raises(NestpruneError, match="being written by another nestprune process"):
+        write_variant(base, ranking, out, 0.2)
+    assert not out.exists() and leftovers(tmp_path, "v") == []
+    write_variant(base, ranking, out, 0.2)  # once the first writer is done
+    assert leftovers(tmp_path, "v") == []
+
+
+def test_stale_temporaries_of_a_killed_writer_are_swept(llama_gqa, tmp_path):
+    from test_atomic import dead_pid
+
+    from nestprune.io import atomic
+
+    base, ranking = llama_gqa
+    stale = tmp_path / f".v.nestprune-tmp.{atomic.HOST}.{dead_pid()}.0123abcd"
+    stale.mkdir()
+    (stale / "model.safetensors").write_bytes(b"half")
+    write_variant(base, ranking, tmp_path / "v", 0.2)
+    assert leftovers(tmp_path, "v") == []
 
 
 def test_source_returning_wrong_shape_is_refused(llama_gqa, tmp_path):
@@ -237,6 +289,23 @@ def built(tiny_model_dir, sample_text_file, tmp_path):
     base = tiny_model_dir("mistral")
     cfg = BuildConfig(method="random", samples=2, seq_len=8, batch_size=2, max_sparsity=0.5)
     return base, build_artifact(base, sample_text_file, tmp_path / "art", cfg)
+
+
+def test_artifact_honours_the_umask_and_never_replaces_its_base(tiny_model_dir, sample_text_file, tmp_path):
+    base = tiny_model_dir("llama")
+    cfg = BuildConfig(method="random", samples=2, seq_len=8, batch_size=2, max_sparsity=0.5)
+    old = os.umask(0o022)
+    try:
+        art = build_artifact(base, sample_text_file, tmp_path / "art", cfg)
+    finally:
+        os.umask(old)
+    assert {p.stat().st_mode & 0o777 for p in (art, *art.rglob("*")) if p.is_dir()} == {0o755}
+    before = file_digests(base)
+    for out in (base, tmp_path):
+        with pytest.raises(NestpruneError, match="the input"):
+            build_artifact(base, sample_text_file, out, cfg, force=True)
+    assert file_digests(base) == before and sorted(p.name for p in tmp_path.iterdir()) == [
+        "art", "calib.txt", "llama-0"]
 
 
 def test_materialize_from_artifact_nested_and_verified(built, tmp_path):
@@ -284,6 +353,109 @@ def test_fingerprint_mismatch(built, tmp_path, tiny_model_dir):
     assert not (tmp_path / "full").exists() and not (tmp_path / "cfg").exists()
 
 
+def test_force_never_replaces_an_input(built, tmp_path):
+    base, art = built
+
+    def tree(d: Path) -> dict[str, str]:
+        return {str(p.relative_to(d)): hashlib.sha256(p.read_bytes()).hexdigest() for p in d.rglob("*") if p.is_file()}
+
+    before = tree(tmp_path)
+    for out in (base, art, tmp_path):
+        with pytest.raises(NestpruneError, match="the input"):
+            materialize(art, base, out, sparsity=0.2, force=True)
+    assert tree(tmp_path) == before
+
+
+def test_a_missing_artifact_creates_no_directories(built, tmp_path):
+    base, _ = built
+    with pytest.raises(NestpruneError, match="not a nestprune artifact"):
+        materialize(tmp_path / "nope", base, tmp_path / "new" / "deeper" / "v", sparsity=0.2)
+    assert not (tmp_path / "new").exists()
+
+
+def test_verify_needs_a_format_load_variant_reads(built, tmp_path, monkeypatch):
+    from nestprune.variant import writers
+
+    monkeypatch.setitem(writers.WRITERS, "opaque", writers.Writer("opaque", lambda: None, "test"))
+    base, art = built
+    with pytest.raises(NestpruneError, match="--verify .* cannot read --format opaque"):
+        materialize(art, base, tmp_path / "v", sparsity=0.2, verify=True, format="opaque")
+    with pytest.raises(NestpruneError, match="unknown format 'gguf2' \\(use hf"):
+        materialize(art, base, tmp_path / "v", sparsity=0.2, format="gguf2")
+    assert not (tmp_path / "v").exists()
+
+
+SIGTERM_CHILD = """
+import sys, time, pathlib
+import nestprune.variant.hf as hf
+real, calls = hf.write_all, []
+
+def slow(fd, data):
+    real(fd, data)
+    calls.append(1)
+    if len(calls) == 3:  # mid-write
+        pathlib.Path(sys.argv[1]).write_text("writing")
+        time.sleep(120)
+
+hf.write_all = slow
+from nestprune.cli.main import app
+app(sys.argv[2:], prog_name="nestprune")
+"""
+
+
+@pytest.mark.parametrize("signum,code,word", [(15, 143, "terminated"), (2, 130, "interrupted")])
+def test_sigterm_or_sigint_during_cli_materialize_leaves_nothing(built, tmp_path, signum, code, word):
+    import subprocess
+    import sys
+    import time
+
+    base, art = built
+    out, marker = tmp_path / "variants" / "v", tmp_path / "marker"
+    child = subprocess.Popen([sys.executable, "-c", SIGTERM_CHILD, str(marker), "materialize", str(art), "--base",
+                              str(base), "--sparsity", "0.3", "--out", str(out)],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not marker.exists():
+            assert child.poll() is None and time.monotonic() < deadline, child.communicate()
+            time.sleep(0.05)
+        assert any(p.name.startswith(".v.nestprune-tmp.") for p in out.parent.iterdir())
+        child.send_signal(signum)  # SIGTERM or SIGINT (Ctrl-C)
+        _, err = child.communicate(timeout=60)
+    finally:
+        if child.poll() is None:
+            child.kill()
+    assert child.returncode == code, err
+    assert word in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert not out.exists() and list(out.parent.iterdir()) == []
+
+
+def test_cli_refuses_a_second_writer_and_an_input_with_one_line(built, tmp_path):
+    from nestprune.cli.main import app
+    from nestprune.io import atomic
+
+    base, art = built
+    runner = CliRunner()
+    with atomic.lock(tmp_path / "v"):
+        res = runner.invoke(app, ["materialize", str(art), "--base", str(base), "--sparsity", "0.3",
+                                  "--out", str(tmp_path / "v")])
+    assert res.exit_code == 2 and res.output.startswith("error:") and "being written" in res.output
+    assert len(res.output.strip().splitlines()) == 1
+    res = runner.invoke(app, ["materialize", str(art), "--base", str(base), "--sparsity", "0.3",
+                              "--out", str(base), "--force"])
+    assert res.exit_code == 2 and res.output.startswith("error:") and "the input" in res.output
+    assert (base / "model.safetensors").exists()
+
+
+def test_cli_choices_come_from_the_registries():
+    from nestprune.cli.materialize import FormatChoice, LayoutChoice
+    from nestprune.variant.widths import WIDTH_POLICIES
+    from nestprune.variant.writers import WRITERS
+
+    assert [c.value for c in LayoutChoice] == list(WIDTH_POLICIES) == ["per-layer", "uniform"]
+    assert [c.value for c in FormatChoice] == list(WRITERS) == ["hf", "gguf"]
+
+
 # --- CLI ----------------------------------------------------------------------------------------------------
 
 def test_cli_materialize(built, tmp_path):
@@ -326,8 +498,9 @@ def test_parse_params():
 
 
 def test_variant_manifest_round_trip_and_exported_schema(llama_gqa, tmp_path):
-    from nestprune.schemas.export import HERE, render
     from pydantic import ValidationError
+
+    from nestprune.schemas.export import HERE, render
 
     base, ranking = llama_gqa
     write_variant(base, ranking, tmp_path / "v", 0.3, requested_params=12345)

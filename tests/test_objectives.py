@@ -14,19 +14,21 @@ from conftest import make_tiny_model
 from nestprune.errors import NestpruneError
 from nestprune.io.text import sha256_file
 from nestprune.objectives import (
-    AnswerItem,
-    AnswerObjective,
-    ChoiceItem,
-    MarginObjective,
-    join_choice,
-    length_batches,
-    length_limit,
-    load_objective,
+    OBJECTIVES,
+    AnswerConfig,
+    CustomConfig,
+    LmConfig,
+    MarginConfig,
     make_objective,
     parse_options,
-    truncate_left,
 )
-from nestprune.objectives.base import LanguageModeling, Objective
+from nestprune.objectives.answer import AnswerObjective
+from nestprune.objectives.base import Objective
+from nestprune.objectives.custom import load_objective
+from nestprune.objectives.items import AnswerItem, ChoiceItem, encode_pairs, join_choice
+from nestprune.objectives.lm import LanguageModeling
+from nestprune.objectives.margin import MarginObjective
+from nestprune.objectives.sequences import length_batches, length_limit, truncate_left
 
 HERE = Path(__file__).parent
 CHAT_TEMPLATE = (
@@ -144,11 +146,22 @@ def test_join_and_encoding_follow_the_evaluator(tokenizer):
     assert join_choice("a", " b") == ("a", " b")
     objective = MarginObjective(CHOICE_ITEMS, tokenizer, seq_len=64, prompt_template="Q: {prompt}\nA:")
     got = sorted((p, a) for p, a in objective.data.sequences)
+
+    def encode_like_lm_eval(context: str, continuation: str) -> tuple[list[int], list[int]]:
+        """Written out independently: the continuation is what follows the context's tokens."""
+        whole = tokenizer(context + continuation, add_special_tokens=False)["input_ids"]
+        ctx = tokenizer(context, add_special_tokens=False)["input_ids"]
+        if whole[: len(ctx)] != ctx:
+            return ctx, tokenizer(continuation, add_special_tokens=False)["input_ids"]
+        return ctx, whole[len(ctx):]
+
     expected = sorted(
-        evaluate._encode_pair(tokenizer, *evaluate._join("Q: " + it.prompt + "\nA:", c, " "))
+        encode_like_lm_eval(*join_choice("Q: " + it.prompt + "\nA:", c, " "))
         for it in CHOICE_ITEMS for c in it.choices
     )
     assert got == expected
+    # the evaluator scores with the very same joining and encoding
+    assert evaluate.join_choice is join_choice and evaluate.encode_pairs is encode_pairs
     empty = MarginObjective([ChoiceItem("", ("page", "file"), 0)], tokenizer)
     assert [p for p, _ in empty.data.sequences] == [[tokenizer.bos_token_id]] * 2
 
@@ -301,7 +314,7 @@ def test_lm_eval_aliases(tmp_path, tokenizer):
 def test_provenance_records_data_and_tokens(tmp_path, tokenizer):
     rows = [{"prompt": it.prompt, "choices": list(it.choices), "answer": it.answer} for it in CHOICE_ITEMS]
     path = write_jsonl(tmp_path / "mc.jsonl", rows)
-    objective = make_objective("margin", path, tokenizer, seed=3)
+    objective = make_objective(MarginConfig(), path, tokenizer, seed=3)
     prov = objective.provenance()
     mask_tokens = sum(int(b["attention_mask"].sum()) for b in objective.batches(2))
     label_tokens = sum(int((b["labels"] != -100).sum()) for b in objective.batches(2))
@@ -313,15 +326,15 @@ def test_provenance_records_data_and_tokens(tmp_path, tokenizer):
 
 
 def test_make_objective_dispatch(tmp_path, tokenizer, sample_text_file):
-    lm = make_objective("lm", sample_text_file, tokenizer, samples=3, seq_len=16, seed=0)
+    lm = make_objective(LmConfig(samples=3, seq_len=16), sample_text_file, tokenizer, seed=0)
     assert isinstance(lm, LanguageModeling) and lm.provenance()["tokens_used"] == 48
     qa = write_jsonl(tmp_path / "qa.jsonl", [{"prompt": "python reads", "response": " the file"}])
-    answer = make_objective("answer", qa, tokenizer, chat_template=False)
+    answer = make_objective(AnswerConfig(chat_template=False), qa, tokenizer)
     assert isinstance(answer, AnswerObjective) and answer.provenance()["objective"] == "answer"
     with pytest.raises(NestpruneError, match="unknown objective 'ppl'"):
-        make_objective("ppl", qa, tokenizer)
+        OBJECTIVES.config_class("ppl")
     with pytest.raises(NestpruneError, match="needs a callable"):
-        make_objective("custom", qa, tokenizer)
+        CustomConfig()
 
 
 def test_custom_objective_from_module_and_file(tmp_path, tokenizer, monkeypatch):
@@ -333,7 +346,7 @@ def test_custom_objective_from_module_and_file(tmp_path, tokenizer, monkeypatch)
     data.write_text("the kernel maps each page\nignored line\n")
     model = make_tiny_model("llama", num_layers=2, vocab_size=len(tokenizer))
     for spec in ("objective_plugin:make", f"{HERE / 'objective_plugin.py'}:make"):
-        objective = make_objective("custom", data, tokenizer, custom=spec, samples=7, options={"copies": 3})
+        objective = make_objective(CustomConfig(fn=spec, samples=7, options={"copies": 3}), data, tokenizer)
         assert isinstance(objective, Objective)
         assert objective.name == "first-words"
         batches = list(objective.batches(4))

@@ -139,3 +139,21 @@ def test_budget_must_exist(corpus, tmp_path):
     with pytest.raises(NestpruneError, match="less than one batch"):
         train_proxy(micro_spec(tokens=10), corpus, tmp_path / "x", progress=False)
     assert not (tmp_path / "x").exists()
+
+
+def test_retraining_replaces_the_proxy_with_no_moment_where_it_is_missing(corpus, tmp_path, monkeypatch):
+    from test_atomic import record_states
+
+    out = tmp_path / "proxy"
+    train_proxy(micro_spec(tokens=8 * 32), corpus, out, device="cpu", progress=False)
+    seen = record_states(monkeypatch, lambda: (out / "model.safetensors").exists() and (out / "training.json").exists())
+    rec = train_proxy(micro_spec(tokens=2 * 8 * 32), corpus, out, device="cpu", progress=False)
+    assert seen and all(seen), seen
+    assert read_record(out)["steps"] == rec.steps == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["proxy"]
+
+
+def test_an_unknown_device_is_one_clear_error(corpus, tmp_path):
+    with pytest.raises(NestpruneError, match="unknown --device 'gpu0'"):
+        train_proxy(micro_spec(), corpus, tmp_path / "x", device="gpu0", progress=False)
+    assert not (tmp_path / "x").exists()

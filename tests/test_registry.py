@@ -11,7 +11,6 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import SAMPLE_TEXT, make_tiny_model, save_tiny_model
-from nestprune.schemas.registry import RegistryIndex, TagRecord, VersionManifestV1, VersionRecord
 from registry_servers import http_server, s3_server
 
 from nestprune.build import BuildConfig, build_artifact
@@ -28,7 +27,8 @@ from nestprune.registry import (
 )
 from nestprune.registry.pull import pull
 from nestprune.registry.stores import LocalStore
-from nestprune.registry.versions import Reference, blob_key, read_manifest, set_tag
+from nestprune.registry.versions import Reference, blob_key, canonical, read_manifest, set_tag
+from nestprune.schemas.registry import RegistryIndex, TagRecord, VersionManifestV1, VersionRecord
 from nestprune.variant.materialize import materialize
 
 
@@ -42,7 +42,8 @@ def _build(tmp: Path, base: Path, name: str, seed: int = 0, gqa_mode: str = "que
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory, tokenizer):
-    """Bases and artifacts: llama-gqa (query mode, two rankings), qwen2 (group mode, biases), llama bf16."""
+    """Bases and artifacts: llama-gqa (query mode, two rankings), qwen2 (group mode, biases), llama bf16,
+    phi3 (fused qkv_proj / gate_up_proj, query mode), gemma2 (query mode), gemma3 (group mode, tied)."""
     tmp = tmp_path_factory.mktemp("registry-models")
     out = {}
     base = save_tiny_model(make_tiny_model("llama-gqa", vocab_size=len(tokenizer)), tokenizer, tmp / "llama-gqa")
@@ -53,6 +54,9 @@ def models(tmp_path_factory, tokenizer):
     model = make_tiny_model("llama", seed=3, vocab_size=len(tokenizer)).to(torch.bfloat16)
     base = save_tiny_model(model, tokenizer, tmp / "llama-bf16")
     out["bf16"] = (base, _build(tmp, base, "art-bf16"))
+    for key, family, mode in (("phi3", "phi3", "query"), ("gemma2", "gemma2", "query"), ("gemma3-group", "gemma3", "group")):
+        base = save_tiny_model(make_tiny_model(family, vocab_size=len(tokenizer)), tokenizer, tmp / family)
+        out[key] = (base, _build(tmp, base, f"art-{family}", gqa_mode=mode))
     return out
 
 
@@ -98,7 +102,7 @@ def tensor_bytes(variant: Path) -> int:
 
 # --- layout ---------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("key", ["gqa", "qwen2-group", "bf16"])
+@pytest.mark.parametrize("key", ["gqa", "qwen2-group", "bf16", "phi3", "gemma3-group"])
 def test_registry_source_takes_what_safetensors_takes(models, tmp_path, key):
     base, art = models[key]
     reg = tmp_path / "reg"
@@ -118,11 +122,21 @@ def test_registry_source_takes_what_safetensors_takes(models, tmp_path, key):
                 got, want = src.take(name, axis, idx), ref.take(name, axis, idx)
                 assert got.dtype == want.dtype and torch.equal(got, want), (name, axis)
     # nested layout: the most important head of a pruned layer is stored first, o_proj transposed
-    q = manifest.tensors["model.layers.1.self_attn.q_proj.weight"]
     o = manifest.tensors["model.layers.1.self_attn.o_proj.weight"]
-    assert o.transposed and o.stored_shape == [o.shape[1], o.shape[0]] and not q.transposed
-    assert q.space == "q" and q.chunk_rows == q.unit_rows == 8 and len(q.chunks) == 4
+    assert o.transposed and o.stored_shape == [o.shape[1], o.shape[0]] and o.segments is None
     assert manifest.tensors["model.embed_tokens.weight"].space is None
+    if key == "phi3":  # fused: q, k, v segments of 4, 2, 2 heads of 8 rows; gate, up segments of 48 channels
+        qkv = manifest.tensors["model.layers.1.self_attn.qkv_proj.weight"]
+        assert [(g.space, g.rows) for g in qkv.segments] == [("q", 32), ("kv", 16), ("kv", 16)]
+        assert qkv.space == "q" and qkv.chunk_rows == qkv.unit_rows == 8 and len(qkv.chunks) == 8
+        gate_up = manifest.tensors["model.layers.1.mlp.gate_up_proj.weight"]
+        assert [(g.space, g.rows) for g in gate_up.segments] == [("mlp", 48), ("mlp", 48)]
+        assert "segments" not in json.loads(canonical(manifest))["tensors"]["model.layers.1.self_attn.o_proj.weight"]
+        return
+    q = manifest.tensors["model.layers.1.self_attn.q_proj.weight"]
+    assert not q.transposed and q.segments is None
+    assert q.space == "q" and q.chunk_rows == q.unit_rows == (16 if key.startswith("gemma") else 8)
+    assert len(q.chunks) == 4
     if key == "bf16":
         assert q.dtype == "BF16"
 
@@ -140,6 +154,15 @@ def test_local_pull_equals_materialize(models, expected, tmp_path, sparsity, lay
     assert_same_dir(tmp_path / "out", expected("gqa", sparsity, layout, multiple_of))
     assert res.spec.layout == layout and abs(res.manifest.achieved_sparsity - res.spec.achieved_sparsity) < 1e-12
     assert res.stats.fetched > 10 * res.stats.cached  # only identical small files come from the cache
+
+
+@pytest.mark.parametrize("layout", ["per-layer", "uniform"])
+@pytest.mark.parametrize("key", ["phi3", "gemma2", "gemma3-group"])
+def test_pull_equals_materialize_for_every_new_family(models, expected, tmp_path, key, layout):
+    base, art = models[key]
+    push(tmp_path / "reg", art, base, name="m", channel_block=8)
+    pull(f"{tmp_path / 'reg'}/m", tmp_path / "out", sparsity=0.3, layout=layout, cache=None)
+    assert_same_dir(tmp_path / "out", expected(key, 0.3, layout))
 
 
 def test_sharded_pull_equals_sharded_materialize(models, tmp_path):
@@ -371,6 +394,106 @@ def test_interrupted_push_leaves_no_visible_version(models, expected, tmp_path):
     assert_same_dir(tmp_path / "out", expected("gqa", 0.3))
 
 
+# --- atomic outputs -----------------------------------------------------------------------------------------
+
+def test_pull_never_replaces_the_registry_or_the_cache(models, expected, tmp_path):
+    base, art = models["gqa"]
+    reg = tmp_path / "reg"
+    push(reg, art, base, name="m")
+    cache = ChunkCache(tmp_path / "cache")
+    pull(f"{reg}/m", tmp_path / "first", sparsity=0.3, cache=cache)
+    for out in (reg, tmp_path / "cache", tmp_path):
+        with pytest.raises(NestpruneError, match="the input"):
+            pull(f"{reg}/m", out, sparsity=0.3, force=True, cache=cache)
+    assert list_registry(open_store(reg)).models["m"]
+    pull(f"{reg}/m", tmp_path / "again", sparsity=0.3, cache=None)
+    assert_same_dir(tmp_path / "again", expected("gqa", 0.3))
+
+
+def test_pull_second_writer_fails_at_once_and_force_swaps(models, expected, tmp_path):
+    from nestprune.io import atomic
+
+    base, art = models["gqa"]
+    reg = tmp_path / "reg"
+    push(reg, art, base, name="m")
+    out = tmp_path / "variants" / "v"
+    out.parent.mkdir()
+    with atomic.lock(out), pytest.raises(NestpruneError, match="being written by another nestprune process"):
+        pull(f"{reg}/m", out, sparsity=0.3, cache=None)
+    assert list((tmp_path / "variants").iterdir()) == []  # no scratch directory, no lock file
+    pull(f"{reg}/m", out, sparsity=0.5, cache=None)
+    pull(f"{reg}/m", out, sparsity=0.3, cache=None, force=True)
+    assert_same_dir(out, expected("gqa", 0.3))
+    assert [p.name for p in (tmp_path / "variants").iterdir()] == ["v"]
+
+
+def test_a_killed_push_or_pull_leaves_temporaries_the_next_run_sweeps(models, expected, tmp_path):
+    from test_atomic import dead_pid
+
+    from nestprune.io import atomic
+
+    base, art = models["gqa"]
+    reg, cache_dir = tmp_path / "reg", tmp_path / "cache"
+    first = push(reg, art, base, name="m")
+    manifest = read_manifest(open_store(reg), first.record.digest)
+    blob = reg / blob_key(manifest.tensors["model.layers.1.mlp.up_proj.weight"].blob)
+    pid = dead_pid()
+    stale_blob = blob.with_name(f".{blob.name}.nestprune-tmp.{atomic.HOST}.{pid}.0a")
+    stale_blob.write_bytes(b"half a blob")
+    blob.unlink()  # as if the push had died writing it
+    stale_scratch = tmp_path / f".v.nestprune-scratch.{atomic.HOST}.{pid}.0b"
+    stale_scratch.mkdir()
+    chunk = manifest.tensors["model.embed_tokens.weight"].chunks[0]
+    stale_chunk = cache_dir / "sha256" / chunk[:2] / f".{chunk}.nestprune-tmp.{atomic.HOST}.{pid}.0c"
+    stale_chunk.parent.mkdir(parents=True)
+    stale_chunk.write_bytes(b"half a chunk")
+    atomic._SWEPT.clear()  # as in a new process
+    push(reg, art, base, name="m")
+    assert blob.exists() and not stale_blob.exists()
+    assert not [p for p in reg.rglob(".*") if "nestprune-" in p.name]
+    res = pull(f"{reg}/m", tmp_path / "v", sparsity=0.3, cache=ChunkCache(cache_dir))
+    assert res.variant_bytes == tensor_bytes(tmp_path / "v")
+    assert not stale_scratch.exists() and not stale_chunk.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cache", "reg", "v"]
+    assert_same_dir(tmp_path / "v", expected("gqa", 0.3))
+
+
+def test_registry_cache_and_pull_honour_the_umask(models, tmp_path):
+    import os
+
+    base, art = models["gqa"]
+    old = os.umask(0o022)
+    try:
+        push(tmp_path / "reg", art, base, name="m")
+        pull(f"{tmp_path / 'reg'}/m", tmp_path / "v", sparsity=0.3, cache=ChunkCache(tmp_path / "cache"))
+    finally:
+        os.umask(old)
+    made = [*(tmp_path / "reg").rglob("*"), *(tmp_path / "cache").rglob("*"), tmp_path / "v",
+            *(tmp_path / "v").iterdir()]
+    assert {p.stat().st_mode & 0o777 for p in made if p.is_dir()} == {0o755}
+    assert {p.stat().st_mode & 0o777 for p in made if p.is_file()} == {0o644}
+
+
+def test_pull_with_another_writer_equals_materialize_with_it(models, tmp_path):
+    from test_writers import write_single_file
+
+    from nestprune.variant import writers
+
+    base, art = models["qwen2-group"]
+    push(tmp_path / "reg", art, base, name="m")
+    entry = writers.register_writer(writers.Writer("safetensors-file", lambda: write_single_file, "one file"))
+    try:
+        materialize(art, base, tmp_path / "want.safetensors", sparsity=0.3, format="safetensors-file")
+        pull(f"{tmp_path / 'reg'}/m", tmp_path / "got.safetensors", sparsity=0.3, cache=None,
+             format="safetensors-file")
+    finally:
+        del writers.WRITERS[entry.name]
+    assert (tmp_path / "got.safetensors").read_bytes() == (tmp_path / "want.safetensors").read_bytes()
+    with pytest.raises(NestpruneError, match="unknown format"):
+        pull(f"{tmp_path / 'reg'}/m", tmp_path / "x", sparsity=0.3, format="safetensors-file")
+    assert not (tmp_path / "x").exists()
+
+
 # --- schemas and CLI ------------------------------------------------------------------------------------
 
 def test_registry_documents_round_trip(models, tmp_path):
@@ -389,8 +512,9 @@ def test_registry_documents_round_trip(models, tmp_path):
 
 
 def test_cli_push_list_tag_pull(models, expected, tmp_path, monkeypatch):
-    from nestprune.cli.main import app
     from typer.testing import CliRunner
+
+    from nestprune.cli.main import app
 
     monkeypatch.setenv("NESTPRUNE_CACHE", str(tmp_path / "cache"))
     base, art = models["gqa"]

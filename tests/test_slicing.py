@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from nestprune.arch import KIND_CODES, ArchInfo, arch_from_config
+from nestprune.arch import KIND_CODES, ArchInfo, Structures, arch_from_config
 from nestprune.errors import NestpruneError
 from nestprune.ranking import Ranking
 from nestprune.variant.widths import (
@@ -19,11 +19,9 @@ from nestprune.variant.widths import (
 
 
 def decoder_param_count(arch: ArchInfo) -> int:
-    """All decoder-layer parameters, norms included, from the family table."""
-    per_layer = sum(int(np.prod(arch.tensor_shape(s))) for s in arch.slices()) + 2 * arch.hidden_size
-    if arch.model_type == "qwen3":
-        per_layer += 2 * arch.head_dim  # q_norm, k_norm
-    return per_layer * arch.num_layers
+    """All decoder-layer parameters, norms included, from the family table (checked against real models in
+    test_families.py)."""
+    return arch.layer_params() * arch.num_layers
 
 
 def synthetic_ranking(arch: ArchInfo, gqa_mode: str = "query", seed: int = 0,
@@ -32,10 +30,10 @@ def synthetic_ranking(arch: ArchInfo, gqa_mode: str = "query", seed: int = 0,
     """A random removal order over every structure of ``arch``; structures of ``prunable_layers`` (all
     layers by default) are all 'removed' (step >= 0), listed first; ``first`` entries go to the front."""
     rng = np.random.default_rng(seed)
-    attn_kind = arch.attention_kind(gqa_mode)
+    attn_kind = Structures(arch, gqa_mode).attention_kind
     prunable_layers = list(range(arch.num_layers)) if prunable_layers is None else prunable_layers
     entries = [(layer, attn_kind, i) for layer in range(arch.num_layers)
-               for i in range(arch.num_attention_units(gqa_mode))]
+               for i in range(Structures(arch, gqa_mode).attention_units)]
     entries += [(layer, "channel", j) for layer in range(arch.num_layers) for j in range(arch.intermediate_size)]
     entries = [entries[i] for i in rng.permutation(len(entries))]
     front = [tuple(e) for e in first]
@@ -44,7 +42,7 @@ def synthetic_ranking(arch: ArchInfo, gqa_mode: str = "query", seed: int = 0,
     n = len(entries)
     prunable = np.array([e[0] in prunable_layers for e in entries])
     return Ranking(
-        arch=arch, gqa_mode=gqa_mode,
+        structures=Structures(arch, gqa_mode),
         decoder_params=decoder_params or decoder_param_count(arch),
         layer=np.array([e[0] for e in entries], np.int32),
         kind=np.array([KIND_CODES[e[1]] for e in entries], np.uint8),
@@ -63,6 +61,10 @@ def tiny_arch(name: str = "llama-gqa", **over) -> ArchInfo:
         "qwen2": dict(model_type="qwen2", num_key_value_heads=2),
         "llama-8": dict(model_type="llama", num_attention_heads=8, num_key_value_heads=2, hidden_size=64),
         "mistral-8": dict(model_type="mistral", num_attention_heads=8, num_key_value_heads=2, hidden_size=64),
+        "phi3-8": dict(model_type="phi3", num_attention_heads=8, num_key_value_heads=2, hidden_size=64),
+        "gemma2-8": dict(model_type="gemma2", num_attention_heads=8, num_key_value_heads=2, hidden_size=64, head_dim=16),
+        "gemma3-8": dict(model_type="gemma3_text", num_attention_heads=8, num_key_value_heads=2, hidden_size=64,
+                         head_dim=16),
     }
     cfg = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=4, num_attention_heads=4,
                vocab_size=300)
@@ -86,7 +88,7 @@ def test_per_layer_is_complement_of_prefix(name, mode):
                       r.index[: spec.prefix_len].tolist(), strict=True))
     for layer in range(arch.num_layers):
         units = spec.units(layer).tolist()
-        all_units = range(arch.num_attention_units(mode))
+        all_units = range(Structures(arch, mode).attention_units)
         assert units == [u for u in all_units if (layer, r.attention_kind, u) not in removed]
         ch = spec.layers[layer].channels.tolist()
         assert ch == [j for j in range(arch.intermediate_size) if (layer, KIND_CODES["channel"], j) not in removed]
@@ -169,7 +171,9 @@ def test_uniform_widths_equal_everywhere():
 
 def test_uniform_llama_head_counts_divide_hidden():
     # LlamaConfig refuses hidden_size % num_attention_heads != 0: 6 of 8 heads (hidden 64) is not a stock config
-    for name, expect_ok in (("llama-8", False), ("mistral-8", True)):
+    # (so do Gemma-2/3's configs, even with an explicit head_dim; Phi-3's and Mistral's accept it)
+    for name, expect_ok in (("llama-8", False), ("mistral-8", True), ("phi3-8", True), ("gemma2-8", False),
+                            ("gemma3-8", False)):
         arch = tiny_arch(name)
         r = synthetic_ranking(arch, "query", seed=0)
         heads = {plan_variant(r, float(s), "uniform").layers[0].num_heads

@@ -15,7 +15,6 @@ from nestprune.evaluate.tasks import (
     decision_task,
     find_blanks,
     generation_task,
-    main,
     make_problem,
     mix_problems,
     problems,
@@ -23,9 +22,22 @@ from nestprune.evaluate.tasks import (
     write_documents,
 )
 from nestprune.io.text import read_documents
-from nestprune.objectives import AnswerObjective, MarginObjective, join_choice
+from nestprune.objectives.answer import AnswerObjective
+from nestprune.objectives.items import join_choice
+from nestprune.objectives.margin import MarginObjective
 
 CORPUS = Path(__file__).resolve().parents[2] / "shared" / "corpus"
+
+
+def _bench_script(name: str):
+    """A bench/ script as a module (bench/ is not a package)."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "bench" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 SUBSYSTEMS = ["page", "lock", "irq", "dma", "usb", "pci", "net", "fs", "mm", "tty", "gpio", "clk"]
 
 
@@ -166,6 +178,7 @@ def test_mix_problems_share_and_exclusion():
 
 
 def test_cli_writes_the_files(tmp_path, capsys, tokenizer):
+    main = _bench_script("make_tasks").main
     corpus = tmp_path / "corpus"
     write_documents(corpus / "valid.txt.xz", synthetic_docs(8, seed=4))
     write_documents(corpus / "test.txt.xz", synthetic_docs(8, seed=5))

@@ -6,10 +6,11 @@ import json
 
 import pytest
 import torch
+from conftest import ATTN_IMPLEMENTATIONS
 from safetensors import safe_open
 from test_slicing import synthetic_ranking
 
-from nestprune.arch import arch_from_config
+from nestprune.arch import Structures, arch_from_config
 from nestprune.io.weights import SafetensorsSource
 from nestprune.rank.mask import apply_masks_, mask_model_
 from nestprune.variant.load import EmptyAttention, load_variant
@@ -17,7 +18,7 @@ from nestprune.variant.materialize import materialize_variant
 from nestprune.variant.verify import fixed_prompts, spec_masks
 from nestprune.variant.widths import plan_variant
 
-FAMILIES = ["llama", "llama-gqa", "mistral", "qwen2", "qwen3"]
+FAMILIES = ["llama", "llama-gqa", "mistral", "qwen2", "qwen3", "phi3", "gemma2", "gemma3"]
 
 
 def model_arch(model_dir):
@@ -52,7 +53,7 @@ def reference(model_dir, spec, ranking=None, attn="eager"):
     if ranking is not None:
         mask_model_(model, ranking, spec.prefix_len)
     else:
-        apply_masks_(model, spec.arch, spec.gqa_mode, spec_masks(spec))
+        apply_masks_(model, spec.structures, spec_masks(spec))
     return model
 
 
@@ -83,11 +84,11 @@ def test_equivalence_per_family_layout_mode(tiny_model_dir, tmp_path, family, la
     ranking = ranking_for(base, mode, seed=18, prunable_layers=[1, 2])  # seed 18: a K/V gather layer in every GQA family
     spec = write_variant(base, ranking, tmp_path / "v", 0.3, layout)
     assert 0.3 <= spec.achieved_sparsity or layout == "uniform"
-    for attn in ("eager", "sdpa"):
+    for attn in ATTN_IMPLEMENTATIONS[family]:
         variant = load_variant(tmp_path / "v", dtype=torch.float32, attn_implementation=attn)
         ref = reference(base, spec, ranking if layout == "per-layer" else None, attn)
         assert_same_logits(variant, ref, spec.arch.vocab_size)
-    assert_same_generation(variant, ref, spec.arch.vocab_size)  # sdpa; eager generation: the tests below
+    assert_same_generation(variant, ref, spec.arch.vocab_size)  # sdpa (eager if none); eager: the tests below
     # the variant really is smaller (K/V gathered per query head at load add to the count in memory)
     n = sum(p.numel() for p in variant.parameters())
     gathered = any(k.num_heads and not k.uniform_groups for k in spec.layers)
@@ -139,17 +140,18 @@ def test_save_pretrained_of_a_loaded_variant_round_trips(tiny_model_dir, tmp_pat
     assert_same_logits(again, reference(base, spec, ranking), spec.arch.vocab_size)
 
 
-@pytest.mark.parametrize("family,mode", [("llama", "query"), ("qwen2", "query"), ("qwen3", "group")])
+@pytest.mark.parametrize("family,mode", [("llama", "query"), ("qwen2", "query"), ("qwen3", "group"), ("phi3", "query"),
+                                         ("gemma2", "group"), ("gemma3", "query")])
 def test_layer_with_no_heads_and_layer_with_no_channels(tiny_model_dir, tmp_path, family, mode):
     base = tiny_model_dir(family)
     arch = model_arch(base)
-    units = arch.num_attention_units(mode)
-    kind = arch.attention_kind(mode)
+    units = Structures(arch, mode).attention_units
+    kind = Structures(arch, mode).attention_kind
     first = [(0, kind, u) for u in range(units)] + [(2, "channel", j) for j in range(arch.intermediate_size)]
     ranking = ranking_for(base, mode, seed=1, first=first)
     spec = write_variant(base, ranking, tmp_path / "v", float(ranking.sparsity_curve()[len(first)]))
     assert spec.layers[0].num_heads == 0 and spec.layers[2].intermediate_size == 0
-    for attn in ("eager", "sdpa"):
+    for attn in ATTN_IMPLEMENTATIONS[family]:
         variant = load_variant(tmp_path / "v", attn_implementation=attn)
         assert isinstance(variant.model.layers[0].self_attn, EmptyAttention)
         assert variant.model.layers[2].mlp.down_proj.in_features == 0

@@ -11,12 +11,15 @@ Protocols (GISP.md, "Evaluation protocol of the reference"):
   lm-eval: tokenize ``prompt + continuation`` and ``prompt``, the continuation is what follows);
   ``acc`` picks the highest sum, ``acc_norm`` the highest sum per *character* of the choice.
   A single space joins prompt and choice unless the prompt ends or the choice starts with whitespace.
+  The records may use the margin objective's aliases (question/query/ctx, options/endings, label/gold,
+  an answer given as a letter or as the choice's text).
 * **Exact match** (JSONL ``{"prompt", "answer"}``) — greedy decoding of at most ``max_new_tokens``,
   then an extraction rule (``first-line``, ``last-number``, ``regex:PATTERN``, ``full``) on the
   completion; ``last-number`` is applied to the reference answer too (so ``"#### 18"`` works).
 
-Nothing here touches paths except through ``nestprune.io.text``'s readers in the ``*_file``
-helpers; the model is used where it already is (inputs are moved to its device).
+Items, prompt joining and encoding come from ``nestprune.objectives.items``, the same code the margin
+and answer objectives calibrate with. Nothing here touches paths except through ``nestprune.io.text``'s
+readers in the ``*_file`` helpers; the model is used where it already is (inputs are moved to its device).
 """
 
 from __future__ import annotations
@@ -33,6 +36,16 @@ import torch.nn.functional as F
 
 from nestprune.errors import NestpruneError
 from nestprune.io.text import read_documents, read_jsonl
+from nestprune.objectives.items import (
+    ChoiceItem,
+    GenerationItem,
+    encode_pairs,
+    encode_texts,
+    join_choice,
+    parse_choice_items,
+    parse_generation_items,
+    prefix_token,
+)
 
 Progress = Callable[[int, int], None]  # (done, total)
 
@@ -103,18 +116,6 @@ def _max_positions(model: torch.nn.Module) -> int | None:
     return int(n) if isinstance(n, int) and n > 0 else None
 
 
-def _encode(tokenizer, text: str) -> list[int]:
-    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
-
-
-def _prefix_token(tokenizer) -> int:
-    """A token to condition on when a context is empty (lm-eval uses EOS/BOS)."""
-    for tid in (tokenizer.bos_token_id, tokenizer.eos_token_id):
-        if tid is not None:
-            return int(tid)
-    raise NestpruneError("the tokenizer has neither a BOS nor an EOS token; an empty prompt cannot be scored")
-
-
 # ---------------------------------------------------------------------------------------------
 # Perplexity
 # ---------------------------------------------------------------------------------------------
@@ -182,48 +183,6 @@ def perplexity_file(model: torch.nn.Module, tokenizer, path: Path, **kw: Any) ->
 # ---------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class ChoiceItem:
-    prompt: str
-    choices: tuple[str, ...]
-    answer: int
-
-
-def parse_choice_items(rows: Sequence[dict], source: str = "") -> list[ChoiceItem]:
-    """Validate JSONL records ``{"prompt": str, "choices": [str, ...], "answer": int}``."""
-    items = []
-    for i, r in enumerate(rows, 1):
-        where = f"{source or 'task file'}: record {i}"
-        prompt, choices, answer = r.get("prompt"), r.get("choices"), r.get("answer")
-        if not isinstance(prompt, str):
-            raise NestpruneError(f"{where} has no string field 'prompt'")
-        if not (isinstance(choices, list) and len(choices) >= 2 and all(isinstance(c, str) and c for c in choices)):
-            raise NestpruneError(f"{where}: 'choices' must be a list of at least 2 non-empty strings")
-        if isinstance(answer, bool) or not isinstance(answer, int) or not 0 <= answer < len(choices):
-            raise NestpruneError(f"{where}: 'answer' must be an integer index into 'choices' (0..{len(choices) - 1})")
-        items.append(ChoiceItem(prompt, tuple(choices), answer))
-    if not items:
-        raise NestpruneError(f"{source or 'the task file'} holds no items")
-    return items
-
-
-def _join(prompt: str, choice: str, delimiter: str) -> tuple[str, str]:
-    """(context, continuation): lm-eval's target delimiter, and trailing context spaces move over."""
-    cont = choice if (not prompt or prompt[-1:].isspace() or choice[:1].isspace()) else delimiter + choice
-    n_sp = len(prompt) - len(prompt.rstrip(" "))
-    if n_sp:
-        prompt, cont = prompt[:-n_sp], prompt[-n_sp:] + cont
-    return prompt, cont
-
-
-def _encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
-    whole = _encode(tokenizer, context + continuation)
-    ctx = _encode(tokenizer, context)
-    if whole[: len(ctx)] != ctx:  # the merge crossed the boundary: encode separately
-        return ctx, _encode(tokenizer, continuation)
-    return ctx, whole[len(ctx) :]
-
-
 @torch.no_grad()
 def continuation_logprobs(
     model: torch.nn.Module,
@@ -283,14 +242,11 @@ def multiple_choice(
     source: str = "",
 ) -> ChoiceResult:
     """acc and acc_norm (log-likelihood per character of the choice, as lm-eval's acc_norm)."""
-    requests, spans = [], []
+    requests = encode_pairs(tokenizer, [join_choice(it.prompt, c, delimiter) for it in items for c in it.choices])
+    spans, start = [], 0
     for it in items:
-        start = len(requests)
-        for c in it.choices:
-            ctx, cont = _join(it.prompt, c, delimiter)
-            ctx_ids, cont_ids = _encode_pair(tokenizer, ctx, cont)
-            requests.append((ctx_ids or [_prefix_token(tokenizer)], cont_ids))
-        spans.append((start, len(requests)))
+        spans.append((start, start + len(it.choices)))
+        start += len(it.choices)
     ll = continuation_logprobs(model, requests, batch_size=batch_size, device=device, progress=progress)
     preds, preds_norm = [], []
     for it, (a, b) in zip(items, spans, strict=True):
@@ -369,28 +325,6 @@ def _canonical_number(s: str) -> str:
     return "0" if s in ("-0", "") else s
 
 
-@dataclass(frozen=True)
-class GenerationItem:
-    prompt: str
-    answer: str
-
-
-def parse_generation_items(rows: Sequence[dict], source: str = "") -> list[GenerationItem]:
-    """Validate JSONL records ``{"prompt": str, "answer": str | number}``."""
-    items = []
-    for i, r in enumerate(rows, 1):
-        where = f"{source or 'task file'}: record {i}"
-        prompt, answer = r.get("prompt"), r.get("answer")
-        if not isinstance(prompt, str) or not prompt:
-            raise NestpruneError(f"{where} has no non-empty string field 'prompt'")
-        if isinstance(answer, bool) or not isinstance(answer, str | int | float):
-            raise NestpruneError(f"{where}: 'answer' must be a string or a number")
-        items.append(GenerationItem(prompt, str(answer)))
-    if not items:
-        raise NestpruneError(f"{source or 'the task file'} holds no items")
-    return items
-
-
 @torch.no_grad()
 def greedy_generate(
     model: torch.nn.Module,
@@ -411,7 +345,7 @@ def greedy_generate(
     limit = _max_positions(model)
     outs: list[str] = [""] * len(prompts)
     for b in range(0, len(prompts), batch_size):
-        enc = [_encode(tokenizer, p) or [_prefix_token(tokenizer)] for p in prompts[b : b + batch_size]]
+        enc = [e or [prefix_token(tokenizer)] for e in encode_texts(tokenizer, prompts[b : b + batch_size])]
         if limit is not None:
             keep = max(1, limit - max_new_tokens)
             enc = [e[-keep:] for e in enc]

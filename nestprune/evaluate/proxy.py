@@ -26,7 +26,6 @@ import json
 import math
 import os
 import random
-import shutil
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -35,8 +34,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from nestprune.device import resolve_device
 from nestprune.errors import NestpruneError
 from nestprune.evaluate.tokenizer import train_bpe_tokenizer
+from nestprune.io import atomic
 from nestprune.io.text import read_documents, sha256_file
 from nestprune.rank.calibration import tokenize_documents
 
@@ -271,16 +272,11 @@ def prepare_corpus(
         valid_documents=len(valid_docs), valid_chars=sum(map(len, valid_docs)), valid_tokens=len(valid_ids),
         seconds=round(time.perf_counter() - t0, 2),
     )
-    tmp = out_dir.with_name(out_dir.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    tokenizer.save_pretrained(str(tmp / "tokenizer"))
-    save_file({"train": train_ids.to(torch.int32), "valid": valid_ids.to(torch.int32)}, str(tmp / TOKENS_FILE),
-              metadata={"format": "pt"})
-    (tmp / CORPUS_FILE).write_text(json.dumps(info, indent=2) + "\n")
-    shutil.rmtree(out_dir, ignore_errors=True)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    os.replace(tmp, out_dir)
+    with atomic.output_dir(out_dir, force=True, inputs=(train_path, valid_path)) as tmp:  # a cache: replaced
+        tokenizer.save_pretrained(str(tmp / "tokenizer"))
+        save_file({"train": train_ids.to(torch.int32), "valid": valid_ids.to(torch.int32)}, str(tmp / TOKENS_FILE),
+                  metadata={"format": "pt"})
+        (tmp / CORPUS_FILE).write_text(json.dumps(info, indent=2) + "\n")
     return TokenizedCorpus(tokenizer, train_ids, valid_ids, info)
 
 
@@ -339,10 +335,8 @@ def valid_loss(model: torch.nn.Module, stream: torch.Tensor, seq_len: int, max_t
     return total / count
 
 
-def pick_device(device: str = "auto") -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+# bench/quality.py and bench/task_aligned.py import it under this name
+pick_device = resolve_device
 
 
 def _progress(enabled: bool):
@@ -396,7 +390,7 @@ def train_proxy(
     if len(corpus.tokenizer) > spec.vocab_size:
         raise NestpruneError(f"tokenizer has {len(corpus.tokenizer)} tokens, more than the model's "
                              f"vocab_size {spec.vocab_size}")
-    dev = pick_device(device)
+    dev = resolve_device(device)
     torch.manual_seed(cfg.seed)
     model = AutoModelForCausalLM.from_config(spec.hf_config(corpus.tokenizer), attn_implementation="sdpa")
     model.to(dev).train()
@@ -478,20 +472,15 @@ def device_name(dev: torch.device) -> str:
 
 
 def save_proxy(model: torch.nn.Module, tokenizer, record: TrainRecord, out_dir: Path) -> Path:
-    """Write model (safetensors, fp32), tokenizer and ``training.json`` to a temporary dir, then move it."""
-    tmp = out_dir.with_name(out_dir.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    """Write model (safetensors, fp32), tokenizer and ``training.json`` atomically (replacing ``out_dir``)."""
     model = model.float().cpu().eval()
     model.generation_config.bos_token_id = tokenizer.bos_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.save_pretrained(str(tmp))
-    tokenizer.save_pretrained(str(tmp))
-    (tmp / RECORD_FILE).write_text(json.dumps(asdict(record), indent=2) + "\n")
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    os.replace(tmp, out_dir)
+    with atomic.output_dir(out_dir, force=True) as tmp:
+        model.save_pretrained(str(tmp))
+        tokenizer.save_pretrained(str(tmp))
+        (tmp / RECORD_FILE).write_text(json.dumps(asdict(record), indent=2) + "\n")
     return out_dir
 
 

@@ -17,12 +17,11 @@ written as prompt/response pairs (``"Q: 47+38=? A:"`` → ``" 85"``; the answer 
 separator is "") with the bare ``answer`` ("85") for exact match (``nestprune eval``, first line). ``mix_problems`` puts a share of such problems (never the held-out calibration or
 evaluation prompts) into training documents so proxy models learn them and exact match is measurable.
 
-Everything is deterministic from a seed. CLI: ``python -m nestprune.tasks decision|generation ...``.
+Everything is deterministic from a seed. Command line: ``python bench/make_tasks.py decision|generation ...``.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import lzma
 import random
@@ -397,49 +396,3 @@ def build_generation_files(out: Path, n_calib: int, n_eval: int, seed: int = 0, 
                              "documents": len(mixed), "problem_blocks": len(mixed) - len(docs)}
     (out / "generation.json").write_text(json.dumps(info, indent=2) + "\n")
     return info
-
-
-def _names(csv: str) -> tuple[str, ...]:
-    return tuple(k.strip() for k in csv.split(",") if k.strip())
-
-
-def main(argv: Sequence[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m nestprune.tasks", description=__doc__.split("\n\n")[0])
-    sub = ap.add_subparsers(dest="task", required=True)
-    d = sub.add_parser("decision", help="identifier-cloze multiple choice: calib from valid, eval from test")
-    d.add_argument("--corpus", type=Path, default=Path("../shared/corpus"))
-    d.add_argument("--out", type=Path, required=True)
-    d.add_argument("--calib-items", type=int, default=1000)
-    d.add_argument("--eval-items", type=int, default=2000)
-    d.add_argument("--choices", type=int, default=4)
-    d.add_argument("--context-chars", type=int, default=600)
-    d.add_argument("--per-doc", type=int, default=80)
-    d.add_argument("--mode", choices=("any", "copy", "recall"), default="any")
-    d.add_argument("--calib-split", default="valid", help="split(s) for calibration items, comma-separated")
-    d.add_argument("--eval-split", default="test", help="split(s) for evaluation items, comma-separated")
-    d.add_argument("--seed", type=int, default=0)
-    g = sub.add_parser("generation", help="generated problems (prompt/response) and a training mix")
-    g.add_argument("--out", type=Path, required=True)
-    g.add_argument("--calib-items", type=int, default=1000)
-    g.add_argument("--eval-items", type=int, default=1000)
-    g.add_argument("--train", type=Path, default=None, help="training text to mix problems into")
-    g.add_argument("--share", type=float, default=0.05, help="share of training characters that are problems")
-    g.add_argument("--kinds", default=",".join(PROBLEM_KINDS))
-    g.add_argument("--seed", type=int, default=0)
-    a = ap.parse_args(argv)
-    try:
-        if a.task == "decision":
-            info = build_decision_files(a.corpus, a.out, a.calib_items, a.eval_items, a.seed,
-                                        calib_splits=_names(a.calib_split), eval_splits=_names(a.eval_split),
-                                        n_choices=a.choices, context_chars=a.context_chars,
-                                        per_doc=a.per_doc, mode=a.mode)
-        else:
-            info = build_generation_files(a.out, a.calib_items, a.eval_items, a.seed, a.train, a.share,
-                                          _names(a.kinds))
-    except NestpruneError as e:
-        raise SystemExit(f"error: {e}") from None
-    print(json.dumps(info, indent=2))
-
-
-if __name__ == "__main__":
-    main()

@@ -2,7 +2,7 @@
 
 ``take(name, axis, index)`` returns tensor ``name`` restricted to ``index`` (ascending original
 indices) along ``axis``, or whole when ``index`` is None. Implementations: local safetensors files
-(here) and the registry's nested layout (nestprune.registry).
+(here) and a registry version in nested order (nestprune.registry.source).
 """
 
 from __future__ import annotations
@@ -12,10 +12,30 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import Protocol
 
+import numpy as np
 import torch
 from safetensors import safe_open
 
 from nestprune.errors import NestpruneError
+
+# safetensors dtype names: the one table (variant headers, registry manifests and these reads use it)
+DTYPE_NAMES: dict[torch.dtype, str] = {
+    torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
+    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
+DTYPES: dict[str, torch.dtype] = {v: k for k, v in DTYPE_NAMES.items()}
+
+
+def row_runs(index: np.ndarray) -> list[tuple[int, int]]:
+    """[3, 4, 5, 9] -> [(3, 6), (9, 10)]: the contiguous runs of an ascending index."""
+    index = np.asarray(index, dtype=np.int64)
+    if len(index) == 0:
+        return []
+    breaks = np.flatnonzero(np.diff(index) != 1) + 1
+    starts = np.concatenate([[0], breaks])
+    ends = np.concatenate([breaks, [len(index)]])
+    return [(int(index[s]), int(index[e - 1]) + 1) for s, e in zip(starts, ends, strict=True)]
 
 
 class TensorSource(Protocol):
@@ -96,7 +116,10 @@ class SafetensorsSource:
         return tuple(self._handle(name).get_slice(name).get_shape())
 
     def dtype(self, name: str) -> torch.dtype:
-        return _DTYPES[self._handle(name).get_slice(name).get_dtype()]
+        st_dtype = self._handle(name).get_slice(name).get_dtype()
+        if st_dtype not in DTYPES:
+            raise NestpruneError(f"tensor {name} in {self.model_dir} has dtype {st_dtype}, which nestprune cannot handle")
+        return DTYPES[st_dtype]
 
     def take(self, name: str, axis: int = 0, index: torch.Tensor | None = None) -> torch.Tensor:
         h = self._handle(name)
@@ -106,27 +129,10 @@ class SafetensorsSource:
         if axis == 0:
             sl = h.get_slice(name)
             # contiguous runs of rows are read as slices: only their pages are touched
-            parts = [sl[int(a) : int(b)] for a, b in _runs(index)]
+            parts = [sl[a:b] for a, b in row_runs(index.numpy())]
             if not parts:
                 shape = list(sl.get_shape())
                 shape[0] = 0
                 return torch.empty(shape, dtype=self.dtype(name))
             return torch.cat(parts, 0) if len(parts) > 1 else parts[0]
         return h.get_tensor(name).index_select(axis, index)
-
-def _runs(index: torch.Tensor) -> list[tuple[int, int]]:
-    """[3,4,5,9,10] -> [(3,6),(9,11)]: contiguous runs of an ascending index."""
-    runs: list[tuple[int, int]] = []
-    for i in index.tolist():
-        if runs and runs[-1][1] == i:
-            runs[-1] = (runs[-1][0], i + 1)
-        else:
-            runs.append((i, i + 1))
-    return runs
-
-
-_DTYPES = {
-    "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool,
-}

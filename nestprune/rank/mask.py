@@ -1,7 +1,7 @@
 """Masks: which structures of each layer are kept, and zeroing removed ones in weights (pure tensor ops).
 
 Zeroing a head's q rows and o columns (and k/v rows where it owns them), or a channel's gate/up rows
-and down column, removes exactly its contribution: the masked dense model computes what the
+and down column (inside fused tensors: in each segment), removes exactly its contribution: the masked dense model computes what the
 materialized variant computes.
 """
 
@@ -12,51 +12,52 @@ from collections.abc import Mapping
 import numpy as np
 import torch
 
-from nestprune.arch import KIND_CODES, ArchInfo, GqaMode, TensorSlice
+from nestprune.arch import KIND_CODES, ArchInfo, Structures, TensorSlice
 from nestprune.ranking import Ranking
 
 LayerMasks = dict[int, tuple[np.ndarray, np.ndarray]]  # layer -> (attention keep (units,), mlp keep (I,))
 
 
-def full_masks(arch: ArchInfo, gqa_mode: GqaMode) -> LayerMasks:
+def full_masks(st: Structures) -> LayerMasks:
     return {
-        layer: (np.ones(arch.num_attention_units(gqa_mode), bool), np.ones(arch.intermediate_size, bool))
-        for layer in range(arch.num_layers)
+        layer: (np.ones(st.attention_units, bool), np.ones(st.arch.intermediate_size, bool))
+        for layer in range(st.arch.num_layers)
     }
 
 
 def masks_from_ranking(ranking: Ranking, prefix_len: int) -> LayerMasks:
     """Keep-masks after removing the first ``prefix_len`` entries of the removal order."""
-    masks = full_masks(ranking.arch, ranking.gqa_mode)
+    masks = full_masks(ranking.structures)
     layer, kind, index = (ranking.layer[:prefix_len], ranking.kind[:prefix_len], ranking.index[:prefix_len])
     for l_, k_, i_ in zip(layer.tolist(), kind.tolist(), index.tolist(), strict=True):
         masks[l_][1 if k_ == KIND_CODES["channel"] else 0][i_] = False
     return masks
 
 
-def slice_mask(arch: ArchInfo, gqa_mode: GqaMode, s: TensorSlice, attn_keep: np.ndarray,
-               mlp_keep: np.ndarray) -> torch.Tensor | None:
-    """Per-row (axis 0) or per-column (axis 1) keep-vector of one sliced tensor; None = untouched."""
+def slice_mask(st: Structures, s: TensorSlice, attn_keep: np.ndarray, mlp_keep: np.ndarray) -> torch.Tensor | None:
+    """Keep-vector of one segment's rows (axis 0) or columns (axis 1); None = untouched."""
     if s.space == "mlp":
         unit = mlp_keep
-    elif not arch.owns(s.space, gqa_mode):
+    elif not st.owns(s.space):
         return None
-    elif s.space == "q" and arch.attention_kind(gqa_mode) == "group":
-        unit = np.repeat(attn_keep, arch.group_size)  # groups -> query heads
+    elif s.space == "q" and st.attention_kind == "group":
+        unit = np.repeat(attn_keep, st.arch.group_size)  # groups -> query heads
     else:
         unit = attn_keep
-    return torch.from_numpy(np.repeat(unit, arch.space_width(s.space)))
+    return torch.from_numpy(np.repeat(unit, st.arch.space_width(s.space)))
 
 
 @torch.no_grad()
-def zero_removed_(arch: ArchInfo, gqa_mode: GqaMode, tensors: Mapping[str, torch.Tensor],
-                  attn_keep: np.ndarray, mlp_keep: np.ndarray) -> None:
-    """Zero, in place, the rows/columns of removed structures in one layer's tensors (keyed by slice name)."""
-    for s in arch.slices():
-        keep = slice_mask(arch, gqa_mode, s, attn_keep, mlp_keep)
+def zero_removed_(st: Structures, tensors: Mapping[str, torch.Tensor], attn_keep: np.ndarray,
+                  mlp_keep: np.ndarray) -> None:
+    """Zero, in place, the rows/columns of removed structures in one layer's tensors (keyed by tensor name),
+    segment by segment (a fused tensor is zeroed in each segment it holds)."""
+    for s in st.arch.slices():
+        keep = slice_mask(st, s, attn_keep, mlp_keep)
         if keep is None or bool(keep.all()):
             continue
-        t = tensors[s.name]
+        start, length = st.arch.segment_span(s)
+        t = tensors[s.name].narrow(s.axis, start, length)  # a view: zeroing it zeroes the tensor
         m = keep.to(device=t.device, dtype=t.dtype)
         t.mul_(m.view(-1, 1) if (s.axis == 0 and t.dim() == 2) else m)
 
@@ -66,12 +67,12 @@ def layer_tensors(model: torch.nn.Module, arch: ArchInfo, layer: int) -> dict[st
     return {s.name: params[arch.layer_key(layer, s.name)] for s in arch.slices()}
 
 
-def apply_masks_(model: torch.nn.Module, arch: ArchInfo, gqa_mode: GqaMode, masks: LayerMasks) -> None:
+def apply_masks_(model: torch.nn.Module, st: Structures, masks: LayerMasks) -> None:
     for layer, (attn_keep, mlp_keep) in masks.items():
-        zero_removed_(arch, gqa_mode, layer_tensors(model, arch, layer), attn_keep, mlp_keep)
+        zero_removed_(st, layer_tensors(model, st.arch, layer), attn_keep, mlp_keep)
 
 
 def mask_model_(model: torch.nn.Module, ranking: Ranking, prefix_len: int) -> torch.nn.Module:
     """Zero in ``model`` (in place) every structure in the first ``prefix_len`` entries of the ranking."""
-    apply_masks_(model, ranking.arch, ranking.gqa_mode, masks_from_ranking(ranking, prefix_len))
+    apply_masks_(model, ranking.structures, masks_from_ranking(ranking, prefix_len))
     return model

@@ -1,7 +1,8 @@
 """GISP's first-order, loss-based structure scores (pure tensor math, no I/O, no devices).
 
 Per weight: S_w = | W ⊙ mean_n ∇_W ℓ_n |  (abs after averaging). A structure's raw score is the sum
-of S_w over the weights it owns (arch.py's table; biases are not scored, as in the reference).
+of S_w over the weights it owns (arch.py's table, segment by segment inside fused tensors; biases are
+not scored, as in the reference).
 Block-wise normalisation divides by a constant per block type (arch.ArchInfo.normaliser).
 """
 
@@ -11,7 +12,7 @@ from collections.abc import Callable, Mapping
 
 import torch
 
-from nestprune.arch import ArchInfo, GqaMode, TensorSlice
+from nestprune.arch import Structures, TensorSlice
 
 
 def per_unit(s: TensorSlice, metric: torch.Tensor, units: int, width: int) -> torch.Tensor:
@@ -21,33 +22,40 @@ def per_unit(s: TensorSlice, metric: torch.Tensor, units: int, width: int) -> to
     return metric.sum(dim=0).reshape(units, width).sum(dim=1)
 
 
-def fold_attention(arch: ArchInfo, gqa_mode: GqaMode, s: TensorSlice, per: torch.Tensor) -> torch.Tensor:
+def fold_attention(st: Structures, s: TensorSlice, per: torch.Tensor) -> torch.Tensor:
     """Per-unit values of a q/kv slice -> per attention structure (query heads fold into their KV group)."""
-    if s.space == "q" and arch.attention_kind(gqa_mode) == "group":
-        return per.reshape(arch.num_kv_heads, arch.group_size).sum(1)  # (groups, heads/group) -> (groups,)
+    if s.space == "q" and st.attention_kind == "group":
+        return per.reshape(st.arch.num_kv_heads, st.arch.group_size).sum(1)  # (groups, heads/group) -> (groups,)
     return per  # q under head kind; kv under MHA (head h = kv head h) or group kind (group g = kv head g)
 
 
-def aggregate(arch: ArchInfo, gqa_mode: GqaMode,
-              metric: Callable[[TensorSlice], torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+def aggregate(st: Structures, metric: Callable[[TensorSlice], torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """Sum a per-weight metric over the weights each structure owns: (attention units,), (channels,) fp64.
 
-    ``metric(slice)`` gives the (out, in) metric of one scored weight tensor of the layer.
+    ``metric(slice)`` gives the (out, in) metric of the whole weight tensor ``slice.name`` of the layer; it is
+    called once per tensor and cut into its segments (a fused tensor: one per segment it holds).
     """
-    attn = torch.zeros(arch.num_attention_units(gqa_mode), dtype=torch.float64)
+    arch = st.arch
+    attn = torch.zeros(st.attention_units, dtype=torch.float64)
     mlp = torch.zeros(arch.intermediate_size, dtype=torch.float64)
-    for s in scored_slices(arch, gqa_mode):
-        per = per_unit(s, metric(s), arch.space_size(s.space), arch.space_width(s.space)).double().cpu()
-        if s.space == "mlp":
-            mlp += per
-        else:
-            attn += fold_attention(arch, gqa_mode, s, per)
+    scored = st.scored_slices()
+    for name in dict.fromkeys(s.name for s in scored):
+        segments = [s for s in scored if s.name == name]
+        whole = metric(segments[0])  # (out, in) of the whole tensor
+        for s in segments:
+            start, length = arch.segment_span(s)
+            seg = whole.narrow(s.axis, start, length)  # this segment's rows (axis 0) or columns (axis 1)
+            per = per_unit(s, seg, arch.space_size(s.space), arch.space_width(s.space)).double().cpu()
+            if s.space == "mlp":
+                mlp += per
+            else:
+                attn += fold_attention(st, s, per)
+        del whole
     return attn, mlp
 
 
 def layer_scores(
-    arch: ArchInfo,
-    gqa_mode: GqaMode,
+    st: Structures,
     weights: Mapping[str, torch.Tensor],
     grads: Mapping[str, torch.Tensor],
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -56,16 +64,11 @@ def layer_scores(
     ``weights``/``grads`` are keyed by the slice name inside the layer (e.g. "mlp.up_proj.weight");
     ``grads`` holds the objective's mean gradient.
     """
-    return aggregate(arch, gqa_mode, lambda s: (weights[s.name].float() * grads[s.name].float()).abs())
+    return aggregate(st, lambda s: (weights[s.name].float() * grads[s.name].float()).abs())
 
 
-def scored_slices(arch: ArchInfo, gqa_mode: GqaMode) -> tuple[TensorSlice, ...]:
-    """The weight tensors whose gradients the score needs (biases excluded; GQA query mode: no k/v)."""
-    return tuple(s for s in arch.slices() if s.name.endswith(".weight") and arch.owns(s.space, gqa_mode))
-
-
-def normalise(arch: ArchInfo, gqa_mode: GqaMode, attn: torch.Tensor, mlp: torch.Tensor,
+def normalise(st: Structures, attn: torch.Tensor, mlp: torch.Tensor,
               normalisation: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Block-wise normalisation (GISP.md): heads / (4·d_h·d), channels / (3·I)."""
-    kind = arch.attention_kind(gqa_mode)
-    return attn / arch.normaliser(kind, normalisation), mlp / arch.normaliser("channel", normalisation)
+    arch = st.arch
+    return attn / arch.normaliser(st.attention_kind, normalisation), mlp / arch.normaliser("channel", normalisation)

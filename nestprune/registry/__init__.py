@@ -2,7 +2,7 @@
 
 Files, in the order data flows:
   stores.py    where bytes live: local directory, S3 (fsspec/s3fs), read-only HTTP(S) with Range reads
-  layout.py    the nested layout: units permuted most-important-first, pruned axis as rows, chunking
+  nested.py    the nested order: units permuted most-important-first, pruned axis as rows, chunking
   versions.py  references, content-addressed manifests, version records, tags, listing
   push.py      publish: blobs first, manifest next, version record last
   cache.py     the local content-addressed chunk cache

@@ -2,15 +2,16 @@
 
 Keys are sha256 digests, so entries are shared by every version, name and registry that holds the
 same bytes, and an entry is checked against its key on every read (a damaged entry is dropped and
-fetched again). Writes are atomic (temporary file + rename), so concurrent pulls can share a cache.
+fetched again). Writes are atomic (``atomic.write_file``), so concurrent pulls can share a cache.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
-import uuid
 from pathlib import Path
+
+from nestprune.io import atomic
 
 
 def default_cache_dir() -> Path:
@@ -42,12 +43,5 @@ class ChunkCache:
 
     def put(self, digest: str, data: bytes | memoryview) -> None:
         path = self._path(digest)
-        if path.exists():
-            return
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{digest}.{uuid.uuid4().hex}.tmp")
-        try:
-            tmp.write_bytes(data)
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
+        if not path.exists():
+            atomic.write_file(path, data)

@@ -4,26 +4,31 @@ A pull resolves the reference to a version, verifies its manifest against the di
 build artifact and the base's aux files from their (verified) blobs, plans the variant with
 ``plan_variant`` exactly as materialize does, and calls ``materialize_variant`` with a
 ``RegistrySource`` in place of the local safetensors — so the output is byte-identical to
-``nestprune materialize`` on the same artifact and base. Only the chunks the variant keeps are read;
-any chunk failing its sha256 aborts the pull before the output directory appears.
+``nestprune materialize`` on the same artifact and base, in any ``--format``. Only the chunks the variant
+keeps are read; any chunk failing its sha256 aborts the pull before the output directory appears. The
+artifact and aux files are rebuilt in a scratch directory next to ``out`` (``atomic.scratch_dir``).
 """
 
 from __future__ import annotations
 
-import tempfile
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from nestprune.artifact import read_artifact
 from nestprune.errors import NestpruneError
+from nestprune.io import atomic
 from nestprune.registry.cache import ChunkCache
 from nestprune.registry.source import RegistrySource, TransferStats
 from nestprune.registry.stores import LocalStore, Store, open_store
 from nestprune.registry.versions import Reference, parse_reference, read_manifest, resolve
 from nestprune.schemas.registry import FileRef, VersionRecord
 from nestprune.schemas.variant import VariantManifest
-from nestprune.variant.materialize import DEFAULT_SHARD_BYTES, Progress, check_out, materialize_variant
-from nestprune.variant.widths import Layout, VariantSpec, plan_variant, sparsity_for_params
+from nestprune.variant.contents import DEFAULT_SHARD_BYTES, Progress, plan_tensors
+from nestprune.variant.materialize import check_target, materialize_variant, plan_target
+from nestprune.variant.widths import VariantSpec
+from nestprune.variant.writers import DEFAULT_FORMAT, writer
 
 _DEFAULT = object()
 
@@ -52,7 +57,7 @@ def pull(
     out: Path,
     sparsity: float | None = None,
     params: int | None = None,
-    layout: Layout = "per-layer",
+    layout: str = "per-layer",
     multiple_of: int | None = None,
     *,
     force: bool = False,
@@ -61,6 +66,8 @@ def pull(
     progress: Progress | None = None,
     shard_bytes: int = DEFAULT_SHARD_BYTES,
     store: Store | None = None,
+    format: str = DEFAULT_FORMAT,
+    writer_options: Mapping[str, Any] | None = None,
 ) -> PullResult:
     """Write the variant of ``ref`` (``REGISTRY/NAME[:TAG|@DIGEST]``) at one target to ``out``.
 
@@ -68,29 +75,33 @@ def pull(
     for remote registries (S3, HTTP); none for a local directory, which already is a local
     content-addressed store whose chunks are verified on every read.
     """
-    if (sparsity is None) == (params is None):
-        raise NestpruneError("give exactly one target: --sparsity or --params")
+    check_target(sparsity, params)
+    writer(format).check_options(writer_options or {})
     ref = parse_reference(ref) if isinstance(ref, str) else ref
     store = store or open_store(ref.registry)
     if cache is _DEFAULT:  # a local registry is itself a local content-addressed store: no second copy
         cache = None if isinstance(store, LocalStore) else ChunkCache()
-    out = check_out(Path(out), force)
+    # what this pull reads from: replacing any of it would destroy it
+    inputs = [store.root] if isinstance(store, LocalStore) else []
+    if isinstance(cache, ChunkCache):
+        inputs.append(cache.root)
+    out = atomic.check_out(Path(out), force, inputs, directory=False)
     record = resolve(store, ref)
     manifest = read_manifest(store, record.digest)
     src = RegistrySource(store, manifest, cache, stats)  # type: ignore[arg-type]
-    with tempfile.TemporaryDirectory(prefix=".nestprune-pull.", dir=out.parent) as work:
-        art_dir, aux_dir = Path(work) / "artifact", Path(work) / "aux"
+    with atomic.scratch_dir(out) as work:
+        art_dir, aux_dir = work / "artifact", work / "aux"
         _write_files(src, manifest.artifact, art_dir, "artifact file")
         _write_files(src, manifest.aux, aux_dir, "base file")
         a_manifest, ranking = read_artifact(art_dir)
         if a_manifest.digest() != manifest.artifact_digest:
             raise NestpruneError(f"{store.url}: the stored artifact does not match its recorded digest")
-        target = sparsity if sparsity is not None else sparsity_for_params(ranking, int(params))  # type: ignore[arg-type]
-        spec = plan_variant(ranking, target, layout, multiple_of)
+        spec = plan_target(ranking, sparsity, params, layout, multiple_of)
         written = materialize_variant(
-            src, ranking, spec, aux_dir, out, base=a_manifest.base, artifact_digest=a_manifest.digest(),
-            requested_params=params, shard_bytes=shard_bytes, force=force, progress=progress,
+            src, ranking, spec, aux_dir, out, format=format, base=a_manifest.base,
+            artifact_digest=a_manifest.digest(), requested_params=params, shard_bytes=shard_bytes, force=force,
+            inputs=inputs, progress=progress, writer_options=writer_options,
         )
-    variant_bytes = sum(f.stat().st_size for f in out.glob("*.safetensors"))
+    variant_bytes = sum(p.nbytes for p in plan_tensors(src, spec))
     return PullResult(out_dir=out, record=record, spec=spec, manifest=written, stats=src.stats,
                       variant_bytes=variant_bytes)

@@ -19,11 +19,10 @@ from nestprune import __version__
 from nestprune.artifact import read_artifact
 from nestprune.errors import NestpruneError
 from nestprune.io.fingerprint import check_fingerprint
-from nestprune.io.weights import SafetensorsSource
+from nestprune.io.weights import DTYPE_NAMES, SafetensorsSource
 from nestprune.registry.cache import sha256
-from nestprune.registry.layout import (
+from nestprune.registry.nested import (
     DEFAULT_CHANNEL_BLOCK,
-    DTYPE_NAMES,
     chunk_rows_for,
     layer_units,
     placement,
@@ -44,7 +43,14 @@ from nestprune.registry.versions import (
     version_key,
     write_tag,
 )
-from nestprune.schemas.registry import FileRef, LayerOrder, TensorEntry, VersionManifestV1, VersionRecord
+from nestprune.schemas.registry import (
+    FileRef,
+    LayerOrder,
+    TensorEntry,
+    TensorSegment,
+    VersionManifestV1,
+    VersionRecord,
+)
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf")
 WEIGHT_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
@@ -133,6 +139,7 @@ def push(
                 dtype=DTYPE_NAMES[t.dtype], shape=list(t.shape), stored_shape=list(shape),
                 transposed=bool(where is not None and where.axis == 1),
                 layer=None if where is None else where.layer, space=None if where is None else where.space,
+                segments=[TensorSegment(space=sp, rows=n) for sp, n in where.segments] if where and where.segments else None,
                 unit_rows=1 if where is None else where.unit_rows, chunk_rows=rows,
                 blob=ref.digest, size=ref.size, chunks=chunks,
             )

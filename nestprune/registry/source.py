@@ -18,8 +18,9 @@ import numpy as np
 import torch
 
 from nestprune.errors import NestpruneError
+from nestprune.io.weights import DTYPES
 from nestprune.registry.cache import ChunkCache, sha256
-from nestprune.registry.layout import DTYPES, stored_rows, tensor_from_bytes
+from nestprune.registry.nested import stored_order, stored_rows_of, tensor_from_bytes
 from nestprune.registry.stores import KeyNotFound, Store
 from nestprune.registry.versions import blob_key
 from nestprune.schemas.registry import FileRef, TensorEntry, VersionManifestV1
@@ -97,7 +98,11 @@ class RegistrySource:
             idx = np.arange(e.shape[pruned_axis] if e.shape else 1)
         else:
             idx = torch.as_tensor(index, dtype=torch.long).numpy()
-        rows = stored_rows(idx, self._orders[e.layer][e.space], e.unit_rows) if e.space is not None else idx
+        if e.space is not None:  # units permuted within each segment (one segment unless the tensor is fused)
+            segments = [(g.space, g.rows) for g in e.segments] if e.segments else [(e.space, e.shape[pruned_axis])]
+            rows = stored_rows_of(idx, stored_order(segments, self._orders[e.layer].__getitem__, e.unit_rows))
+        else:
+            rows = idx
         out = self._rows(name, e, rows, DTYPES[e.dtype])
         if not e.shape:
             return out.reshape(())

@@ -11,11 +11,11 @@ import os
 import urllib.error
 import urllib.parse
 import urllib.request
-import uuid
 from pathlib import Path
 from typing import Protocol
 
 from nestprune.errors import NestpruneError
+from nestprune.io import atomic
 
 
 def default_registry_dir() -> Path:
@@ -43,7 +43,7 @@ class Store(Protocol):
 
 
 class LocalStore:
-    """A directory. Writes go to a unique temporary file renamed into place (atomic per key)."""
+    """A directory. Writes are atomic per key (``atomic.write_file``: a temporary sibling renamed into place)."""
 
     read_only = False
 
@@ -69,15 +69,7 @@ class LocalStore:
             raise KeyNotFound(f"{self.url}: no {key}") from None
 
     def write(self, key: str, data: bytes) -> None:
-        path = self._path(key)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-        try:
-            with open(tmp, "wb") as f:
-                f.write(data)
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
+        atomic.write_file(self._path(key), data)
 
     def exists(self, key: str) -> bool:
         return self._path(key).is_file()

@@ -3,29 +3,36 @@
 Uniform variants (and any plain HF directory) load with ``AutoModelForCausalLM.from_pretrained``.
 Per-layer variants carry their widths in ``config.json["nestprune"]["layers"]``; loading them:
 
-1. build the model from the (global) config on the meta device;
-2. replace each layer's q/k/v/o and gate/up/down Linear modules by ones of the layer's width;
-   GQA: if every kept KV head serves the same number of kept query heads, set the module's
-   ``num_key_value_groups``; otherwise gather (duplicate) K/V rows per kept query head at load and use
-   one group; a layer with no heads gets an ``EmptyAttention`` (o_proj's bias, or zeros);
-3. ``load_state_dict(..., assign=True)`` from the safetensors files (tied lm_head = embeddings);
-4. re-create the rotary embedding (its buffers are non-persistent and were left on meta).
+1. build the model from the (global) config with its parameters on the meta device (buffers such as the
+   rotary frequencies and Gemma's embedding scale are computed for real, from the config);
+2. replace each layer's sliced Linear modules (the family table in arch.py: q/k/v/o and gate/up/down, or
+   Phi-3's fused qkv_proj and gate_up_proj) by ones of the layer's width; GQA: if every kept KV head serves
+   the same number of kept query heads, set the module's ``num_key_value_groups``; otherwise gather
+   (duplicate) K/V rows per kept query head at load and use one group; a layer with no heads gets an
+   ``EmptyAttention`` (o_proj's bias, or zeros); an attention that reads widths from the global config
+   (Phi-3) gets its own view of the config;
+3. ``load_state_dict(..., assign=True)`` from the safetensors files (tied lm_head = embeddings).
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from safetensors import safe_open
 from torch import nn
 
+from nestprune.arch import ArchInfo, TensorSlice, arch_from_config, needs_eager_attention
 from nestprune.errors import NestpruneError
 from nestprune.io.weights import weight_files
-from nestprune.variant.widths import uniform_groups
+from nestprune.variant.widths import expand, uniform_groups
 
 
 class EmptyAttention(nn.Module):
@@ -36,18 +43,21 @@ class EmptyAttention(nn.Module):
     cache length (which generate reads from layer 0) stays right.
     """
 
-    def __init__(self, attn: nn.Module):
+    def __init__(self, attn: nn.Module, output: str = "o_proj"):
         super().__init__()
         for name, child in attn.named_children():
             self.add_module(name, child)
         self.layer_idx = attn.layer_idx
         self.head_dim = attn.head_dim
         self.config = attn.config
+        self.output = output  # the output projection's name inside the attention module
 
     def forward(self, hidden_states: torch.Tensor, position_embeddings: Any = None, attention_mask: Any = None,
                 past_key_values: Any = None, **kwargs: Any) -> tuple[torch.Tensor, None]:
         batch, seq = hidden_states.shape[:2]
-        out = self.o_proj(hidden_states.new_zeros(batch, seq, 0))  # (batch, seq, hidden)
+        out = getattr(self, self.output)(hidden_states.new_zeros(batch, seq, 0))  # (batch, seq, hidden)
+        if past_key_values is None:  # transformers >= 5.2x passes the cache as `cache`
+            past_key_values = kwargs.get("cache")
         if past_key_values is not None:
             dummy = hidden_states.new_zeros(batch, 1, seq, self.head_dim)  # (batch, 1 head, seq, head_dim)
             past_key_values.update(dummy, dummy, self.layer_idx)
@@ -71,33 +81,71 @@ def linear_like(old: nn.Linear, in_features: int, out_features: int) -> nn.Linea
         return nn.Linear(in_features, out_features, bias=old.bias is not None, device="meta", dtype=old.weight.dtype)
 
 
-def resize_layer_(layer: nn.Module, widths: dict[str, Any], head_dim: int) -> int | None:
+def resize_layer_(layer: nn.Module, widths: dict[str, Any], arch: ArchInfo) -> int | None:
     """Give one decoder layer its kept widths (on meta). Returns the K/V gather-map need: the number of
     kept query heads when K/V rows must be duplicated per query head, else None."""
-    attn, mlp = layer.self_attn, layer.mlp
+    fam = arch.fam
+    attn, mlp = layer.get_submodule(fam.attention), layer.get_submodule(fam.mlp)
     h, k, c = widths["num_attention_heads"], widths["num_key_value_heads"], widths["intermediate_size"]
-    hidden = attn.o_proj.out_features
     groups = uniform_groups(widths["kv_of_head"], k)
     kv_heads = k if (groups or h == 0) else h  # no common group count: one K/V head per kept query head
-    attn.q_proj = linear_like(attn.q_proj, hidden, h * head_dim)
-    attn.k_proj = linear_like(attn.k_proj, hidden, kv_heads * head_dim)
-    attn.v_proj = linear_like(attn.v_proj, hidden, kv_heads * head_dim)
-    attn.o_proj = linear_like(attn.o_proj, h * head_dim, hidden)
+    counts = {"q": h, "kv": kv_heads, "mlp": c}
+    for path, (out_features, in_features) in arch.linear_shapes(counts).items():
+        parent, name = path.rsplit(".", 1)
+        module = layer.get_submodule(parent)
+        setattr(module, name, linear_like(getattr(module, name), in_features, out_features))
     if h == 0:
-        layer.self_attn = EmptyAttention(attn)
+        output = fam.output_slice("q").module.removeprefix(fam.attention + ".")
+        setattr(layer, fam.attention, EmptyAttention(attn, output))
     else:
-        attn.num_key_value_groups = groups or 1
-    mlp.gate_proj = linear_like(mlp.gate_proj, hidden, c)
-    mlp.up_proj = linear_like(mlp.up_proj, hidden, c)
-    mlp.down_proj = linear_like(mlp.down_proj, c, hidden)
+        for module, name, value in ((attn, "num_key_value_groups", groups or 1), (attn, "num_key_value_heads", kv_heads)):
+            if hasattr(module, name):
+                setattr(module, name, value)
+        view = arch.attention_config(counts)
+        if any(getattr(attn.config, key) != value for key, value in view.items()):
+            # this attention reads widths from the global config: a narrower layer gets its own view
+            attn.config = copy.copy(attn.config)
+            for key, value in view.items():
+                setattr(attn.config, key, value)
     mlp.intermediate_size = c
     return None if kv_heads == k else h
 
 
-def gather_kv(t: torch.Tensor, kv_of_head: list[int], head_dim: int) -> torch.Tensor:
-    """K/V weight (k*d, hidden) or bias (k*d,) → one head per kept query head: (h*d, …)."""
-    heads = t.view(-1, head_dim, *t.shape[1:])  # (k, d, …)
-    return heads[torch.as_tensor(kv_of_head, dtype=torch.long)].reshape(-1, *t.shape[1:])
+def gather_kv_(sd: dict[str, torch.Tensor], arch: ArchInfo, layer: int, widths: dict[str, Any]) -> None:
+    """Duplicate the K/V rows of one layer per kept query head (``kv_of_head``), in place in ``sd``: in
+    k_proj/v_proj, or in the K and V segments of a fused tensor (Phi-3 qkv_proj)."""
+    stored = {"q": widths["num_attention_heads"], "kv": widths["num_key_value_heads"],
+              "mlp": widths["intermediate_size"]}
+    kv_rows = expand(np.asarray(widths["kv_of_head"], dtype=np.int64), arch.head_dim)  # (h*d,)
+
+    def rows(s: TensorSlice) -> np.ndarray:
+        return kv_rows if s.space == "kv" else np.arange(arch.segment_length(s, stored))
+
+    for name in arch.tensor_names():
+        segments, key = arch.segments(name), arch.layer_key(layer, name)
+        if key in sd and any(s.space == "kv" for s in segments):
+            index = torch.as_tensor(arch.tensor_index(name, rows, stored))
+            sd[key] = sd[key].index_select(segments[0].axis, index)
+
+
+@contextmanager
+def parameters_on_meta() -> Iterator[None]:
+    """Modules built inside get their parameters on the meta device (no memory, no init cost) while their
+    buffers (rotary frequencies, embedding scales: computed from the config) are real. It swaps
+    ``nn.Module.register_parameter`` while it is open (as accelerate's ``init_empty_weights`` does), so no
+    other thread should build modules meanwhile."""
+    register = nn.Module.register_parameter
+
+    def on_meta(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
+        if param is not None and not param.is_meta:
+            param = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+        register(module, name, param)
+
+    nn.Module.register_parameter = on_meta
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = register
 
 
 def read_state_dict(path: Path, dtype: torch.dtype | None, device: str | torch.device) -> dict[str, torch.Tensor]:
@@ -126,10 +174,13 @@ def load_variant(path: Path | str, dtype: torch.dtype | None = None, device: str
                  attn_implementation: str | None = None) -> nn.Module:
     """Load a variant directory (or any HF causal-LM directory) into a transformers model in eval mode.
 
-    ``dtype`` None keeps the stored dtype; ``attn_implementation`` ("eager", "sdpa", …) None = the default.
+    ``dtype`` None keeps the stored dtype; ``attn_implementation`` ("eager", "sdpa", …) None = the default
+    (eager where the config soft-caps attention logits, which SDPA cannot).
     """
     path = Path(path)
     raw = read_config(path)
+    if attn_implementation is None and needs_eager_attention(raw):
+        attn_implementation = "eager"  # SDPA cannot soft-cap attention logits
     if not is_per_layer(raw):
         return load_plain(path, dtype, device, attn_implementation)
     from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
@@ -140,30 +191,30 @@ def load_variant(path: Path | str, dtype: torch.dtype | None = None, device: str
         raise NestpruneError(f"{path}/config.json lists {len(layers_cfg)} layer widths for "
                              f"{config.num_hidden_layers} layers")
     sd = read_state_dict(path, dtype, device)
-    with torch.device("meta"):
+    arch = arch_from_config(raw, set(sd))
+    with parameters_on_meta():
         model = AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation)
-    head_dim = model.model.layers[0].self_attn.head_dim
     loaded_widths = []  # what the model in memory holds (gathered K/V: one KV head per query head)
-    for i, (layer, widths) in enumerate(zip(model.model.layers, layers_cfg, strict=True)):
-        gathered = resize_layer_(layer, widths, head_dim)
+    for i, (layer, widths) in enumerate(zip(model.get_submodule(arch.fam.layers_path), layers_cfg, strict=True)):
+        gathered = resize_layer_(layer, widths, arch)
         if gathered is not None:
-            for part in ("k_proj", "v_proj"):
-                for kind in ("weight", "bias"):
-                    key = f"model.layers.{i}.self_attn.{part}.{kind}"
-                    if key in sd:
-                        sd[key] = gather_kv(sd[key], widths["kv_of_head"], head_dim)
+            gather_kv_(sd, arch, i, widths)
             widths = {**widths, "num_key_value_heads": gathered, "kv_of_head": list(range(gathered))}
         loaded_widths.append(widths)
     # so that save_pretrained of the loaded model writes a directory load_variant reads back
     model.config.nestprune = {**raw["nestprune"], "layers": loaded_widths}
-    if raw.get("tie_word_embeddings") and "lm_head.weight" not in sd:
-        sd["lm_head.weight"] = sd["model.embed_tokens.weight"]
+    names = {m: n for n, m in model.named_modules()}
+    embed, head = model.get_input_embeddings(), model.get_output_embeddings()
+    head_key = f"{names[head]}.weight"
+    if arch.tie_word_embeddings and head_key not in sd:
+        sd[head_key] = sd[f"{names[embed]}.weight"]
     try:
         model.load_state_dict(sd, strict=True, assign=True)
     except RuntimeError as e:
         raise NestpruneError(f"{path} does not match its config.json: {str(e).splitlines()[0]}") from None
-    rotary = model.model.rotary_emb
-    model.model.rotary_emb = type(rotary)(config=model.config).to(device)
+    if arch.tie_word_embeddings:  # one parameter again (assign=True gave each module its own)
+        head.weight = embed.weight
+    model.to(device)  # the buffers were built on the CPU
     stray = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if stray:
         raise NestpruneError(f"internal: {len(stray)} tensors left on the meta device after loading, e.g. {stray[0]}")

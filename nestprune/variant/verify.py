@@ -23,7 +23,7 @@ def spec_masks(spec: VariantSpec) -> LayerMasks:
     arch = spec.arch
     masks: LayerMasks = {}
     for layer in range(arch.num_layers):
-        attn = np.zeros(arch.num_attention_units(spec.gqa_mode), bool)
+        attn = np.zeros(spec.structures.attention_units, bool)
         attn[spec.units(layer)] = True
         mlp = np.zeros(arch.intermediate_size, bool)
         mlp[spec.layers[layer].channels] = True
@@ -43,7 +43,7 @@ def masked_base(base_dir: Path, spec: VariantSpec, attn_implementation: str = "e
 
     model = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32,
                                                  attn_implementation=attn_implementation).eval()
-    apply_masks_(model, spec.arch, spec.gqa_mode, spec_masks(spec))
+    apply_masks_(model, spec.structures, spec_masks(spec))
     return model
 
 

@@ -1,6 +1,9 @@
 """Removal order + target → kept indices per layer (pure: numpy only, no files, no devices).
 
-Two layouts:
+A *width policy* decides how many heads and channels each layer keeps, and which. Each policy is one
+registered entry (``register_width_policy(WidthPolicy(...))``): a typed, frozen config class bound to a function
+``(ranking, target, config) -> tuple[LayerKeep, ...]``. A variant is kept widths (this module) × a
+writer (``nestprune.variant.writers``). The policies:
 
 ``per-layer``  the exact GISP subnetwork: the complement of the shortest removal prefix that reaches the
                target, so every layer keeps its own number of heads and channels.
@@ -10,8 +13,9 @@ Two layouts:
                same number of query heads in every KV group; group mode keeps whole groups; at least one
                head / group per layer.
 
-``multiple_of`` rounds kept channel counts to the nearest multiple (capped at the full width); the
-sparsity actually reached is reported as ``achieved_sparsity``.
+Every policy config carries the ``multiple_of`` rounding: kept channel counts rounded to the nearest
+multiple (capped at the full width; ``round_channels``); the sparsity actually reached is reported as
+``achieved_sparsity``.
 
 Nested by construction: within a layer the kept set is always a suffix of the layer's removal order, and
 every kept width is a non-decreasing function of the kept count of the prefix, so for s1 < s2 the kept
@@ -23,17 +27,16 @@ no longer influence any output); ``achieved_sparsity`` counts it as removed.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, ClassVar, Protocol
 
 import numpy as np
 
-from nestprune.arch import KIND_CODES, ArchInfo, GqaMode, Space
+from nestprune.arch import KIND_CODES, ArchInfo, GqaMode, Space, Structures
+from nestprune.entries import Entries
 from nestprune.errors import NestpruneError
-from nestprune.ranking import Ranking
-
-Layout = Literal["per-layer", "uniform"]
-LAYOUTS: tuple[str, ...] = ("per-layer", "uniform")
+from nestprune.ranking import Ranking, kept_counts
 
 
 @dataclass(frozen=True)
@@ -76,16 +79,36 @@ def uniform_groups(kv_of_head: np.ndarray, num_kv_heads: int) -> int | None:
 class VariantSpec:
     """Which heads and channels of every layer a variant keeps, and the sparsity that gives."""
 
-    arch: ArchInfo
-    gqa_mode: GqaMode
-    layout: Layout
+    structures: Structures
+    widths: WidthConfig  # the policy config the kept widths come from
     layers: tuple[LayerKeep, ...]
     requested_sparsity: float
     achieved_sparsity: float
     prefix_len: int  # removal prefix the widths come from (per-layer without rounding: exactly removed)
     decoder_params: int  # base decoder-layer parameters (the denominator of sparsity)
     kept_decoder_params: int
-    multiple_of: int | None = None
+
+    @property
+    def arch(self) -> ArchInfo:
+        return self.structures.arch
+
+    @property
+    def gqa_mode(self) -> GqaMode:
+        return self.structures.gqa_mode
+
+    @property
+    def layout(self) -> str:
+        """The width policy's name (``--layout``)."""
+        return self.widths.name
+
+    @property
+    def multiple_of(self) -> int | None:
+        return self.widths.multiple_of
+
+    @property
+    def same_in_every_layer(self) -> bool:
+        """Every layer keeps the same widths by construction, so a stock config of the family holds."""
+        return width_policy(self.layout).same_in_every_layer
 
     @property
     def total_params(self) -> int:
@@ -95,7 +118,7 @@ class VariantSpec:
     def units(self, layer: int) -> np.ndarray:
         """Kept attention units of ``layer``: KV groups in group mode, else query heads."""
         keep = self.layers[layer]
-        return keep.kv_heads if self.arch.attention_kind(self.gqa_mode) == "group" else keep.heads
+        return keep.kv_heads if self.structures.attention_kind == "group" else keep.heads
 
     def space_index(self, layer: int, space: Space) -> np.ndarray:
         """Kept units of one index space (q heads, kv heads or channels). (n_kept,)"""
@@ -129,13 +152,9 @@ def sparsity_for_params(ranking: Ranking, params: int) -> float:
     return 1.0 - (params - other) / ranking.decoder_params
 
 
-# transformers' LlamaConfig refuses hidden_size % num_attention_heads != 0 even with an explicit head_dim,
-# so a stock (uniform) Llama config can only hold head counts that divide hidden_size.
-HEADS_DIVIDE_HIDDEN = ("llama",)
-
-
 def stock_head_count_ok(arch: ArchInfo, num_heads: int) -> bool:
-    return arch.family not in HEADS_DIVIDE_HIDDEN or arch.hidden_size % num_heads == 0
+    """Can a stock (uniform) config hold ``num_heads``? Family knowledge: arch.Family.stock_heads."""
+    return arch.stock_head_count_ok(num_heads)
 
 
 def nearest(candidates: list[int], x: float) -> int:
@@ -148,15 +167,11 @@ def round_to_multiple(x: float, m: int) -> int:
     return int(np.floor(x / m + 0.5)) * m
 
 
-# --- per-layer counts from a prefix -------------------------------------------------------------------------
-
-def removed_counts(ranking: Ranking, prefix_len: int) -> tuple[np.ndarray, np.ndarray]:
-    """Structures removed by the first ``prefix_len`` entries: (attention units (L,), channels (L,))."""
-    n_layers = ranking.arch.num_layers
-    layer, kind = ranking.layer[:prefix_len], ranking.kind[:prefix_len]
-    attn = np.bincount(layer[kind == ranking.attention_kind], minlength=n_layers)
-    mlp = np.bincount(layer[kind == KIND_CODES["channel"]], minlength=n_layers)
-    return attn.astype(np.int64), mlp.astype(np.int64)
+def round_channels(x: float, full: int, multiple_of: int | None, nonzero: bool = False) -> int:
+    """The ``multiple_of`` rounding of a kept channel count: the nearest multiple, at most ``full``, and with
+    ``nonzero`` at least one multiple (or ``full``). Monotone in ``x``, so nestedness survives."""
+    m = multiple_of or 1
+    return min(max(round_to_multiple(x, m), min(m, full) if nonzero else 0), full)
 
 
 def last_removed(ranking: Ranking, layer: int, kind: int, keep: int) -> np.ndarray:
@@ -165,10 +180,11 @@ def last_removed(ranking: Ranking, layer: int, kind: int, keep: int) -> np.ndarr
     return np.sort(order[len(order) - keep:]).astype(np.int64) if keep > 0 else np.zeros(0, np.int64)
 
 
-def keep_from_units(arch: ArchInfo, gqa_mode: GqaMode, units: np.ndarray, channels: np.ndarray) -> LayerKeep:
+def keep_from_units(st: Structures, units: np.ndarray, channels: np.ndarray) -> LayerKeep:
     """Expand kept attention units (heads or groups) into query heads, KV heads and the head→KV map."""
+    arch = st.arch
     units = np.sort(np.asarray(units, dtype=np.int64))
-    if arch.attention_kind(gqa_mode) == "group":
+    if st.attention_kind == "group":
         gs = arch.group_size
         heads = expand(units, gs)  # group g owns query heads [g*gs, (g+1)*gs)
         kv_heads = units
@@ -190,43 +206,104 @@ def frozen(a: np.ndarray) -> np.ndarray:
     return a
 
 
-# --- layouts ------------------------------------------------------------------------------------------------
+# --- the width policies ---------------------------------------------------------------------------------------
 
-def per_layer_keeps(ranking: Ranking, prefix_len: int, multiple_of: int | None) -> tuple[LayerKeep, ...]:
+@dataclass(frozen=True)
+class Target:
+    """What a variant is asked for: a parameter sparsity, and the shortest removal prefix that reaches it."""
+
+    sparsity: float
+    prefix_len: int
+
+
+class WidthConfig(Protocol):
+    """A width policy's typed config: its registered name plus the ``multiple_of`` rounding."""
+
+    name: ClassVar[str]
+
+    @property
+    def multiple_of(self) -> int | None: ...
+
+
+def check_multiple_of(multiple_of: int | None) -> None:
+    if multiple_of is not None and (isinstance(multiple_of, bool) or not isinstance(multiple_of, int)
+                                    or multiple_of < 1):
+        raise NestpruneError(f"--multiple-of must be a positive integer, got {multiple_of}")
+
+
+WidthFn = Callable[[Ranking, Target, Any], tuple[LayerKeep, ...]]
+
+
+@dataclass(frozen=True)
+class WidthPolicy:
+    """A registered width policy: its config class, the function it is bound to, and what writers need."""
+
+    config: type  # a frozen dataclass with ``name`` (the --layout value) and ``multiple_of``
+    keep: WidthFn  # (ranking, target, config) -> what every layer keeps
+    same_in_every_layer: bool  # True: a stock config of the family holds (writers write one)
+    help: str
+
+    @property
+    def name(self) -> str:
+        return self.config.name
+
+
+WIDTH_POLICIES: Entries[WidthPolicy] = Entries("layout")
+register_width_policy = WIDTH_POLICIES.register
+width_policy = WIDTH_POLICIES.find
+
+
+def width_config(layout: str, multiple_of: int | None = None) -> WidthConfig:
+    """The config of policy ``layout`` (``--layout``) with the ``--multiple-of`` rounding."""
+    return width_policy(layout).config(multiple_of=multiple_of)
+
+
+@dataclass(frozen=True)
+class PerLayer:
+    name: ClassVar[str] = "per-layer"
+    multiple_of: int | None = None
+
+    def __post_init__(self) -> None:
+        check_multiple_of(self.multiple_of)
+
+
+@dataclass(frozen=True)
+class Uniform:
+    name: ClassVar[str] = "uniform"
+    multiple_of: int | None = None
+
+    def __post_init__(self) -> None:
+        check_multiple_of(self.multiple_of)
+
+
+def per_layer_keeps(ranking: Ranking, target: Target, config: PerLayer) -> tuple[LayerKeep, ...]:
     arch, attn_kind, ch_kind = ranking.arch, ranking.attention_kind, KIND_CODES["channel"]
-    n_units, n_ch = arch.num_attention_units(ranking.gqa_mode), arch.intermediate_size
-    attn_removed, mlp_removed = removed_counts(ranking, prefix_len)
+    attn_kept, mlp_kept = kept_counts(ranking, target.prefix_len)
     keeps = []
     for layer in range(arch.num_layers):
-        c = int(n_ch - mlp_removed[layer])
-        if multiple_of:
-            c = min(round_to_multiple(c, multiple_of), n_ch)
-        units = last_removed(ranking, layer, attn_kind, int(n_units - attn_removed[layer]))
-        keeps.append(keep_from_units(arch, ranking.gqa_mode, units, last_removed(ranking, layer, ch_kind, c)))
+        c = round_channels(int(mlp_kept[layer]), arch.intermediate_size, config.multiple_of)
+        units = last_removed(ranking, layer, attn_kind, int(attn_kept[layer]))
+        keeps.append(keep_from_units(ranking.structures, units, last_removed(ranking, layer, ch_kind, c)))
     return tuple(keeps)
 
 
 def uniform_widths(ranking: Ranking, prefix_len: int, multiple_of: int | None) -> tuple[int, int]:
     """(attention units per layer — query heads per KV group in GQA query mode —, channels per layer)."""
     arch = ranking.arch
-    attn_removed, mlp_removed = removed_counts(ranking, prefix_len)
-    n_units = arch.num_attention_units(ranking.gqa_mode)
-    mean_units = n_units - attn_removed.mean()
+    attn_kept, mlp_kept = kept_counts(ranking, prefix_len)
+    mean_units = attn_kept.mean()
     if arch.is_gqa and ranking.gqa_mode == "query":  # query heads per KV group, every group kept
-        candidates, heads_per, target = range(1, arch.group_size + 1), arch.num_kv_heads, mean_units / arch.num_kv_heads
+        candidates, heads_per, goal = range(1, arch.group_size + 1), arch.num_kv_heads, mean_units / arch.num_kv_heads
     else:  # heads, or whole groups
-        candidates, target = range(1, n_units + 1), mean_units
-        heads_per = arch.group_size if arch.attention_kind(ranking.gqa_mode) == "group" else 1
-    attn = nearest([u for u in candidates if stock_head_count_ok(arch, u * heads_per)], target)
-    m = multiple_of or 1
-    mean_ch = arch.intermediate_size - mlp_removed.mean()
-    channels = min(max(round_to_multiple(mean_ch, m), min(m, arch.intermediate_size)), arch.intermediate_size)
-    return attn, channels
+        candidates, goal = range(1, ranking.structures.attention_units + 1), mean_units
+        heads_per = arch.group_size if ranking.structures.attention_kind == "group" else 1
+    attn = nearest([u for u in candidates if stock_head_count_ok(arch, u * heads_per)], goal)
+    return attn, round_channels(mlp_kept.mean(), arch.intermediate_size, multiple_of, nonzero=True)
 
 
-def uniform_keeps(ranking: Ranking, prefix_len: int, multiple_of: int | None) -> tuple[LayerKeep, ...]:
+def uniform_keeps(ranking: Ranking, target: Target, config: Uniform) -> tuple[LayerKeep, ...]:
     arch, attn_kind, ch_kind = ranking.arch, ranking.attention_kind, KIND_CODES["channel"]
-    attn, channels = uniform_widths(ranking, prefix_len, multiple_of)
+    attn, channels = uniform_widths(ranking, target.prefix_len, config.multiple_of)
     keeps = []
     for layer in range(arch.num_layers):
         if arch.is_gqa and ranking.gqa_mode == "query":
@@ -235,8 +312,14 @@ def uniform_keeps(ranking: Ranking, prefix_len: int, multiple_of: int | None) ->
                                     for g in range(arch.num_kv_heads)])
         else:
             units = last_removed(ranking, layer, attn_kind, attn)
-        keeps.append(keep_from_units(arch, ranking.gqa_mode, units, last_removed(ranking, layer, ch_kind, channels)))
+        keeps.append(keep_from_units(ranking.structures, units, last_removed(ranking, layer, ch_kind, channels)))
     return tuple(keeps)
+
+
+register_width_policy(WidthPolicy(PerLayer, per_layer_keeps, same_in_every_layer=False,
+                                  help="the exact GISP subnetwork (load with nestprune.load_variant)"))
+register_width_policy(WidthPolicy(Uniform, uniform_keeps, same_in_every_layer=True,
+                                  help="the same width in every layer, a stock config"))
 
 
 def kept_decoder_params(arch: ArchInfo, decoder_params: int, layers: tuple[LayerKeep, ...]) -> int:
@@ -250,23 +333,25 @@ def kept_decoder_params(arch: ArchInfo, decoder_params: int, layers: tuple[Layer
     return decoder_params - removed
 
 
-def plan_variant(ranking: Ranking, sparsity: float, layout: Layout = "per-layer",
-                 multiple_of: int | None = None) -> VariantSpec:
+def plan_widths(ranking: Ranking, sparsity: float, widths: WidthConfig) -> VariantSpec:
     """Kept heads and channels of every layer for a parameter-sparsity target (GISP.md, "Sparsity")."""
-    if layout not in LAYOUTS:
-        raise NestpruneError(f"unknown layout {layout!r} (use {' or '.join(LAYOUTS)})")
-    if multiple_of is not None and multiple_of < 1:
-        raise NestpruneError(f"--multiple-of must be a positive integer, got {multiple_of}")
-    prefix_len = ranking.prefix_for_sparsity(sparsity)
-    build = per_layer_keeps if layout == "per-layer" else uniform_keeps
-    layers = build(ranking, prefix_len, multiple_of)
+    policy = width_policy(widths.name)
+    if not isinstance(widths, policy.config):
+        raise NestpruneError(f"internal: {widths!r} is not a {policy.config.__name__}")
+    target = Target(float(sparsity), ranking.prefix_for_sparsity(sparsity))
+    layers = policy.keep(ranking, target, widths)
     kept = kept_decoder_params(ranking.arch, ranking.decoder_params, layers)
     return VariantSpec(
-        arch=ranking.arch, gqa_mode=ranking.gqa_mode, layout=layout, layers=layers,
-        requested_sparsity=float(sparsity), achieved_sparsity=1.0 - kept / ranking.decoder_params,
-        prefix_len=prefix_len, decoder_params=ranking.decoder_params, kept_decoder_params=kept,
-        multiple_of=multiple_of,
+        structures=ranking.structures, widths=widths, layers=layers,
+        requested_sparsity=target.sparsity, achieved_sparsity=1.0 - kept / ranking.decoder_params,
+        prefix_len=target.prefix_len, decoder_params=ranking.decoder_params, kept_decoder_params=kept,
     )
+
+
+def plan_variant(ranking: Ranking, sparsity: float, layout: str = "per-layer",
+                 multiple_of: int | None = None) -> VariantSpec:
+    """``plan_widths`` with the policy named as on the command line (``--layout``, ``--multiple-of``)."""
+    return plan_widths(ranking, sparsity, width_config(layout, multiple_of))
 
 
 def is_nested(larger: VariantSpec, smaller: VariantSpec) -> bool:

@@ -1,6 +1,6 @@
-"""The nested layout (pure: tensors and ints in, tensors and bytes out; no I/O).
+"""The nested order of registry packs (pure: tensors and ints in, tensors and bytes out; no I/O).
 
-Within each decoder layer, heads / KV groups / MLP channels are permuted into the reverse of the
+How a registry stores a tensor so that any variant reads a prefix of it. Within each decoder layer, heads / KV groups / MLP channels are permuted into the reverse of the
 layer's removal order — most important first — and every prunable tensor is stored with its pruned
 axis as the row axis (o_proj and down_proj transposed). A variant of any sparsity then keeps, in each
 layer, a *prefix* of the stored units, so its bytes are a prefix of every prunable pack. The
@@ -20,25 +20,20 @@ from __future__ import annotations
 
 import re
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cache
 
 import numpy as np
 import torch
 
-from nestprune.arch import KIND_CODES, ArchInfo, Space
+from nestprune.arch import KIND_CODES, ArchInfo, Space, join_segments
 from nestprune.errors import NestpruneError
 from nestprune.ranking import Ranking
+from nestprune.variant.widths import expand
 
 WHOLE_CHUNK_BYTES = 4 << 20
 DEFAULT_CHANNEL_BLOCK = 32  # 256 KiB chunks at hidden 4096 in bf16; a pull over-reads < 32 channels a layer
-
-DTYPE_NAMES: dict[torch.dtype, str] = {
-    torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
-    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
-    torch.bool: "BOOL",
-}
-DTYPES: dict[str, torch.dtype] = {v: k for k, v in DTYPE_NAMES.items()}
 
 
 @dataclass(frozen=True)
@@ -59,12 +54,18 @@ class LayerUnits:
 
 @dataclass(frozen=True)
 class Placement:
-    """Where a prunable tensor's units live: its layer, index space, pruned axis and rows per unit."""
+    """Where a prunable tensor's units live: its layer, index space, pruned axis and rows per unit.
+
+    A fused tensor (Phi-3 qkv_proj, gate_up_proj) lists its ``segments`` (index space, rows along the pruned
+    axis) in memory order; units are permuted within each segment, ``space`` is the first one's (every
+    segment of a tensor has the same unit width). A plain tensor has no ``segments``.
+    """
 
     layer: int
     space: Space
     axis: int
     unit_rows: int
+    segments: tuple[tuple[Space, int], ...] = ()
 
 
 def _check_perm(order: np.ndarray, n: int, what: str) -> np.ndarray:
@@ -82,12 +83,12 @@ def layer_units(ranking: Ranking) -> dict[int, LayerUnits]:
     units: dict[int, LayerUnits] = {}
     for layer in range(arch.num_layers):
         what = f"attention units of layer {layer}"
-        a = _check_perm(ranking.layer_order(layer, att)[::-1], arch.num_attention_units(ranking.gqa_mode), what)
+        a = _check_perm(ranking.layer_order(layer, att)[::-1], ranking.structures.attention_units, what)
         mlp = _check_perm(ranking.layer_order(layer, KIND_CODES["channel"])[::-1], arch.intermediate_size,
                           f"MLP channels of layer {layer}")
         if group_mode:  # a KV head and its query heads, the query heads in their original order
             gs = arch.group_size
-            q = (a[:, None] * gs + np.arange(gs)[None, :]).reshape(-1)
+            q = expand(a, gs)
             kv = a
         else:
             q = a
@@ -107,12 +108,12 @@ def placement(arch: ArchInfo, name: str, units: dict[int, LayerUnits]) -> Placem
     if not m:
         return None
     layer, local = int(m.group(1)), m.group(2)
-    for s in arch.slices():
-        if s.name == local:
-            if layer not in units:
-                return None
-            return Placement(layer=layer, space=s.space, axis=s.axis, unit_rows=arch.space_width(s.space))
-    return None
+    segs = arch.segments(local)
+    if not segs or layer not in units:
+        return None
+    s = segs[0]
+    fused = tuple((g.space, arch.segment_length(g)) for g in segs) if len(segs) > 1 else ()
+    return Placement(layer=layer, space=s.space, axis=s.axis, unit_rows=arch.space_width(s.space), segments=fused)
 
 
 def to_stored(t: torch.Tensor, where: Placement | None, units: dict[int, LayerUnits]) -> torch.Tensor:
@@ -120,22 +121,23 @@ def to_stored(t: torch.Tensor, where: Placement | None, units: dict[int, LayerUn
     if where is None:
         return t.contiguous()
     rows = t.t() if where.axis == 1 else t
-    order = units[where.layer].order(where.space)
-    perm = torch.as_tensor(unit_rows_of(order, where.unit_rows))
+    segments = where.segments or ((where.space, rows.shape[0]),)
+    perm = torch.as_tensor(stored_order(segments, units[where.layer].order, where.unit_rows))
     return rows.index_select(0, perm).contiguous()
 
 
-def unit_rows_of(units: np.ndarray, width: int) -> np.ndarray:
-    """Element rows of a list of units, each ``width`` rows wide: [2, 0] w=2 -> [4, 5, 0, 1]."""
-    return (np.asarray(units, dtype=np.int64)[:, None] * width + np.arange(width)[None, :]).reshape(-1)
+def stored_order(segments: tuple[tuple[Space, int], ...] | list[tuple[Space, int]],
+                 order: Callable[[Space], np.ndarray], width: int) -> np.ndarray:
+    """Original row of each stored row of a tensor whose rows are ``segments`` (space, rows) in memory order,
+    the units of each permuted into ``order(space)``. (rows,)"""
+    return join_segments([n for _, n in segments], [expand(order(sp), width) for sp, _ in segments])
 
 
-def stored_rows(index: np.ndarray, order: np.ndarray, width: int) -> np.ndarray:
-    """Stored row of each original element row in ``index`` (for a unit order of ``width`` rows each)."""
-    pos = np.empty(len(order), dtype=np.int64)
-    pos[order] = np.arange(len(order))
-    index = np.asarray(index, dtype=np.int64)
-    return pos[index // width] * width + index % width
+def stored_rows_of(index: np.ndarray, perm: np.ndarray) -> np.ndarray:
+    """Stored row of each original row in ``index``, for ``perm`` = original row of each stored row."""
+    pos = np.empty(len(perm), dtype=np.int64)
+    pos[perm] = np.arange(len(perm))
+    return pos[np.asarray(index, dtype=np.int64)]
 
 
 def chunk_rows_for(where: Placement | None, stored_shape: tuple[int, ...], itemsize: int,
