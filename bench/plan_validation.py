@@ -8,7 +8,7 @@ Every case is one micro-batch shape of one step kind on one model built from a c
 
 * ``plain``  forward + backward once, the scored decoder weights (q/k/v/o/gate/up/down of every layer)
              requiring grad, gradients left in ``.grad`` (``accumulator="grad"``);
-* ``build``  the build's own gradient pass, ``nestprune.build.accumulate_gradients``, over two
+* ``build``  the build's own gradient pass, ``nestprune.rank.gisp.accumulate_gradients``, over two
              micro-batches of the LM objective (fp32 weights accumulate in ``.grad``; bf16 weights into
              fp32 buffers through its hook).
 
@@ -89,9 +89,9 @@ def run_step(model, cfg: dict, step: str, micro_batch: int, seq_len: int) -> Non
             named[n].requires_grad_(True)
         lm_step(model, {"input_ids": torch.randint(0, cfg["vocab_size"], (micro_batch, seq_len), device=device)})
         return
-    from nestprune.build import accumulate_gradients
-    from nestprune.objectives.base import LanguageModeling
+    from nestprune.objectives.lm import LanguageModeling
     from nestprune.rank.calibration import CalibrationSet
+    from nestprune.rank.gisp import accumulate_gradients
 
     windows = torch.randint(0, cfg["vocab_size"], (2 * micro_batch, seq_len))
     calib = CalibrationSet(windows=windows, source="random", sha256="", seed=0, documents=1,
@@ -243,7 +243,7 @@ def write_report(rows: list[dict], path: Path, command: str, gpu: bool,
         "Predicted: `predict_peak` on the meta device from the config alone (weights included). "
         f"Measured: {what} of the same step on real tensors with random weights (see the script's docstring "
         "for the protocol). `plain`: one forward+backward, gradients left in `.grad`; `build`: "
-        "`nestprune.build.accumulate_gradients` over two micro-batches (fp32 weights accumulate in `.grad`, "
+        "`nestprune.rank.gisp.accumulate_gradients` over two micro-batches (fp32 weights accumulate in `.grad`, "
         "bf16 weights into fp32 buffers). Parameters requiring grad: q/k/v/o/gate/up/down weights of every layer.",
         "",
         f"| model | params | dtype | step | micro-batch | predicted {uname} | measured {uname} | measured / predicted "

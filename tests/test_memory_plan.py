@@ -245,6 +245,19 @@ def test_meta_prediction_equals_the_real_cpu_step(family, dtype, accumulator):
     assert m.weights == nbytes(*model.parameters(), *model.buffers())  # buffers: rotary inv_freq
 
 
+@pytest.mark.parametrize("family", list(FAMILY_CONFIGS))
+def test_grad_param_names_are_what_the_gisp_loop_differentiates(family):
+    from nestprune.arch import Structures, arch_from_config
+    from nestprune.rank.gisp import scored_params
+
+    cfg = tiny_config(family)
+    model = meta_model(cfg, torch.float32)
+    for mode in ("query", "group"):
+        for layers in (None, [1, 2]):
+            want = scored_params(model, Structures(arch_from_config(cfg), mode), layers or list(range(4)))
+            assert grad_param_names(cfg, mode, layers) == list(want)
+
+
 def test_second_micro_batch_peak_and_accumulator_bytes():
     """fp32: gradients held in .grad make the second micro-batch the peak; bf16: buffers are there from the start."""
     cfg = tiny_config("llama")

@@ -34,9 +34,8 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from nestprune.arch import GqaMode, arch_from_config
+from nestprune.arch import GqaMode, Structures, arch_from_config, needs_eager_attention
 from nestprune.errors import NestpruneError
-from nestprune.rank.score import scored_slices
 
 LABELS = ("weights", "accumulators", "activations", "logits", "workspace")
 
@@ -217,6 +216,25 @@ def register_fused_attention() -> str:
     return FUSED_ATTENTION
 
 
+@contextmanager
+def meta_safe_masks() -> Iterator[None]:
+    """transformers' packed-sequence check reads a tensor value (``.item()``), which meta tensors do not
+    have; on meta it answers "not packed", as it does for the build's windows. Only masked attention
+    implementations (eager) reach it; :func:`fused_attention` has no mask function and skips it."""
+    from transformers import masking_utils
+
+    original = masking_utils.find_packed_sequence_indices
+
+    def find_packed(position_ids: torch.Tensor):
+        return None if position_ids.device.type == "meta" else original(position_ids)
+
+    masking_utils.find_packed_sequence_indices = find_packed
+    try:
+        yield
+    finally:
+        masking_utils.find_packed_sequence_indices = original
+
+
 def hf_config(config: Mapping[str, Any]):
     """A transformers config object from a config.json dict."""
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
@@ -232,10 +250,11 @@ def hf_config(config: Mapping[str, Any]):
 def model_from_config(config: Mapping[str, Any], dtype: torch.dtype, device: str | torch.device = "meta",
                       seed: int = 0) -> torch.nn.Module:
     """A causal LM built from ``config`` in ``dtype`` on ``device`` (random weights; none on meta), eval mode,
-    attention through :func:`fused_attention`."""
+    with the attention the build would run: :func:`fused_attention`, or eager where the config needs it
+    (attention soft-capping, which no fused kernel computes)."""
     from transformers import AutoModelForCausalLM
 
-    name = register_fused_attention()
+    name = "eager" if needs_eager_attention(config) else register_fused_attention()
     torch.manual_seed(seed)
     with torch.device(device):
         model = AutoModelForCausalLM.from_config(hf_config(config), dtype=dtype, attn_implementation=name)
@@ -256,7 +275,9 @@ def grad_param_names(config: Mapping[str, Any], gqa_mode: GqaMode = "query",
     """
     arch = arch_from_config(config)
     layers = range(arch.num_layers) if layers is None else layers
-    return [arch.layer_key(layer, s.name) for layer in layers for s in scored_slices(arch, gqa_mode)]
+    slices = Structures(arch, gqa_mode).scored_slices()
+    # fused tensors (Phi-3's qkv_proj) hold several slices: one name each
+    return list(dict.fromkeys(arch.layer_key(layer, s.name) for layer in layers for s in slices))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -425,7 +446,7 @@ def measure_peak(model: torch.nn.Module, *, micro_batch: int, seq_len: int,
     hooks: list = []
     peaks: list[tuple[int, dict[str, int]]] = []
     try:
-        with tracker:
+        with meta_safe_masks(), tracker:
             with tracker.label("accumulators"):
                 # gradients kept in .grad across micro-batches are accumulators
                 buffers, hooks = install_accumulators(
