@@ -1,0 +1,262 @@
+"""The memory plan of a build: will it fit, with which micro-batch and accumulators, and how long.
+
+Everything comes from config.json: the peaks are the build step run on the meta device
+(:mod:`nestprune.rank.memory`), so the plan costs a few seconds of CPU and no weights.
+
+Choices (``plan_build``):
+  * accumulators, ``auto``: fp32 when it fits at some micro-batch, else the next mode of
+    ``AUTO_ACCUMULATORS`` (less device memory, less exact). The modes apply to non-fp32 weights;
+    an fp32 build always accumulates in fp32 ``.grad``.
+  * micro-batch, ``auto``: the largest that fits (at most ``samples``). The step's tokens stay
+    ``samples × seq_len``: a smaller micro-batch means more micro-batches per step, not fewer tokens.
+  * "fits": the predicted peak is at most ``device_memory × (1 - headroom)``; the headroom covers what
+    the plan does not model (CUDA context, allocator fragmentation and rounding, kernel workspaces).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+import torch
+
+from nestprune.arch import GqaMode, arch_from_config
+from nestprune.errors import NestpruneError
+from nestprune.rank.memory import (
+    ACCUMULATORS,
+    MemoryBreakdown,
+    PeakEstimate,
+    StepFn,
+    accumulator_model,
+    grad_param_names,
+    meta_model,
+    predict_peak,
+)
+
+PLAN_VERSION = 1
+AUTO_ACCUMULATORS = ("fp32", "bf16-stochastic", "fp32-host")  # preference order
+DEFAULT_HEADROOM = 0.10
+GiB = 1 << 30
+
+_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
+          "t": 10**12, "tb": 10**12, "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40}
+
+
+def parse_memory(text: str | int) -> int:
+    """Bytes from '80GiB', '80 GB', '79.6gib', '1024' (bytes). GB/MB are decimal, GiB/MiB binary."""
+    if isinstance(text, int) and not isinstance(text, bool):
+        value, unit = float(text), ""
+    else:
+        m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]*)?|\.[0-9]+)\s*([A-Za-z]*)\s*", str(text))
+        if not m or m.group(2).lower() not in _UNITS:
+            raise NestpruneError(f"cannot read a memory size from {text!r}; write e.g. 80GiB, 80GB or 24000MiB")
+        value, unit = float(m.group(1)), m.group(2).lower()
+    n = int(value * _UNITS[unit])
+    if n <= 0:
+        raise NestpruneError(f"memory size {text!r} must be positive")
+    return n
+
+
+def format_bytes(n: int | float) -> str:
+    return f"{n / GiB:.1f} GiB"
+
+
+def detect_device_memory() -> int | None:
+    """Total memory of CUDA device 0, or None without one."""
+    if not torch.cuda.is_available():
+        return None
+    return int(torch.cuda.get_device_properties(0).total_memory)
+
+
+def _dtype(dtype: torch.dtype | str) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype in ("float32", "bfloat16", "float16"):
+        return getattr(torch, dtype)
+    raise NestpruneError(f"dtype must be float32, bfloat16 or float16, not {dtype!r}")
+
+
+# ---------------------------------------------------------------------------------------------
+# The plan
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BuildPlan:
+    """What a build will need on one device, and what was chosen. Bytes are ints."""
+
+    peak_bytes: int
+    fits: bool
+    micro_batch: int
+    accumulator: str
+    breakdown: MemoryBreakdown
+    device_memory: int
+    headroom: float
+    dtype: str
+    samples: int
+    seq_len: int
+    steps: int
+    host_bytes: int  # host memory the accumulator mode needs (fp32-host)
+    model_type: str
+    parameters: int
+    throughput: float | None = None  # tokens/s of the build step on this device, given or measured
+    ranks: int = 1  # extension point (issue 12): per-GPU plans for several ranks
+    shard: bool = False
+
+    @property
+    def usable_memory(self) -> int:
+        return int(self.device_memory * (1.0 - self.headroom))
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.samples * self.seq_len
+
+    @property
+    def micro_batches_per_step(self) -> int:
+        return math.ceil(self.samples / self.micro_batch)
+
+    @property
+    def projected_seconds(self) -> float | None:
+        """Dense-model time of all steps at ``throughput`` (an upper bound once compaction shrinks the model)."""
+        if not self.throughput:
+            return None
+        return self.steps * self.tokens_per_step / self.throughput
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["breakdown"] = self.breakdown.as_dict()
+        d.update(plan_version=PLAN_VERSION, usable_memory=self.usable_memory, tokens_per_step=self.tokens_per_step,
+                 micro_batches_per_step=self.micro_batches_per_step, projected_seconds=self.projected_seconds)
+        return d
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> BuildPlan:
+        if d.get("plan_version") != PLAN_VERSION:
+            raise NestpruneError(f"plan version {d.get('plan_version')!r} is not {PLAN_VERSION}")
+        kw = {f.name: d[f.name] for f in fields(cls) if f.name in d}
+        kw["breakdown"] = MemoryBreakdown(**d["breakdown"])
+        return cls(**kw)
+
+    @classmethod
+    def from_json(cls, text: str) -> BuildPlan:
+        return cls.from_dict(json.loads(text))
+
+    def verdict(self) -> str:
+        """One line: fits, or what it needs and what would fit."""
+        if self.fits:
+            return (f"fits: peak {format_bytes(self.peak_bytes)} of {format_bytes(self.usable_memory)} usable "
+                    f"(micro-batch {self.micro_batch}, {self.accumulator} accumulators)")
+        return (f"does not fit: needs {format_bytes(self.peak_bytes)} at micro-batch {self.micro_batch} with "
+                f"{self.accumulator} accumulators, {format_bytes(self.usable_memory)} usable of "
+                f"{format_bytes(self.device_memory)} (a device with at least "
+                f"{format_bytes(self.peak_bytes / (1.0 - self.headroom))} would fit)")
+
+    def summary(self) -> str:
+        b = self.breakdown
+        lines = [
+            f"plan: {self.model_type}, {self.parameters / 1e9:.2f}B parameters, {self.dtype}, "
+            f"device {format_bytes(self.device_memory)} ({format_bytes(self.usable_memory)} usable, "
+            f"{self.headroom:.0%} headroom)",
+            f"peak {format_bytes(self.peak_bytes)} = weights {format_bytes(b.weights)} + accumulators "
+            f"{format_bytes(b.accumulators)} + activations {format_bytes(b.activations)} + logits "
+            f"{format_bytes(b.logits)} + workspace {format_bytes(b.workspace)}",
+            f"micro-batch {self.micro_batch} x {self.seq_len} tokens, {self.micro_batches_per_step} micro-batches per "
+            f"{self.tokens_per_step:,}-token step; {self.accumulator} accumulators "
+            f"({ACCUMULATORS[self.accumulator].description})",
+        ]
+        if self.host_bytes:
+            lines.append(f"host memory for accumulators: {format_bytes(self.host_bytes)}")
+        if self.projected_seconds is not None:
+            lines.append(f"projected: {self.steps} steps at {self.throughput:,.0f} tokens/s = "
+                         f"{self.projected_seconds / 3600:.2f} h (dense model; compaction makes later steps faster)")
+        else:
+            lines.append(f"projected time: no throughput figure ({self.steps} steps of {self.tokens_per_step:,} tokens)")
+        lines.append(self.verdict())
+        return "\n".join(lines)
+
+
+def _largest_fitting(peak: Callable[[int], int], usable: int, limit: int) -> int | None:
+    """Largest b in [1, limit] with peak(b) <= usable, for a non-decreasing ``peak``; None if not even 1.
+
+    A step's peak is the largest of many live-byte totals, each affine in the micro-batch, so it is
+    convex in b. Without a failing point yet, the slope from 1 is extrapolated; with one, the chord
+    between the largest fitting and smallest failing b lies above the peak, so where it crosses
+    ``usable`` fits (regula falsi). Each probe narrows (lo, hi), so the search ends.
+    """
+    if peak(1) > usable:
+        return None
+    lo, hi = 1, limit + 1  # peak(lo) fits; hi fails (limit + 1: none known yet)
+    while hi - lo > 1:
+        if hi == limit + 1:
+            a = lo if lo > 1 else 2
+            slope = (peak(a) - peak(1)) / (a - 1)
+            x = limit if slope <= 0 else 1 + int((usable - peak(1)) // slope)
+        else:
+            x = lo + (usable - peak(lo)) * (hi - lo) // (peak(hi) - peak(lo))
+        probe = min(max(x, lo + 1), hi - 1)
+        if peak(probe) <= usable:
+            lo = probe
+        else:
+            hi = probe
+    return lo
+
+
+def plan_build(config: Mapping[str, Any], device_memory: int | str, *, samples: int, seq_len: int,
+               dtype: torch.dtype | str, steps: int, batch_size: int | str = "auto", accumulator: str = "auto",
+               throughput: float | None = None, step_fn: StepFn | None = None, gqa_mode: GqaMode = "query",
+               headroom: float = DEFAULT_HEADROOM, ranks: int = 1, shard: bool = False) -> BuildPlan:
+    """Plan a build of ``config``'s model on a device of ``device_memory`` bytes (or '80GiB')."""
+    device_memory = parse_memory(device_memory)
+    dt = _dtype(dtype)
+    if samples < 1 or seq_len < 2 or steps < 1:
+        raise NestpruneError("a plan needs samples >= 1, seq_len >= 2 and steps >= 1")
+    if not 0.0 <= headroom < 1.0:
+        raise NestpruneError("headroom must be in [0, 1)")
+    if throughput is not None and throughput <= 0:
+        raise NestpruneError("throughput must be a positive number of tokens per second")
+    if ranks != 1 or shard:
+        # issue 12: per-rank peaks (weights/accumulators divided by ranks when sharded) go here
+        raise NestpruneError("plans for several GPUs (ranks, sharding) are not implemented yet")
+    if batch_size != "auto" and (not isinstance(batch_size, int) or batch_size < 1):
+        raise NestpruneError(f"batch size must be 'auto' or a positive integer, not {batch_size!r}")
+    if accumulator == "auto":
+        modes = AUTO_ACCUMULATORS if dt != torch.float32 else ("fp32",)
+    else:
+        modes = (accumulator_model(accumulator).name,)
+    arch = arch_from_config(config)
+    model = meta_model(config, dt)
+    names = grad_param_names(config, gqa_mode)
+    usable = int(device_memory * (1.0 - headroom))
+    cache: dict[tuple[str, int], PeakEstimate] = {}
+
+    def estimate(mode: str, b: int) -> PeakEstimate:
+        if (mode, b) not in cache:
+            cache[mode, b] = predict_peak(config, dtype=dt, micro_batch=b, seq_len=seq_len, step_fn=step_fn,
+                                          params_requiring_grad=names, accumulator=mode, model=model,
+                                          micro_batches=min(2, math.ceil(samples / b)))
+        return cache[mode, b]
+
+    chosen: PeakEstimate | None = None
+    for mode in modes:
+        if batch_size == "auto":
+            b = _largest_fitting(lambda b, mode=mode: estimate(mode, b).peak_bytes, usable, samples)
+            chosen = estimate(mode, b or 1)
+        else:
+            chosen = estimate(mode, batch_size)
+        if chosen.peak_bytes <= usable:
+            break
+    assert chosen is not None
+    return BuildPlan(
+        peak_bytes=chosen.peak_bytes, fits=chosen.peak_bytes <= usable, micro_batch=chosen.micro_batch,
+        accumulator=chosen.accumulator, breakdown=chosen.breakdown, device_memory=device_memory, headroom=headroom,
+        dtype=str(dt).removeprefix("torch."), samples=samples, seq_len=seq_len, steps=steps,
+        host_bytes=chosen.host_bytes, model_type=arch.model_type,
+        parameters=sum(p.numel() for p in model.parameters()), throughput=throughput, ranks=ranks, shard=shard,
+    )
