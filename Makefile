@@ -4,6 +4,9 @@ VENV    ?= .venv
 BIN     := $(VENV)/bin
 TORCH   ?= torch==2.13.0
 STAMP   := $(VENV)/.installed
+# the project's shared folder (prebuilt wheels, corpus): beside the checkout, or $(SHARED)
+SHARED  ?= $(firstword $(wildcard ../shared $(CURDIR)/../shared /work/shared))
+LLAMA_WHEEL := $(firstword $(wildcard $(SHARED)/wheels/llama_cpp_python-*.whl))
 
 .PHONY: install test lint demo bench bench-quality bench-task bench-materialize bench-registry schemas clean
 
@@ -12,9 +15,8 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q "$(TORCH)"
 	$(BIN)/python -m pip install -q -e ".[dev]"
-	# llama.cpp for the GGUF tests: a prebuilt wheel from ../shared/wheels where there is one (else they skip)
-	if ls ../shared/wheels/llama_cpp_python-*.whl >/dev/null 2>&1; then \
-	  $(BIN)/python -m pip install -q ../shared/wheels/llama_cpp_python-*.whl; fi
+	# llama.cpp for the GGUF tests: a prebuilt wheel from the shared folder where there is one (else they skip)
+	if [ -n "$(LLAMA_WHEEL)" ]; then $(BIN)/python -m pip install -q $(LLAMA_WHEEL); fi
 	touch $(STAMP)
 
 install: $(STAMP)  ## create .venv and install nestprune with its test tools (CPU torch)

@@ -26,7 +26,8 @@ from nestprune.objectives.answer import AnswerObjective
 from nestprune.objectives.items import join_choice
 from nestprune.objectives.margin import MarginObjective
 
-CORPUS = Path(__file__).resolve().parents[2] / "shared" / "corpus"
+CORPUS = next((p for p in (Path(__file__).resolve().parents[2] / "shared" / "corpus", Path("/work/shared/corpus"))
+               if p.is_dir()), Path("shared/corpus"))
 
 
 def _bench_script(name: str):
