@@ -24,7 +24,9 @@ import json
 import os
 import shutil
 import struct
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +35,7 @@ import torch
 
 from nestprune.errors import NestpruneError
 from nestprune.io import atomic
+from nestprune.io.parallel import default_workers, run_jobs
 from nestprune.io.weights import DTYPE_NAMES, SafetensorsSource, TensorSource, row_runs, weight_files
 from nestprune.schemas.variant import VARIANT_MANIFEST_NAME, VariantManifest
 from nestprune.variant.contents import (
@@ -46,6 +49,10 @@ from nestprune.variant.contents import (
 from nestprune.variant.widths import VariantSpec
 
 INDEX_NAME = "model.safetensors.index.json"
+BLOCK_BYTES = 16 << 20  # what one write job reads (and holds, twice at most) at a time
+COALESCE_GAP = 256 << 10  # read across holes this small between kept rows rather than issue another read
+KERNEL_COPY_MIN = 1 << 20  # a run of kept bytes at least this long is copied in the kernel
+PARALLEL_MIN_BYTES = 64 << 20  # below this many bytes of tensors the writer uses one thread
 
 
 def plan_shards(plans: list[TensorPlan], shard_bytes: int) -> list[list[TensorPlan]]:
@@ -80,9 +87,11 @@ def safetensors_header(plans: list[TensorPlan]) -> bytes:
 
 
 class FileSpans:
-    """Where each tensor of local safetensors files lies, so that whole tensors and runs of rows are copied
-    in the kernel (``os.copy_file_range``) instead of through Python. Column slices still use ``take``.
-    The bytes written are the same either way."""
+    """Where each tensor of local safetensors files lies, so that a tensor is written with few large reads and
+    writes instead of one call per row run (``jobs``): whole tensors and long runs of rows are copied in the
+    kernel (``os.copy_file_range``); short runs are read as one span across the small holes between them
+    and gathered in memory; column slices (o_proj, down_proj) are read in blocks of rows and gathered by
+    numpy. Every job holds at most about ``BLOCK_BYTES`` twice. The bytes are the same as through ``take``."""
 
     def __init__(self, files: list[Path]):
         self.fds: list[int] = []
@@ -102,9 +111,8 @@ class FileSpans:
             self.close()
             raise
 
-    def columns(self, p: TensorPlan) -> np.ndarray | None:
-        """The kept columns of a 2-D tensor, gathered by numpy from a read-only map of its bytes, or None.
-        (rows, kept) of unsigned ints as wide as the dtype: the bytes, whatever the dtype."""
+    def columns(self, p: TensorPlan) -> tuple[int, int, tuple[int, ...]] | None:
+        """(fd, byte offset, shape) of a 2-D tensor whose kept columns ``jobs`` gathers from the file, or None."""
         if p.name not in self.where or p.axis != 1 or p.index is None:
             return None
         fd, dtype, shape, start = self.where[p.name]
@@ -112,10 +120,7 @@ class FileSpans:
             return None
         if len(p.index) and (p.index.min() < 0 or p.index.max() >= shape[1]):
             return None
-        if shape[0] * shape[1] == 0:
-            return np.zeros(p.shape, np.dtype(f"u{p.dtype.itemsize}"))
-        words = np.memmap(self.path[fd], dtype=np.dtype(f"<u{p.dtype.itemsize}"), mode="r", offset=start, shape=shape)
-        return np.take(words, p.index, axis=1)  # (rows, kept)
+        return fd, start, shape
 
     def close(self) -> None:
         for fd in self.fds:
@@ -136,64 +141,216 @@ class FileSpans:
             return None
         return [(fd, start + a * row, (b - a) * row) for a, b in row_runs(p.index)]
 
+    def jobs(self, p: TensorPlan) -> list[Job] | None:
+        """Jobs that each write one disjoint part of ``p``'s bytes, or None (use ``take``)."""
+        pieces = self.spans(p)
+        if pieces is not None:
+            return piece_jobs(pieces)
+        cols = self.columns(p)
+        if cols is not None:
+            return column_jobs(*cols, p.index, p.dtype.itemsize)  # type: ignore[arg-type]
+        return None
 
-def write_all(fd: int, data: memoryview) -> None:
+
+Job = Callable[["Sink"], int]  # writes part of one tensor's bytes; returns how many bytes it wrote
+
+
+@dataclass(frozen=True)
+class Sink:
+    """One tensor's place in an output file: ``write`` / ``copy`` at offsets relative to its first byte."""
+
+    fd: int
+    offset: int
+
+    def write(self, at: int, data: bytes | bytearray | memoryview | np.ndarray) -> int:
+        view = memoryview(data).cast("B") if not isinstance(data, np.ndarray) else memoryview(
+            np.ascontiguousarray(data).reshape(-1).view(np.uint8))
+        write_all((self.fd, self.offset + at), view)
+        return len(view)
+
+    def copy(self, src: int, src_offset: int, length: int, at: int) -> int:
+        copy_range(src, self.fd, src_offset, length, self.offset + at)
+        return length
+
+
+def piece_jobs(pieces: list[tuple[int, int, int]]) -> list[Job]:
+    """Jobs writing ``pieces`` (source fd, offset, length; contiguous in the output, in order). A piece of at
+    least ``KERNEL_COPY_MIN`` bytes is copied in the kernel (in parts of ``BLOCK_BYTES``); shorter ones
+    are grouped while the holes between them stay under ``COALESCE_GAP`` and the group's span under
+    ``BLOCK_BYTES``, and each group is one read and one write."""
+    jobs: list[Job] = []
+    group: list[tuple[int, int, int]] = []
+    at = group_at = 0
+
+    def flush() -> None:
+        if group:
+            jobs.append(partial(_gather_job, tuple(group), group_at))
+            group.clear()
+
+    for fd, off, n in pieces:
+        if n >= KERNEL_COPY_MIN:
+            flush()
+            for k in range(0, n, BLOCK_BYTES):
+                jobs.append(partial(_copy_job, fd, off + k, min(BLOCK_BYTES, n - k), at + k))
+        else:
+            if group and (fd != group[0][0] or off - (group[-1][1] + group[-1][2]) > COALESCE_GAP
+                          or off + n - group[0][1] > BLOCK_BYTES):
+                flush()
+            if not group:
+                group_at = at
+            group.append((fd, off, n))
+        at += n
+    flush()
+    return jobs
+
+
+def _copy_job(fd: int, off: int, n: int, at: int, sink: Sink) -> int:
+    return sink.copy(fd, off, n, at)
+
+
+def _gather_job(group: tuple[tuple[int, int, int], ...], at: int, sink: Sink) -> int:
+    fd, first = group[0][0], group[0][1]
+    span = group[-1][1] + group[-1][2] - first
+    data = read_exact(fd, span, first)
+    if len(group) == 1:
+        return sink.write(at, data)
+    view = memoryview(data)
+    return sink.write(at, b"".join(view[o - first: o - first + n] for _, o, n in group))
+
+
+def read_exact(fd: int, n: int, offset: int) -> bytes:
+    data = os.pread(fd, n, offset)
+    while len(data) < n:  # pread may return less (signals, some file systems); a short file is an error
+        more = os.pread(fd, n - len(data), offset + len(data))
+        if not more:
+            raise NestpruneError("a base weight file ended early while being read; was it modified?")
+        data += more
+    return data
+
+
+def unit_of(index: np.ndarray, width: int) -> int:
+    """The largest u such that ``index`` keeps whole aligned blocks of u elements of a ``width``-long axis
+    (a head's head_dim columns of o_proj): a gather then moves u elements at a time."""
+    runs = row_runs(index)
+    if not runs:
+        return 1
+    return int(np.gcd.reduce(np.array([width] + [v for run in runs for v in run], dtype=np.int64)))
+
+
+def column_jobs(fd: int, start: int, shape: tuple[int, ...], index: np.ndarray, itemsize: int) -> list[Job]:
+    """Jobs gathering the ``index`` columns of a (rows, cols) tensor at ``start`` of ``fd``, a block of rows each."""
+    rows, cols = shape
+    kept = len(index)
+    if rows * cols == 0 or kept == 0:
+        return [lambda sink: 0]
+    u = unit_of(index, cols)
+    units = np.asarray(index[::u] // u, dtype=np.int64)
+    block = max(1, BLOCK_BYTES // (cols * itemsize))
+    return [partial(_column_job, fd, start, rows, cols, itemsize, u, units, r, min(rows, r + block))
+            for r in range(0, rows, block)]
+
+
+def _column_job(fd: int, start: int, rows: int, cols: int, itemsize: int, u: int, units: np.ndarray,
+                r0: int, r1: int, sink: Sink) -> int:
+    data = read_exact(fd, (r1 - r0) * cols * itemsize, start + r0 * cols * itemsize)
+    block = np.frombuffer(data, dtype=np.dtype((np.void, u * itemsize))).reshape(r1 - r0, cols // u)
+    return sink.write(r0 * len(units) * u * itemsize, np.take(block, units, axis=1))
+
+
+def write_all(fd: int | tuple[int, int], data: memoryview) -> None:
+    """Write all of ``data`` to ``fd`` at its file position, or — ``fd`` given as (fd, offset) — at that offset
+    (``pwrite``: what parallel jobs use, each on its own part of the file)."""
+    if isinstance(fd, tuple):
+        fd, offset = fd
+        while len(data):
+            n = os.pwrite(fd, data, offset)
+            data, offset = data[n:], offset + n
+        return
     while len(data):
         data = data[os.write(fd, data):]
 
 
-def copy_range(src: int, dst: int, offset: int, length: int) -> None:
-    """Append ``length`` bytes of ``src`` from ``offset`` to ``dst``, in the kernel where it can."""
+def copy_range(src: int, dst: int, offset: int, length: int, dst_offset: int) -> None:
+    """Copy ``length`` bytes of ``src`` from ``offset`` to ``dst`` at ``dst_offset``, in the kernel where it can."""
     while length:
         try:
-            n = os.copy_file_range(src, dst, length, offset)
+            n = os.copy_file_range(src, dst, length, offset, dst_offset)
         except OSError:  # not supported here (old kernel, some file systems): copy through memory
             n = 0
         if n == 0:
-            data = os.pread(src, min(length, 1 << 26), offset)
+            data = os.pread(src, min(length, BLOCK_BYTES), offset)
             if not data:
                 raise NestpruneError("a base weight file ended early while being read; was it modified?")
-            write_all(dst, memoryview(data))
+            write_all((dst, dst_offset), memoryview(data))
             n = len(data)
         offset += n
+        dst_offset += n
         length -= n
 
 
+def take_job(source: TensorSource, p: TensorPlan) -> Job:
+    def job(sink: Sink) -> int:
+        t = take(source, p).contiguous().reshape(-1).view(torch.uint8)  # (nbytes,)
+        return sink.write(0, t.numpy())
+    return job
+
+
+def tensor_jobs(p: TensorPlan, source: TensorSource, spans: FileSpans | None) -> list[Job]:
+    """How ``p`` is written: the local fast paths, a source's own jobs (the registry's), else ``take``."""
+    found = spans.jobs(p) if spans is not None else None
+    if found is None and hasattr(source, "copy_jobs"):
+        found = source.copy_jobs(p.name, p.axis, p.index, p.shape, p.dtype)
+    return found if found is not None else [take_job(source, p)]
+
+
 def write_shard(path: Path, plans: list[TensorPlan], source: TensorSource, done: int, total: int,
-                progress: Progress | None, spans: FileSpans | None = None) -> int:
-    """Stream one safetensors file, tensor by tensor; returns bytes written so far (for progress)."""
+                progress: Progress | None, spans: FileSpans | None = None, workers: int = 1) -> int:
+    """Write one safetensors file: the header, then every tensor's jobs on ``workers`` threads, each job at
+    its own offset. Returns bytes written so far (for progress), reported as each tensor completes."""
     ordered = sorted(plans, key=lambda p: (-p.dtype.itemsize, p.name))  # wider dtypes first: aligned offsets
+    header = safetensors_header(ordered)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
     try:
-        write_all(fd, memoryview(safetensors_header(ordered)))
+        write_all(fd, memoryview(header))
+        offset, left, work = len(header), {}, []
         for p in ordered:
-            pieces = spans.spans(p) if spans is not None else None
-            cols = spans.columns(p) if (spans is not None and pieces is None) else None
-            if pieces is not None:
-                for src, offset, length in pieces:
-                    copy_range(src, fd, offset, length)
-            elif cols is not None:
-                write_all(fd, memoryview(np.ascontiguousarray(cols).reshape(-1).view(np.uint8)))
-            else:
-                t = take(source, p).contiguous().reshape(-1).view(torch.uint8)  # (nbytes,)
-                write_all(fd, memoryview(t.numpy()))
-            done += p.nbytes
-            if progress is not None:
-                progress(p.name, done, total)
+            jobs = tensor_jobs(p, source, spans)
+            left[p.name] = [len(jobs), p.nbytes, 0]
+            work += [partial(_run, job, Sink(fd, offset), p.name) for job in jobs]
+            offset += p.nbytes
+        os.ftruncate(fd, offset)
+        for name, n in run_jobs(work, workers):
+            entry = left[name]
+            entry[0] -= 1
+            entry[2] += n
+            if entry[0] == 0:
+                if entry[2] != entry[1]:
+                    raise NestpruneError(f"internal: {entry[2]} bytes were written for {name}, expected {entry[1]}")
+                done += entry[1]
+                if progress is not None:
+                    progress(name, done, total)
     finally:
         os.close(fd)
     return done
 
 
+def _run(job: Job, sink: Sink, name: str) -> tuple[str, int]:
+    return name, job(sink)
+
+
 def write_weights(out_dir: Path, plans: list[TensorPlan], source: TensorSource, shard_bytes: int,
-                  progress: Progress | None = None) -> list[str]:
+                  progress: Progress | None = None, workers: int | None = None) -> list[str]:
     shards = plan_shards(plans, shard_bytes)
     names = shard_names(len(shards))
     total, done = sum(p.nbytes for p in plans), 0
+    if workers is None:  # threads only pay for themselves on large outputs (and tiny ones stay in order)
+        workers = getattr(source, "write_workers", None) or default_workers()
+        if total < PARALLEL_MIN_BYTES:
+            workers = 1
     spans = FileSpans(weight_files(source.model_dir)) if isinstance(source, SafetensorsSource) else None
     try:
         for name, shard in zip(names, shards, strict=True):
-            done = write_shard(out_dir / name, shard, source, done, total, progress, spans)
+            done = write_shard(out_dir / name, shard, source, done, total, progress, spans, workers)
     finally:
         if spans is not None:
             spans.close()
