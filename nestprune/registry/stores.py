@@ -17,10 +17,11 @@ from __future__ import annotations
 
 import os
 import random
+import threading
 import time
 import urllib.parse
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol, TypeVar
@@ -268,6 +269,8 @@ class S3Store:
         from botocore.exceptions import BotoCoreError, ClientError
 
         self._errors = (BotoCoreError, ClientError)
+        self._pool: ThreadPoolExecutor | None = None
+        self._lock = threading.Lock()
 
     def _key(self, key: str) -> str:
         return f"{self.prefix}/{key}" if self.prefix else key
@@ -337,8 +340,9 @@ class S3Store:
             return {"ETag": r["ETag"], "PartNumber": i + 1}
 
         try:
-            with ThreadPoolExecutor(min(self.jobs, len(starts))) as pool:
-                parts = list(pool.map(part, range(len(starts))))
+            futures = [self._parts().submit(part, i) for i in range(len(starts))]
+            wait(futures)
+            parts = [f.result() for f in futures]
             self._call("write", key, lambda: self.client.complete_multipart_upload(
                 Bucket=self.bucket, Key=k, UploadId=uid, MultipartUpload={"Parts": parts}))
         except BaseException:
@@ -347,6 +351,14 @@ class S3Store:
             except Exception:  # best effort: the bucket's lifecycle rule or gc's grace covers the rest
                 pass
             raise
+
+    def _parts(self) -> ThreadPoolExecutor:
+        """The store's pool for the parts of multipart uploads (shared by concurrent writes, so that a push
+        uploading several blobs at once keeps at most ``jobs`` parts in flight)."""
+        with self._lock:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(self.jobs, thread_name_prefix="nestprune-s3-part")
+            return self._pool
 
     def exists(self, key: str) -> bool:
         try:

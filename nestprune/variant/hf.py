@@ -24,6 +24,7 @@ import json
 import os
 import shutil
 import struct
+import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from functools import partial
@@ -52,7 +53,8 @@ INDEX_NAME = "model.safetensors.index.json"
 BLOCK_BYTES = 16 << 20  # what one write job reads (and holds, twice at most) at a time
 COALESCE_GAP = 256 << 10  # read across holes this small between kept rows rather than issue another read
 KERNEL_COPY_MIN = 1 << 20  # a run of kept bytes at least this long is copied in the kernel
-PARALLEL_MIN_BYTES = 64 << 20  # below this many bytes of tensors the writer uses one thread
+PARALLEL_MIN_BYTES = 64 << 20
+IOV_MAX = 1024  # buffers per pwritev (Linux's limit)  # below this many bytes of tensors the writer uses one thread
 
 
 def plan_shards(plans: list[TensorPlan], shard_bytes: int) -> list[list[TensorPlan]]:
@@ -162,7 +164,10 @@ class Sink:
     fd: int
     offset: int
 
-    def write(self, at: int, data: bytes | bytearray | memoryview | np.ndarray) -> int:
+    def write(self, at: int, data: bytes | bytearray | memoryview | np.ndarray | list[memoryview]) -> int:
+        if isinstance(data, list):
+            write_all((self.fd, self.offset + at), data)
+            return sum(len(b) for b in data)
         view = memoryview(data).cast("B") if not isinstance(data, np.ndarray) else memoryview(
             np.ascontiguousarray(data).reshape(-1).view(np.uint8))
         write_all((self.fd, self.offset + at), view)
@@ -211,21 +216,36 @@ def _copy_job(fd: int, off: int, n: int, at: int, sink: Sink) -> int:
 def _gather_job(group: tuple[tuple[int, int, int], ...], at: int, sink: Sink) -> int:
     fd, first = group[0][0], group[0][1]
     span = group[-1][1] + group[-1][2] - first
-    data = read_exact(fd, span, first)
+    data = read_exact(fd, span, first, scratch(span, 0))
     if len(group) == 1:
         return sink.write(at, data)
-    view = memoryview(data)
-    return sink.write(at, b"".join(view[o - first: o - first + n] for _, o, n in group))
+    return sink.write(at, [data[o - first: o - first + n] for _, o, n in group])  # one pwritev, no copy
 
 
-def read_exact(fd: int, n: int, offset: int) -> bytes:
-    data = os.pread(fd, n, offset)
-    while len(data) < n:  # pread may return less (signals, some file systems); a short file is an error
-        more = os.pread(fd, n - len(data), offset + len(data))
-        if not more:
+_SCRATCH = threading.local()
+
+
+def scratch(n: int, slot: int) -> memoryview:
+    """A reusable buffer of ``n`` bytes for this thread (``slot`` 0 or 1): no fresh pages to fault in and
+    zero for every block read."""
+    bufs = getattr(_SCRATCH, "bufs", None)
+    if bufs is None:
+        bufs = _SCRATCH.bufs = [bytearray(), bytearray()]
+    if len(bufs[slot]) < n:
+        bufs[slot] = bytearray(max(n, min(2 * len(bufs[slot]), 2 * BLOCK_BYTES)))
+    return memoryview(bufs[slot])[:n]
+
+
+def read_exact(fd: int, n: int, offset: int, into: memoryview | None = None) -> memoryview:
+    """``n`` bytes of ``fd`` at ``offset`` (into ``into`` when given); a short file is an error."""
+    buf = into if into is not None else memoryview(bytearray(n))
+    got = 0
+    while got < n:  # preadv may return less (signals, some file systems)
+        k = os.preadv(fd, [buf[got:n]], offset + got)
+        if k == 0:
             raise NestpruneError("a base weight file ended early while being read; was it modified?")
-        data += more
-    return data
+        got += k
+    return buf[:n]
 
 
 def unit_of(index: np.ndarray, width: int) -> int:
@@ -252,22 +272,43 @@ def column_jobs(fd: int, start: int, shape: tuple[int, ...], index: np.ndarray, 
 
 def _column_job(fd: int, start: int, rows: int, cols: int, itemsize: int, u: int, units: np.ndarray,
                 r0: int, r1: int, sink: Sink) -> int:
-    data = read_exact(fd, (r1 - r0) * cols * itemsize, start + r0 * cols * itemsize)
-    block = np.frombuffer(data, dtype=np.dtype((np.void, u * itemsize))).reshape(r1 - r0, cols // u)
-    return sink.write(r0 * len(units) * u * itemsize, np.take(block, units, axis=1))
+    n = (r1 - r0) * cols * itemsize
+    data = read_exact(fd, n, start + r0 * cols * itemsize, scratch(n, 0))
+    unit = np.dtype((np.void, u * itemsize))
+    block = np.frombuffer(data, dtype=unit).reshape(r1 - r0, cols // u)
+    out = np.frombuffer(scratch((r1 - r0) * len(units) * unit.itemsize, 1), dtype=unit).reshape(r1 - r0, len(units))
+    np.take(block, units, axis=1, out=out)
+    return sink.write(r0 * len(units) * u * itemsize, out)
 
 
-def write_all(fd: int | tuple[int, int], data: memoryview) -> None:
+def write_all(fd: int | tuple[int, int], data: memoryview | list[memoryview]) -> None:
     """Write all of ``data`` to ``fd`` at its file position, or — ``fd`` given as (fd, offset) — at that offset
-    (``pwrite``: what parallel jobs use, each on its own part of the file)."""
+    (``pwrite``: what parallel jobs use, each on its own part of the file). ``data`` may be a list of buffers,
+    written in order with ``pwritev`` (at an offset only)."""
     if isinstance(fd, tuple):
         fd, offset = fd
+        if isinstance(data, list):
+            for k in range(0, len(data), IOV_MAX):
+                batch = data[k: k + IOV_MAX]
+                want = sum(len(b) for b in batch)
+                n = os.pwritev(fd, batch, offset)
+                if n < want:  # a partial vector write (rare): finish it piece by piece
+                    skip = n
+                    for b in batch:
+                        if skip >= len(b):
+                            skip -= len(b)
+                            continue
+                        write_all((fd, offset + n), b[skip:])
+                        n += len(b) - skip
+                        skip = 0
+                offset += want
+            return
         while len(data):
             n = os.pwrite(fd, data, offset)
             data, offset = data[n:], offset + n
         return
     while len(data):
-        data = data[os.write(fd, data):]
+        data = data[os.write(fd, data):]  # type: ignore[index]
 
 
 def copy_range(src: int, dst: int, offset: int, length: int, dst_offset: int) -> None:
