@@ -1,6 +1,6 @@
 """Real servers for the registry tests, on 127.0.0.1 only: moto's S3 server and a Range-honouring HTTP server.
 
-Both start in-process on an ephemeral port with only the dev extra installed (moto[server], s3fs), so
+Both start in-process on an ephemeral port with only the dev extra installed (moto[server], botocore), so
 ``make test`` runs them on a fresh CI machine with no network.
 """
 
@@ -147,9 +147,9 @@ def s3_server(bucket: str = "registry") -> Iterator[str]:
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     try:
-        import s3fs
+        import botocore.session
 
-        s3fs.S3FileSystem(endpoint_url=endpoint, skip_instance_cache=True).mkdir(bucket)
+        botocore.session.get_session().create_client("s3", endpoint_url=endpoint).create_bucket(Bucket=bucket)
         yield endpoint
     finally:
         for k, v in saved.items():
