@@ -112,18 +112,24 @@ class LocalStore:
             raise KeyNotFound(f"{self.url}: no {key}") from None
 
     def read_range(self, key: str, start: int, end: int) -> bytes:
+        buf = bytearray(max(0, end - start))
+        return bytes(memoryview(buf)[: self.read_range_into(key, start, memoryview(buf))])
+
+    def read_range_into(self, key: str, start: int, into: memoryview) -> int:
+        """Read ``len(into)`` bytes of ``key`` from ``start`` straight into ``into``; returns how many there were
+        (fewer only for a short blob, which the reader's sha256 check reports)."""
         try:
             fd = os.open(self._path(key), os.O_RDONLY)
         except (FileNotFoundError, NotADirectoryError):
             raise KeyNotFound(f"{self.url}: no {key}") from None
         try:
-            data = os.pread(fd, end - start, start)
-            while len(data) < end - start:
-                more = os.pread(fd, end - start - len(data), start + len(data))
-                if not more:
-                    break  # a short blob: the reader's sha256 check reports it
-                data += more
-            return data
+            got = 0
+            while got < len(into):
+                n = os.preadv(fd, [into[got:]], start + got)
+                if n == 0:
+                    break
+                got += n
+            return got
         finally:
             os.close(fd)
 

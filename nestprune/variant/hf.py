@@ -20,12 +20,14 @@ Output directory (written atomically: ``nestprune.io.atomic.output_dir``)::
 
 from __future__ import annotations
 
+import contextlib
 import json
+import mmap
 import os
 import shutil
 import struct
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -215,11 +217,38 @@ def _copy_job(fd: int, off: int, n: int, at: int, sink: Sink) -> int:
 
 def _gather_job(group: tuple[tuple[int, int, int], ...], at: int, sink: Sink) -> int:
     fd, first = group[0][0], group[0][1]
-    span = group[-1][1] + group[-1][2] - first
-    data = read_exact(fd, span, first, scratch(span, 0))
     if len(group) == 1:
-        return sink.write(at, data)
-    return sink.write(at, [data[o - first: o - first + n] for _, o, n in group])  # one pwritev, no copy
+        return sink.copy(fd, first, group[0][2], at)
+    with mapped(fd, first, group[-1][1] + group[-1][2] - first) as view:
+        # one pwritev straight from the mapped page cache: the kernel copies each kept byte once, as
+        # copy_file_range would, without one system call per run
+        pieces = [view[o - first: o - first + n] for _, o, n in group]
+        try:
+            return sink.write(at, pieces)
+        finally:
+            for v in pieces:
+                v.release()
+
+
+@contextlib.contextmanager
+def mapped(fd: int, offset: int, length: int) -> Iterator[memoryview]:
+    """A read-only view of ``length`` bytes of ``fd`` at ``offset``, mapped (and populated) for the block only, so
+    a job's mapping never outlives it and the process's resident memory stays bounded by its jobs."""
+    start = offset - offset % mmap.ALLOCATIONGRANULARITY
+    flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
+    m = mmap.mmap(fd, length + offset - start, flags=flags, prot=mmap.PROT_READ, offset=start)
+    view = memoryview(m)
+    try:
+        part = view[offset - start: offset - start + length]
+        try:
+            if len(part) < length:
+                raise NestpruneError("a base weight file ended early while being read; was it modified?")
+            yield part
+        finally:
+            part.release()
+    finally:
+        view.release()
+        m.close()
 
 
 _SCRATCH = threading.local()
@@ -272,12 +301,12 @@ def column_jobs(fd: int, start: int, shape: tuple[int, ...], index: np.ndarray, 
 
 def _column_job(fd: int, start: int, rows: int, cols: int, itemsize: int, u: int, units: np.ndarray,
                 r0: int, r1: int, sink: Sink) -> int:
-    n = (r1 - r0) * cols * itemsize
-    data = read_exact(fd, n, start + r0 * cols * itemsize, scratch(n, 0))
     unit = np.dtype((np.void, u * itemsize))
-    block = np.frombuffer(data, dtype=unit).reshape(r1 - r0, cols // u)
     out = np.frombuffer(scratch((r1 - r0) * len(units) * unit.itemsize, 1), dtype=unit).reshape(r1 - r0, len(units))
-    np.take(block, units, axis=1, out=out)
+    with mapped(fd, start + r0 * cols * itemsize, (r1 - r0) * cols * itemsize) as data:
+        block = np.frombuffer(data, dtype=unit).reshape(r1 - r0, cols // u)
+        np.take(block, units, axis=1, out=out)
+        del block
     return sink.write(r0 * len(units) * u * itemsize, out)
 
 
