@@ -197,6 +197,7 @@ def child(op: str, args: list[str]) -> None:
     anon_before = AnonPeak()
     anon_before._sample()
     anon = AnonPeak().__enter__()
+    cpu0 = cpu_seconds()
     t0 = time.perf_counter()
     if op == "idle":
         written = 0
@@ -218,10 +219,17 @@ def child(op: str, args: list[str]) -> None:
              multiple_of=int(mult) if mult != "none" else None, cache=None)
         written = sum(f.stat().st_size for f in Path(out).glob("*.safetensors"))
     seconds = time.perf_counter() - t0
+    cpu = cpu_seconds() - cpu0
     anon.__exit__()
     rss = peak_rss_mb()
     print(json.dumps({"seconds": seconds, "max_rss_mb": rss, "rss_after_imports_mb": rss_before, "bytes": written,
-                      "anon_peak_mb": anon.peak, "anon_after_imports_mb": anon_before.peak}))
+                      "anon_peak_mb": anon.peak, "anon_after_imports_mb": anon_before.peak, "cpu_s": cpu}))
+
+
+def cpu_seconds() -> float:
+    """User + system CPU time of this process and its finished children (``cp``)."""
+    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
 
 
 def measure(op: str, *args: str) -> dict:
@@ -346,10 +354,12 @@ def main() -> None:
         "",
         "*× cp's speed* = seconds of the `cp` in the same round / seconds of the operation (1.00 = as fast as "
         "copying the whole base; target ≥ 0.80); the median over rounds is the figure that counts, the best and "
-        "worst rounds show the spread on this shared machine. Target peak RSS ≤ 2 GiB.",
+        "worst rounds show the spread on this shared machine. *CPU s* is the CPU time the operation used (its "
+        "threads and, for `cp`, the child process), which other jobs on the machine disturb far less than wall "
+        "time. Target peak RSS ≤ 2 GiB.",
         "",
-        "| operation | median × cp's speed | best / worst round | best s | written GB | peak RSS MB | peak anonymous MB above imports |",
-        "|---|---|---|---|---|---|---|",
+        "| operation | median × cp's speed | best / worst round | best s | median CPU s (user + sys) | written GB | peak RSS MB | peak anonymous MB above imports |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     rows = [("cp safetensors files", copies)] + list(runs.items())
     for label, rs in rows:
@@ -357,7 +367,7 @@ def main() -> None:
         best = min(rs, key=lambda r: r["seconds"])
         lines.append(
             f"| {label} | {median(ratios):.2f} | {max(ratios):.2f} / {min(ratios):.2f} | {best['seconds']:.2f} | "
-            f"{best['bytes'] / 1e9:.2f} | {max(r['max_rss_mb'] for r in rs):.0f} | "
+            f"{median([r.get('cpu_s', float('nan')) for r in rs]):.2f} | {best['bytes'] / 1e9:.2f} | {max(r['max_rss_mb'] for r in rs):.0f} | "
             f"{max(r['anon_peak_mb'] - r['anon_after_imports_mb'] for r in rs):.0f} |")
     torch_s = startup[0][1]
     lines += [

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 from conftest import SAMPLE_TEXT, make_tiny_model, save_tiny_model
+from registry_helpers import materialized
 from registry_servers import http_server, s3_server
 from typer.testing import CliRunner
 
@@ -50,20 +51,8 @@ def models(tmp_path_factory, tokenizer):
 
 @pytest.fixture(scope="module")
 def expected(models, tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("fleet-expected")
-    made: dict[tuple, Path] = {}
-    lock = threading.Lock()
-
-    def get(key: str, sparsity: float, layout: str = "per-layer") -> Path:
-        with lock:
-            if (key, sparsity, layout) not in made:
-                base, art = models[key]
-                out = tmp / f"{key}-{sparsity}-{layout}"
-                materialize(art, base, out, sparsity=sparsity, layout=layout)
-                made[key, sparsity, layout] = out
-            return made[key, sparsity, layout]
-
-    return get
+    """materialize's output per (model, sparsity, layout, multiple_of), made once."""
+    return materialized(models, tmp_path_factory.mktemp("fleet-expected"))
 
 
 @pytest.fixture(scope="module")

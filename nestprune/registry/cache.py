@@ -84,18 +84,9 @@ class ChunkCache:
 
     def entries(self) -> list[tuple[float, int, Path]]:
         """(last use, size, path) of every entry."""
-        found = []
-        for dirpath, _, files in os.walk(self.root / "sha256"):
-            for f in files:
-                if f.startswith("."):
-                    continue
-                p = os.path.join(dirpath, f)
-                try:
-                    st = os.stat(p)
-                except FileNotFoundError:
-                    continue
-                found.append((st.st_mtime, st.st_size, Path(p)))
-        return found
+        from nestprune.registry.stores import LocalStore
+
+        return [(i.mtime, i.size, self.root / i.key) for i in LocalStore(self.root).list_info("sha256")]
 
     def trim(self, max_bytes: int | None = None) -> TrimResult:
         """Delete least recently used entries until the cache holds at most ``max_bytes`` (default: its cap)."""

@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from nestprune.errors import NestpruneError
+from nestprune.io.parallel import default_workers
 from nestprune.io.weights import DTYPES
 from nestprune.registry.cache import ChunkCache, sha256
 from nestprune.registry.nested import stored_order, stored_rows_of, tensor_from_bytes
@@ -159,7 +160,9 @@ class RegistrySource:
         self.cache = cache
         self.stats = stats or TransferStats()
         self.workers = max(1, workers)
-        self.write_workers = self.workers  # the writer's threads (``nestprune.variant.hf``)
+        # the writer's threads (``nestprune.variant.hf``): gathers and writes are CPU and memory work, so no more
+        # than the cores; the network pool (ranged reads) is ``workers`` wide
+        self.write_workers = min(self.workers, default_workers())
         self._net: ThreadPoolExecutor | None = None
         self._net_lock = threading.Lock()
         self._budget = _Budget(MEMORY_BYTES)
