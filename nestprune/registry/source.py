@@ -160,9 +160,10 @@ class RegistrySource:
         self.cache = cache
         self.stats = stats or TransferStats()
         self.workers = max(1, workers)
-        # the writer's threads (``nestprune.variant.hf``): gathers and writes are CPU and memory work, so no more
-        # than the cores; the network pool (ranged reads) is ``workers`` wide
-        self.write_workers = min(self.workers, default_workers())
+        # the writer's threads (``nestprune.variant.hf``): each job waits on its reads, so ``workers`` of them keep
+        # that many requests in flight; from a local directory reads are CPU and memory work, so no more than cores
+        local = hasattr(store, "read_range_into")
+        self.write_workers = min(self.workers, default_workers()) if local else self.workers
         self._net: ThreadPoolExecutor | None = None
         self._net_lock = threading.Lock()
         self._budget = _Budget(MEMORY_BYTES)
