@@ -2,13 +2,17 @@
 
 ``write_hf`` streams every tensor of a ``TensorSource`` (local safetensors files, or the registry's store),
 sliced to the kept rows/columns of a ``VariantSpec``, straight into the output safetensors file, whose
-header is computed up front from the spec — so peak memory is one tensor (two for a column slice), never
-a shard. Given the same spec, tensors, aux files and manifest it writes byte-identical files whatever the
-source.
+header is computed up front from the spec — so every tensor's place in the file is known, and a tensor is
+written as independent *jobs* (each a disjoint byte range, ``pwrite`` at its offset) that run on a bounded
+pool of threads (``nestprune.io.parallel``). Given the same spec, tensors, aux files and manifest it writes
+byte-identical files whatever the source, the number of threads or the order jobs finish in.
 
-With local safetensors (``SafetensorsSource``) whole tensors and runs of kept rows are byte ranges of the
-base files and are copied in the kernel (``os.copy_file_range``); column slices (o_proj, down_proj) are
-gathered by numpy from a read-only map of the file. The bytes are the same as through ``take``.
+With local safetensors (``FileSpans``) whole tensors and long runs of kept rows are copied in the kernel
+(``os.copy_file_range``); short runs are coalesced across the small holes between them and written from a
+mapping of the source with one ``pwritev`` per block (one kernel copy per kept byte, no call per run);
+column slices (o_proj, down_proj) are gathered by numpy from mapped blocks of rows, whole heads at a time
+where the kept columns allow. A registry source supplies its own jobs (``RegistrySource.copy_jobs``); any
+other source goes through ``take``. Memory: a few blocks of ``BLOCK_BYTES`` per thread, whatever the model.
 
 Output directory (written atomically: ``nestprune.io.atomic.output_dir``)::
 
