@@ -123,10 +123,13 @@ def make_base(path: Path, layers: int, hidden: int, intermediate: int, heads: in
 
 def make_model(work: Path, name: str, dims: tuple[int, ...]) -> tuple[Path, Path]:
     base = make_base(work / f"{name}-base", *dims)
+    return base, make_artifact(work, name, base)
+
+
+def make_artifact(work: Path, name: str, base: Path, seed: int = 0) -> Path:
     (work / "calib.txt").write_text(TEXT)
-    art = build_artifact(base, work / "calib.txt", work / f"{name}-artifact",
-                         BuildConfig(method="random", samples=2, seq_len=16, batch_size=2, max_sparsity=0.6))
-    return base, art
+    return build_artifact(base, work / "calib.txt", work / f"{name}-artifact-{seed}",
+                          BuildConfig(method="random", samples=2, seq_len=16, batch_size=2, max_sparsity=0.6, seed=seed))
 
 
 def dir_bytes(d: Path) -> int:
@@ -240,9 +243,14 @@ def compare_clients(http_url: str, s3_url: str, key: str, size: int, jobs: int) 
 
 # --- load ---------------------------------------------------------------------------------------------------
 
-def load_test(label: str, write_url: str, read_url: str, base: Path, art: Path, expected: dict, n_pulls: int,
-              n_pushes: int, work: Path) -> dict:
+def load_test(label: str, write_url: str, read_url: str, base: Path, art: Path, junk_art: Path, expected: dict,
+              n_pulls: int, n_pushes: int, work: Path) -> dict:
+    from nestprune.registry.gc import remove_version
+
     first = push(write_url, art, base, name="load", tag="stable").record
+    # garbage for gc to find while the storm runs: a version of another ranking, removed again
+    junk = push(write_url, junk_art, base, name="load", tag="junk").record
+    remove_version(open_store(write_url), "load", junk.digest)
     targets = list(expected)
     cache = ChunkCache(work / f"load-cache-{label}") if not read_url.startswith("/") else None
     stop = threading.Event()
@@ -420,6 +428,7 @@ def main() -> None:
             if "load" in sections:
                 ldims = (4, 512, 1408, 8, 4, 8000)
                 lbase, lart = make_model(work, "load", ldims)
+                ljunk = make_artifact(work, "load", lbase, seed=1)
                 expected = {}
                 for s in (0.1, 0.2, 0.3, 0.4, 0.5):
                     for layout in ("per-layer", "uniform"):
@@ -430,12 +439,13 @@ def main() -> None:
                 results = []
                 for label, write_url, read_url in (("local", str(work / "load-reg"), str(work / "load-reg")),
                                                    ("s3 (moto)", "s3://bench/load", "s3://bench/load")):
-                    results.append(load_test(label, write_url, read_url, lbase, lart, expected, args.load_pulls,
-                                             args.load_pushes, work))
+                    results.append(load_test(label, write_url, read_url, lbase, lart, ljunk, expected,
+                                             args.load_pulls, args.load_pushes, work))
                     print(json.dumps(results[-1]), flush=True)
                 with serve("http", str(work / "load-http")) as lhttp:
                     results.append(load_test("http (pushes and gc on its backing directory)", str(work / "load-http"),
-                                             lhttp, lbase, lart, expected, args.load_pulls, args.load_pushes, work))
+                                             lhttp, lbase, lart, ljunk, expected, args.load_pulls, args.load_pushes,
+                                             work))
                     print(json.dumps(results[-1]), flush=True)
                 report["load"] = results
                 load_avg.append(os.getloadavg()[0])
@@ -537,7 +547,8 @@ def write_report(args, r: dict) -> None:
             f"Model: random bf16 Llama, 4 layers, hidden 512 ({r['load_model'] / mib:.1f} MiB). At once: "
             f"{args.load_pulls} pulls (s = 0.1 … 0.5, per-layer and uniform, 2 jobs each, one shared cache on "
             f"remote backends), {args.load_pushes} pushes of new versions (other chunkings of the same artifact) and "
-            "`gc` with no grace period in a loop until they end. Then: every version pushed must be listed and pull "
+            "`gc` with no grace period in a loop until they end; before they start, a version of another ranking "
+            "is pushed and removed, so gc has garbage to delete (its packs and manifest) while the others run. Then: every version pushed must be listed and pull "
             "correctly, and every blob reachable from a version must exist.",
             "",
             "| backend | pulls identical to materialize | versions pushed / all listed / all complete | gc runs | "

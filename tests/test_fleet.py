@@ -304,6 +304,34 @@ def test_gc_never_breaks_a_push_in_flight(models, expected, tmp_path):
     assert not (reg / "leases").exists() or not list((reg / "leases").iterdir())  # the lease was released
 
 
+class _GcStrikes(LocalStore):
+    """Deletes each of the first blobs a push finds already present right after telling it so, as a gc that
+    read the leases just before the push leased them would."""
+
+    def __init__(self, root: Path, strikes: int):
+        super().__init__(root)
+        self.strikes, self.struck = strikes, []
+
+    def exists(self, key: str) -> bool:
+        found = super().exists(key)
+        if found and key.startswith("blobs/") and len(self.struck) < self.strikes:
+            self.delete(key)
+            self.struck.append(key)
+        return found
+
+
+def test_push_rewrites_reused_blobs_a_gc_removed_meanwhile(models, expected, tmp_path):
+    base, art = models["a"]
+    reg = tmp_path / "reg"
+    old = push(reg, art, base, name="m").record
+    remove_version(open_store(reg), "m", old.digest)
+    store = _GcStrikes(reg, strikes=3)  # two tensor packs and whatever comes third
+    again = push(None, art, base, name="m", store=store)
+    assert len(store.struck) == 3 and all((reg / k).exists() for k in store.struck)
+    pull(f"{reg}/m@{again.record.digest}", tmp_path / "v", sparsity=0.3, cache=None)
+    same(tmp_path / "v", expected("a", 0.3))
+
+
 def test_gc_refuses_http_and_missing_registries(tmp_path):
     with http_server(tmp_path) as (url, _):
         with pytest.raises(NestpruneError, match="read-only"):
@@ -388,6 +416,8 @@ def test_load_concurrent_pulls_pushes_and_gc(models, expected, tmp_path, backend
     else:
         write_url = str(tmp_path / "reg")
     push(write_url, art_a, base, name="m", tag="stable")
+    junk = push(write_url, art_b, base, name="m", tag="junk", channel_block=2).record  # garbage for gc:
+    remove_version(open_store(write_url), "m", junk.digest)  # its manifest (the packs are art_b's, reused below)
     ctx = http_server(Path(write_url)) if backend == "http" else None
     read_url = ctx.__enter__()[0] if ctx else write_url
     try:
@@ -417,7 +447,8 @@ def test_load_concurrent_pulls_pushes_and_gc(models, expected, tmp_path, backend
         assert len(pushed) == 2
         keep = Reachable(store).refresh()
         have = {k.rsplit("/", 1)[-1] for k in store.list("blobs/sha256")}
-        assert keep <= have  # gc deleted nothing reachable
+        assert keep <= have  # gc deleted nothing reachable ...
+        assert junk.digest not in have and sum(r.deleted for r in done[-1]) >= 1  # ... and did delete garbage
         for tag in ("cb8", "cb4"):
             pull(f"{read_url}/m:{tag}", tmp_path / tag, sparsity=0.3, cache=cache)
             same(tmp_path / tag, expected("b", 0.3))

@@ -13,8 +13,9 @@ Why a push in flight is never broken:
 * blobs younger than the grace period (default 1 hour) are never deleted, so blobs a push has just written
   survive even a push whose lease gc could not yet see;
 * before it writes its version record, a push checks that every blob it found already present (and so did
-  not write) still exists; if a gc removed one in the instant between its last check and its delete, the
-  push fails with one line and publishes nothing (run it again) — a broken version is never published.
+  not write) still exists, and writes again any that a gc removed in the instant between that gc's last read
+  of the leases and its delete (leased by then, so no later gc removes it) — a version never names a missing
+  blob.
 
 A lease not renewed for ``LEASE_LIFETIME`` (a day) belongs to a dead push and is ignored (and removed by
 ``gc --yes``).

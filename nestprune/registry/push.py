@@ -231,12 +231,33 @@ def push(
             tensors=tensors,
             total_size=sum(e.size for e in tensors.values()) + sum(f.size for f in (*aux.values(), *art.values())),
         )
-        mref = up.put(canonical(manifest))
-        # blobs found already there were not written by this push: a gc may have removed one meanwhile
-        gone = [d for d in sorted(up.reused) if not store.exists(blob_key(d))]
-        if gone:
-            raise NestpruneError(f"{store.url}: blob sha256:{gone[0][:12]} was removed by a concurrent gc while this "
-                                 "push ran; nothing was published, push again")
+        manifest_bytes = canonical(manifest)
+        mref = up.put(manifest_bytes)
+        # Blobs found already there were not written by this push: a gc that read the leases just before this
+        # push leased one may have deleted it since. Write any such blob again (it is leased now, so no gc
+        # removes it any more) before the version names it.
+        files = {ref.digest: path for path, ref in (*((base / k, v) for k, v in aux.items()),
+                                                    *((artifact / k, v) for k, v in art.items()))}
+        by_blob = {e.blob: n for n, e in tensors.items()}
+        for _ in range(3):
+            gone = [d for d in sorted(up.reused) if not store.exists(blob_key(d))]
+            if not gone:
+                break
+            with SafetensorsSource(base) as src:
+                for d in gone:
+                    if d == mref.digest:
+                        data = manifest_bytes
+                    elif d in files:
+                        data = files[d].read_bytes()
+                    else:
+                        tname = by_blob[d]
+                        data = _pack(src.take(tname), placement(arch, tname, units), units, channel_block)[0]
+                    if sha256(data) != d:
+                        raise NestpruneError(f"{base} changed while it was being pushed; nothing was published")
+                    store.write(blob_key(d), data)
+        else:
+            raise NestpruneError(f"{store.url}: blobs keep disappearing while this push runs (a gc with no grace "
+                                 "period?); nothing was published, push again")
 
         # The version becomes visible only now, after every byte it names is in the store.
         record = read_version(store, name, mref.digest)
