@@ -1,18 +1,23 @@
-"""Materializing a variant against copying the base's safetensors files: time ratio and peak memory.
+"""Materializing a variant, and pulling it from a local registry, against ``cp`` of the base's safetensors files:
+time ratio and peak memory; and every command's startup against ``python -c "import torch"``.
 
     python bench/materialize_speed.py [--layers 16 --hidden 2048 --heads 16 --kv-heads 4
-                                       --intermediate 5632 --vocab 32000 --repeats 2]
+                                       --intermediate 5632 --vocab 32000 --repeats 5]
 
 Writes a random fp16 Llama (GQA) of the given shape straight to safetensors shards (~1.7 GB by default,
 never instantiating a model), a random-order artifact for it (the writer's cost does not depend on
-which order), then times, each in a fresh subprocess so its peak RSS is its own:
+which order), pushes both to a local registry (untimed), then runs, each in a fresh subprocess so its
+peak RSS is its own, in rounds — one ``cp`` and one of every case per round, so every ratio compares
+runs made seconds apart on this shared machine:
 
-* ``copy``         shutil.copyfile of every safetensors file (the floor any materializer competes with);
+* ``cp``           ``cp`` of every safetensors file (the floor any materializer competes with);
 * ``materialize``  ``nestprune.variant.materialize.materialize`` end to end — artifact read, fingerprint check,
-                   plan, streaming slice-and-write, config/tokenizer/manifest — at several targets.
+                   plan, streaming slice-and-write, config/tokenizer/manifest — per-layer and uniform;
+* ``pull``         ``nestprune.registry.pull.pull`` from the local registry (every chunk read and sha256-checked).
 
 Files are in the page cache for every run (they were just written), so this compares CPU + write cost,
-not cold-disk reads; ``sync`` runs (untimed) before each run so none pays for another's writeback. Writes a Markdown table (``--out``, default bench/results/materialize.md).
+not cold-disk reads; ``sync`` runs (untimed) before each run so none pays for another's writeback.
+Writes a Markdown table (``--out``, default bench/results/materialize.md).
 """
 
 from __future__ import annotations
@@ -34,11 +39,16 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-CASES = (  # (label, sparsity, layout, multiple_of, in-kernel copies of whole tensors / row runs)
-    ("per-layer s=0.3", 0.3, "per-layer", None, True),
-    ("per-layer s=0.5", 0.5, "per-layer", None, True),
-    ("uniform s=0.3, multiple of 128", 0.3, "uniform", 128, True),
-    ("per-layer s=0.3, every tensor through TensorSource.take (the registry's path)", 0.3, "per-layer", None, False),
+CASES = (  # (label, operation, sparsity, layout, multiple_of)
+    ("materialize per-layer s=0.3", "materialize", 0.3, "per-layer", None),
+    ("materialize per-layer s=0.5", "materialize", 0.5, "per-layer", None),
+    ("materialize uniform s=0.3, multiple of 128", "materialize", 0.3, "uniform", 128),
+    ("pull per-layer s=0.3 from a local registry", "pull", 0.3, "per-layer", None),
+    ("pull uniform s=0.3, multiple of 128, from a local registry", "pull", 0.3, "uniform", 128),
+)
+STARTUP = (  # (label, argv after `python`)
+    ('python -c "import torch"', ["-c", "import torch"]),
+    ("nestprune --help", ["-m", "nestprune", "--help"]),
 )
 
 
@@ -187,29 +197,39 @@ def child(op: str, args: list[str]) -> None:
     anon_before = AnonPeak()
     anon_before._sample()
     anon = AnonPeak().__enter__()
+    cpu0 = cpu_seconds()
     t0 = time.perf_counter()
     if op == "idle":
         written = 0
     elif op == "copy":
         base, out = Path(args[0]), Path(args[1])
         out.mkdir()
-        for f in sorted(base.glob("*.safetensors")):
-            shutil.copyfile(f, out / f.name)
+        subprocess.run(["cp", *map(str, sorted(base.glob("*.safetensors"))), str(out)], check=True)
         written = sum(f.stat().st_size for f in out.glob("*.safetensors"))
-    else:
-        art, base, out, sparsity, layout, mult, kernel_copy = args
-        if kernel_copy == "no":
-            import nestprune.variant.hf as hf
-
-            hf.FileSpans.spans = lambda self, p: None  # type: ignore[method-assign]
+    elif op == "materialize":
+        art, base, out, sparsity, layout, mult = args
         materialize(Path(art), Path(base), Path(out), sparsity=float(sparsity), layout=layout,
                     multiple_of=int(mult) if mult != "none" else None)
         written = sum(f.stat().st_size for f in Path(out).glob("*.safetensors"))
+    else:
+        from nestprune.registry.pull import pull
+
+        ref, out, sparsity, layout, mult = args
+        pull(ref, Path(out), sparsity=float(sparsity), layout=layout,
+             multiple_of=int(mult) if mult != "none" else None, cache=None)
+        written = sum(f.stat().st_size for f in Path(out).glob("*.safetensors"))
     seconds = time.perf_counter() - t0
+    cpu = cpu_seconds() - cpu0
     anon.__exit__()
     rss = peak_rss_mb()
     print(json.dumps({"seconds": seconds, "max_rss_mb": rss, "rss_after_imports_mb": rss_before, "bytes": written,
-                      "anon_peak_mb": anon.peak, "anon_after_imports_mb": anon_before.peak}))
+                      "anon_peak_mb": anon.peak, "anon_after_imports_mb": anon_before.peak, "cpu_s": cpu}))
+
+
+def cpu_seconds() -> float:
+    """User + system CPU time of this process and its finished children (``cp``)."""
+    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
 
 
 def measure(op: str, *args: str) -> dict:
@@ -221,12 +241,26 @@ def measure(op: str, *args: str) -> dict:
     return json.loads(res.stdout.strip().splitlines()[-1])
 
 
-def best_of(repeats: int, op: str, out: Path, *args: str) -> dict:
-    runs = []
+def once(op: str, out: Path, *args: str) -> dict:
+    shutil.rmtree(out, ignore_errors=True)
+    r = measure(op, *args)
+    shutil.rmtree(out, ignore_errors=True)
+    return r
+
+
+def startup_seconds(argv: list[str], repeats: int) -> float:
+    """Best wall time of ``python argv`` (a whole process: interpreter, imports, the command)."""
+    best = float("inf")
     for _ in range(repeats):
-        shutil.rmtree(out, ignore_errors=True)
-        runs.append(measure(op, *args))
-    return min(runs, key=lambda r: r["seconds"])
+        t = time.perf_counter()
+        subprocess.run([sys.executable, *argv], check=True, capture_output=True, cwd=ROOT)
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+def median(xs: list[float]) -> float:
+    xs = sorted(xs)
+    return xs[len(xs) // 2] if len(xs) % 2 else (xs[len(xs) // 2 - 1] + xs[len(xs) // 2]) / 2
 
 
 def device_line() -> str:
@@ -247,65 +281,113 @@ def main() -> None:
     p.add_argument("--kv-heads", type=int, default=4)
     p.add_argument("--intermediate", type=int, default=5632)
     p.add_argument("--vocab", type=int, default=32000)
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "materialize.md")
     a = p.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="nestprune-bench-"))
+    load = [os.getloadavg()[0]]
     try:
-        base, art = work / "base", work / "artifact"
+        base, art, reg = work / "base", work / "artifact", work / "registry"
         base.mkdir()
         t0 = time.perf_counter()
         write_base(base, a)
         write_random_artifact(base, art)
+        from nestprune.registry import push
+
+        push(reg, art, base, name="bench")
         base_bytes = sum(f.stat().st_size for f in base.glob("*.safetensors"))
         print(f"base: {base_bytes / 1e9:.2f} GB in {len(list(base.glob('*.safetensors')))} shards "
-              f"(made in {time.perf_counter() - t0:.0f}s)", flush=True)
+              f"(made and pushed in {time.perf_counter() - t0:.0f}s)", flush=True)
         idle = measure("idle")
-        copy = best_of(a.repeats, "copy", work / "copy", str(base), str(work / "copy"))
-        print(f"copy: {copy['seconds']:.2f}s", flush=True)
-        rows = []
-        for label, s, layout, mult, kernel_copy in CASES:
-            out = work / "variant"
-            r = best_of(a.repeats, "materialize", out, str(art), str(base), str(out), str(s), layout,
-                        str(mult or "none"), "yes" if kernel_copy else "no")
-            rows.append((label, r))
-            print(f"{label}: {r['seconds']:.2f}s ({r['seconds'] / copy['seconds']:.2f}x copy)", flush=True)
+        copies: list[dict] = []
+        runs: dict[str, list[dict]] = {label: [] for label, *_ in CASES}
+        for rnd in range(a.repeats):
+            copies.append(once("copy", work / "copy", str(base), str(work / "copy")))
+            for label, op, s, layout, mult in CASES:
+                out = work / "variant"
+                args = ((str(art), str(base)) if op == "materialize" else (f"{reg}/bench",)) + (
+                    str(out), str(s), layout, str(mult or "none"))
+                r = once(op, out, *args)
+                r["ratio"] = copies[-1]["seconds"] / r["seconds"]
+                runs[label].append(r)
+                print(f"round {rnd + 1}: {label}: {r['seconds']:.2f}s, cp {copies[-1]['seconds']:.2f}s, "
+                      f"{r['ratio']:.2f}x cp's speed", flush=True)
+            load.append(os.getloadavg()[0])
+        # startup: a tiny model, so the command's own work is negligible next to its imports
+        tiny = argparse.Namespace(layers=2, hidden=64, heads=4, kv_heads=2, intermediate=128, vocab=256)
+        tbase, tart, treg = work / "tiny", work / "tiny-art", work / "tiny-reg"
+        tbase.mkdir()
+        write_base(tbase, tiny)
+        write_random_artifact(tbase, tart)
+        push(treg, tart, tbase, name="tiny")
+        startup = [(label, startup_seconds(argv, a.repeats)) for label, argv in STARTUP]
+        for label, argv in (
+            ("nestprune materialize (tiny model)", ["-m", "nestprune", "materialize", str(tart), "--base", str(tbase),
+                                                    "--out", str(work / "t-out"), "--sparsity", "0.3", "--force"]),
+            ("nestprune pull (tiny model, local registry)", ["-m", "nestprune", "pull", f"{treg}/tiny", "--out",
+                                                             str(work / "t-pull"), "--sparsity", "0.3", "--force"]),
+            ("nestprune list (local registry)", ["-m", "nestprune", "list", str(treg)]),
+            ("nestprune gc (dry run, local registry)", ["-m", "nestprune", "gc", str(treg)]),
+            ("nestprune inspect (artifact)", ["-m", "nestprune", "inspect", str(tart)]),
+        ):
+            startup.append((label, startup_seconds(argv, a.repeats)))
+        for label, secs in startup:
+            print(f"startup {label}: {secs:.2f}s", flush=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
     cmd = "python bench/materialize_speed.py " + " ".join(sys.argv[1:])
     lines = [
-        "# materialize vs copying the safetensors files",
+        "# materialize and local-registry pull vs `cp` of the safetensors files",
         "",
         f"Command: `{cmd.strip()}` (OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')})  ",
         f"Device: {device_line()}  ",
-        f"Date: {_dt.date.today().isoformat()}, best of {a.repeats} run(s) each, every run in a fresh process.",
+        f"Date: {_dt.date.today().isoformat()}; {a.repeats} rounds, each one `cp` then every case, every run in a "
+        f"fresh process. Load average (1 min) during the run: {min(load):.1f} to {max(load):.1f} on "
+        f"{os.cpu_count()} cores shared with other engineers.",
         "",
         f"Base: random fp16 Llama, {a.layers} layers, hidden {a.hidden}, {a.heads} heads / {a.kv_heads} KV heads, "
         f"intermediate {a.intermediate}, vocab {a.vocab}: {base_bytes / 1e9:.2f} GB of safetensors. Artifact: a "
         "random removal order (GQA query-head mode). All files in the page cache (warm reads); a cold disk would "
-        "add the read time of what each operation reads. `sync` before every run (untimed). The machine is shared: "
-        "times vary run to run; the best run of each is reported.",
+        "add the read time of what each operation reads. `sync` before every run (untimed).",
         "",
-        "| operation | seconds | × copy | written GB | write GB/s | peak RSS MB | peak anonymous MB above imports |",
-        "|---|---|---|---|---|---|---|",
+        "*× cp's speed* = seconds of the `cp` in the same round / seconds of the operation (1.00 = as fast as "
+        "copying the whole base; target ≥ 0.80); the median over rounds is the figure that counts, the best and "
+        "worst rounds show the spread on this shared machine. *CPU s* is the CPU time the operation used (its "
+        "threads and, for `cp`, the child process), which other jobs on the machine disturb far less than wall "
+        "time. Target peak RSS ≤ 2 GiB.",
+        "",
+        "| operation | median × cp's speed | best / worst round | best s | median CPU s (user + sys) | written GB | peak RSS MB | peak anonymous MB above imports |",
+        "|---|---|---|---|---|---|---|---|",
     ]
-    for label, r in [("copy safetensors files", copy)] + [(f"materialize {lb}", r) for lb, r in rows]:
+    rows = [("cp safetensors files", copies)] + list(runs.items())
+    for label, rs in rows:
+        ratios = [r.get("ratio", 1.0) for r in rs]
+        best = min(rs, key=lambda r: r["seconds"])
         lines.append(
-            f"| {label} | {r['seconds']:.2f} | {r['seconds'] / copy['seconds']:.2f} | "
-            f"{r['bytes'] / 1e9:.2f} | {r['bytes'] / 1e9 / r['seconds']:.2f} | {r['max_rss_mb']:.0f} | "
-            f"{r['anon_peak_mb'] - r['anon_after_imports_mb']:.0f} |")
+            f"| {label} | {median(ratios):.2f} | {max(ratios):.2f} / {min(ratios):.2f} | {best['seconds']:.2f} | "
+            f"{median([r.get('cpu_s', float('nan')) for r in rs]):.2f} | {best['bytes'] / 1e9:.2f} | {max(r['max_rss_mb'] for r in rs):.0f} | "
+            f"{max(r['anon_peak_mb'] - r['anon_after_imports_mb'] for r in rs):.0f} |")
+    torch_s = startup[0][1]
     lines += [
         "",
-        f"Peak RSS (VmHWM) includes the ~{idle['max_rss_mb']:.0f} MB of a process that only imports torch and "
-        "nestprune, and page-cache pages of memory-mapped base files while they are mapped (the take() path "
-        "keeps the files mapped through safetensors' safe_open, so every page it touched counts). The last "
-        "column is what the operation itself allocates: the peak of RssAnon (sampled every 5 ms) minus its "
-        "value after the imports. The largest single tensor here is "
-        f"{a.vocab * a.hidden * 2 / 1e6:.0f} MB (embeddings / lm_head).",
+        f"Peak RSS (VmHWM, the maximum over rounds) includes the ~{idle['max_rss_mb']:.0f} MB of a process that only "
+        "imports torch and nestprune, and page-cache pages of files while they are mapped. The last column is what "
+        "the operation itself allocates: the peak of RssAnon (sampled every 5 ms) minus its value after the imports. "
+        f"The largest single tensor here is {a.vocab * a.hidden * 2 / 1e6:.0f} MB (embeddings / lm_head).",
         "",
+        "## Startup",
+        "",
+        "Wall time of the whole process (best of the rounds), on a tiny model so the work itself is negligible. "
+        "Target: `materialize` and `pull` within 1 s of `python -c \"import torch\"`.",
+        "",
+        "| command | seconds | − import torch |",
+        "|---|---|---|",
     ]
+    for label, secs in startup:
+        lines.append(f"| {label} | {secs:.2f} | {secs - torch_s:+.2f} |")
+    lines.append("")
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text("\n".join(lines))
     print(f"wrote {a.out}")

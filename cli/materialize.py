@@ -95,12 +95,13 @@ def materialize(
 
     The removed heads and channels are the shortest prefix of the artifact's removal order that reaches the target, so every size is nested in the larger ones.
     """
-    from transformers.utils import logging as hf_logging
-
     from nestprune.variant.materialize import check_target
     from nestprune.variant.materialize import materialize as run
 
-    hf_logging.disable_progress_bar()
+    if verify:  # only --verify loads models: transformers stays unimported otherwise (startup time)
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
 
     check_target(sparsity, params)
     n_params = parse_params(params) if params is not None else None

@@ -6,6 +6,7 @@ Store keys (every key relative to the registry root)::
     models/<name>/versions/<hex>.json    VersionRecord: a version exists once this is written (last)
     models/<name>/tags/<tag>.json        TagRecord: a mutable pointer to a version
     index.json                           RegistryIndex: a listing for stores that cannot list (HTTP)
+    leases/<id>.json                     PushLease: the blobs a push in flight uses (gc keeps them)
 
 A version's digest is the sha256 of its manifest blob; the manifest lists the sha256 of every blob
 and of every chunk inside each tensor pack, so one digest pins every byte of a pull.
@@ -131,9 +132,23 @@ class RegistryIndex(_Doc):
     models: dict[str, IndexEntry]
 
 
+class PushLease(_Doc):
+    """Written by a push before it checks or writes any blob, extended before each further blob, and deleted
+    once its version record is written. ``nestprune gc`` keeps every blob a live lease names, so a push in
+    flight is never broken; a lease not renewed for ``gc``'s lease lifetime is a dead push's and ignored."""
+
+    schema_version: Literal["1"] = "1"
+    name: str = Field(description="the model name being pushed")
+    host: str
+    pid: int
+    started_at: str = Field(description="UTC, ISO 8601")
+    digests: list[Hex] = Field(description="blobs this push has checked or written so far")
+
+
 DOCUMENTS = {
     "registry_manifest": VersionManifestV1,
     "registry_version": VersionRecord,
     "registry_tag": TagRecord,
     "registry_index": RegistryIndex,
+    "registry_lease": PushLease,
 }

@@ -1,6 +1,6 @@
 """Real servers for the registry tests, on 127.0.0.1 only: moto's S3 server and a Range-honouring HTTP server.
 
-Both start in-process on an ephemeral port with only the dev extra installed (moto[server], s3fs), so
+Both start in-process on an ephemeral port with only the dev extra installed (moto[server], botocore), so
 ``make test`` runs them on a fresh CI machine with no network.
 """
 
@@ -58,12 +58,26 @@ class RangeRequestHandler(SimpleHTTPRequestHandler):
         with open(path, "rb") as f:
             f.seek(start)
             data = f.read(end - start + 1)
+        fault = self.server.next_fault()  # type: ignore[attr-defined]
+        if fault == "503":
+            self.send_error(HTTPStatus.SERVICE_UNAVAILABLE)
+            return
+        if fault == "reset":  # drop the connection without an answer
+            self.close_connection = True
+            self.connection.shutdown(2)
+            return
+        if fault == "flip":  # a bit flipped in transit
+            data = bytes([data[0] ^ 1]) + data[1:]
         self.send_response(HTTPStatus.PARTIAL_CONTENT)
         self.send_header("Content-Type", "application/octet-stream")
         self.send_header("Content-Range", f"bytes {start}-{end}/{size}")
         self.send_header("Content-Length", str(len(data)))
         self.send_header("Accept-Ranges", "bytes")
         self.end_headers()
+        if fault == "truncate":  # half the body, then the connection drops
+            self.wfile.write(data[: len(data) // 2])
+            self.close_connection = True
+            return
         self.wfile.write(data)
         self.server.count(len(data), ranged=True)  # type: ignore[attr-defined]
 
@@ -77,6 +91,11 @@ class CountingHTTPServer(ThreadingHTTPServer):
         self.bytes_sent = 0
         self.ranged_requests = 0
         self.whole_requests = 0
+        self.faults: list[str] = []  # injected into the next ranged requests, in order: 503, reset, truncate, flip
+
+    def next_fault(self) -> str | None:
+        with self._lock:
+            return self.faults.pop(0) if self.faults else None
 
     def count(self, n: int, ranged: bool) -> None:
         with self._lock:
@@ -128,9 +147,9 @@ def s3_server(bucket: str = "registry") -> Iterator[str]:
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     try:
-        import s3fs
+        import botocore.session
 
-        s3fs.S3FileSystem(endpoint_url=endpoint, skip_instance_cache=True).mkdir(bucket)
+        botocore.session.get_session().create_client("s3", endpoint_url=endpoint).create_bucket(Bucket=bucket)
         yield endpoint
     finally:
         for k, v in saved.items():

@@ -4,13 +4,13 @@ pulled == materialized byte for byte; only needed bytes read; cache; tags; concu
 from __future__ import annotations
 
 import json
-import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 import torch
 from conftest import SAMPLE_TEXT, make_tiny_model, save_tiny_model
+from registry_helpers import materialized
 from registry_servers import http_server, s3_server
 
 from nestprune.build import BuildConfig, build_artifact
@@ -63,21 +63,7 @@ def models(tmp_path_factory, tokenizer):
 @pytest.fixture(scope="module")
 def expected(models, tmp_path_factory):
     """materialize's output per (model, sparsity, layout, multiple_of), made once."""
-    tmp = tmp_path_factory.mktemp("registry-expected")
-    made: dict[tuple, Path] = {}
-    lock = threading.Lock()
-
-    def get(key: str, sparsity: float, layout: str = "per-layer", multiple_of: int | None = None) -> Path:
-        k = (key, sparsity, layout, multiple_of)
-        with lock:
-            if k not in made:
-                base, art = models[key]
-                out = tmp / f"{key}-{sparsity}-{layout}-{multiple_of}"
-                materialize(art, base, out, sparsity=sparsity, layout=layout, multiple_of=multiple_of)
-                made[k] = out
-            return made[k]
-
-    return get
+    return materialized(models, tmp_path_factory.mktemp("registry-expected"))
 
 
 @pytest.fixture(scope="module")

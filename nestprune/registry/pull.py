@@ -21,7 +21,7 @@ from nestprune.errors import NestpruneError
 from nestprune.io import atomic
 from nestprune.registry.cache import ChunkCache
 from nestprune.registry.source import RegistrySource, TransferStats
-from nestprune.registry.stores import LocalStore, Store, open_store
+from nestprune.registry.stores import DEFAULT_JOBS, LocalStore, Store, open_store
 from nestprune.registry.versions import Reference, parse_reference, read_manifest, resolve
 from nestprune.schemas.registry import FileRef, VersionRecord
 from nestprune.schemas.variant import VariantManifest
@@ -68,17 +68,20 @@ def pull(
     store: Store | None = None,
     format: str = DEFAULT_FORMAT,
     writer_options: Mapping[str, Any] | None = None,
+    jobs: int = DEFAULT_JOBS,
 ) -> PullResult:
     """Write the variant of ``ref`` (``REGISTRY/NAME[:TAG|@DIGEST]``) at one target to ``out``.
 
     ``cache``: a ChunkCache, or None for none. Default: ``$NESTPRUNE_CACHE`` or ``~/.cache/nestprune/chunks``
     for remote registries (S3, HTTP); none for a local directory, which already is a local
-    content-addressed store whose chunks are verified on every read.
+    content-addressed store whose chunks are verified on every read. After the pull the cache is trimmed to
+    its size cap (least recently used entries first; ``ChunkCache.max_bytes``).
+    ``jobs``: concurrent transfers (ranged reads) and writer threads.
     """
     check_target(sparsity, params)
     writer(format).check_options(writer_options or {})
     ref = parse_reference(ref) if isinstance(ref, str) else ref
-    store = store or open_store(ref.registry)
+    store = store or open_store(ref.registry, jobs=jobs)
     if cache is _DEFAULT:  # a local registry is itself a local content-addressed store: no second copy
         cache = None if isinstance(store, LocalStore) else ChunkCache()
     # what this pull reads from: replacing any of it would destroy it
@@ -88,8 +91,8 @@ def pull(
     out = atomic.check_out(Path(out), force, inputs, directory=False)
     record = resolve(store, ref)
     manifest = read_manifest(store, record.digest)
-    src = RegistrySource(store, manifest, cache, stats)  # type: ignore[arg-type]
-    with atomic.scratch_dir(out) as work:
+    with RegistrySource(store, manifest, cache, stats, workers=jobs) as src, \
+            atomic.scratch_dir(out) as work:  # type: ignore[arg-type]
         art_dir, aux_dir = work / "artifact", work / "aux"
         _write_files(src, manifest.artifact, art_dir, "artifact file")
         _write_files(src, manifest.aux, aux_dir, "base file")
@@ -103,5 +106,7 @@ def pull(
             inputs=inputs, progress=progress, writer_options=writer_options,
         )
     variant_bytes = sum(p.nbytes for p in plan_tensors(src, spec))
+    if isinstance(cache, ChunkCache):
+        cache.trim()
     return PullResult(out_dir=out, record=record, spec=spec, manifest=written, stats=src.stats,
                       variant_bytes=variant_bytes)

@@ -2,28 +2,47 @@
 
 ``take(name, axis, index)`` maps the requested original indices to stored rows (undoing the nested
 permutation and the transposition), fetches just the chunks that hold them — from the local cache,
-else with one byte-range read per run of adjacent missing chunks — checks every chunk against its
-sha256 before use, and returns exactly what ``SafetensorsSource.take`` returns for the base model.
+else with byte-range reads of runs of adjacent missing chunks, in parts of at most ``PART_BYTES`` moved
+in parallel — checks every chunk against its sha256 before use, and returns exactly what
+``SafetensorsSource.take`` returns for the base model.
+
+``copy_jobs`` is what the HF writer uses instead of ``take``: a tensor stored whole (embeddings, norms,
+lm_head) is written in blocks of whole chunks straight from the fetched bytes (no gather, memory bounded
+by the block); a permuted tensor is fetched once (its kept chunks), then gathered into original order in
+blocks of output rows. Jobs hold at most ``MEMORY_BYTES`` of fetched bytes together (a job waits for room);
+kept bytes of one permuted tensor above ``SPILL_BYTES`` are held in an unlinked temporary file instead, so a
+pull's memory stays bounded whatever the model.
+
+A chunk whose bytes do not match its sha256 is fetched again (``ATTEMPTS`` tries: a flipped bit in transit
+is transient, a corrupt registry copy is not) and never used.
 """
 
 from __future__ import annotations
 
+import mmap
+import tempfile
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
 from nestprune.errors import NestpruneError
+from nestprune.io.parallel import default_workers
 from nestprune.io.weights import DTYPES
 from nestprune.registry.cache import ChunkCache, sha256
 from nestprune.registry.nested import stored_order, stored_rows_of, tensor_from_bytes
-from nestprune.registry.stores import KeyNotFound, Store
+from nestprune.registry.stores import ATTEMPTS, DEFAULT_JOBS, PART_BYTES, KeyNotFound, Store
 from nestprune.registry.versions import blob_key
 from nestprune.schemas.registry import FileRef, TensorEntry, VersionManifestV1
+
+BLOCK_BYTES = 16 << 20  # what one write job of a whole tensor fetches and writes
+SPILL_BYTES = 256 << 20  # kept bytes of one permuted tensor above which they wait in a temporary file
+MEMORY_BYTES = 1 << 30
+_BITS = {1: np.int8, 2: np.int16, 4: np.int32, 8: np.int64}  # a dtype's bits, for copies that only move them  # fetched bytes all of a pull's jobs may hold in memory at once
 
 
 @dataclass
@@ -33,15 +52,17 @@ class TransferStats:
     fetched: int = 0
     cached: int = 0
     requests: int = 0
+    retries: int = 0
     started: float = field(default_factory=time.perf_counter)
     on_update: Callable[[TransferStats], None] | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
-    def add(self, fetched: int = 0, cached: int = 0, requests: int = 0) -> None:
+    def add(self, fetched: int = 0, cached: int = 0, requests: int = 0, retries: int = 0) -> None:
         with self._lock:
             self.fetched += fetched
             self.cached += cached
             self.requests += requests
+            self.retries += retries
         if self.on_update:
             self.on_update(self)
 
@@ -60,18 +81,107 @@ def _row_bytes(e: TensorEntry) -> int:
     return itemsize * int(np.prod(e.stored_shape[1:], dtype=np.int64)) if len(e.stored_shape) > 1 else itemsize
 
 
+class _Budget:
+    """Bytes of memory jobs may hold at once, as reusable buffers: ``take`` waits until enough is free and hands
+    out a buffer (reused when one of the size is free: no fresh pages to fault in and zero), ``give`` takes it
+    back. Buffers are sized in powers of two; what is kept for reuse plus what is out never exceeds ``total``."""
+
+    def __init__(self, total: int):
+        self.total = total
+        self.out = 0  # bytes of buffers handed out
+        self.kept: dict[int, list[bytearray]] = {}  # free buffers by size
+        self._cond = threading.Condition()
+
+    @staticmethod
+    def size_for(n: int) -> int:
+        return max(1 << 16, 1 << (max(1, n) - 1).bit_length())
+
+    def _kept_bytes(self) -> int:
+        return sum(k * len(v) for k, v in self.kept.items())
+
+    def take(self, n: int) -> bytearray:
+        size = self.size_for(n)
+        with self._cond:
+            self._cond.wait_for(lambda: self.out + size <= self.total or self.out == 0)
+            self.out += size
+            if self.kept.get(size):
+                return self.kept[size].pop()
+            for k in sorted(self.kept, reverse=True):  # make room: drop kept buffers of other sizes
+                while self.kept[k] and self.out + self._kept_bytes() > self.total:
+                    self.kept[k].pop()
+        return bytearray(size)
+
+    def give(self, buf: bytearray) -> None:
+        with self._cond:
+            self.out -= len(buf)
+            if self.out + self._kept_bytes() + len(buf) <= self.total:
+                self.kept.setdefault(len(buf), []).append(buf)
+            self._cond.notify_all()
+
+
+class _Held:
+    """Fetched chunks of one tensor laid end to end: a buffer from ``budget``, or — above ``SPILL_BYTES`` — an
+    unlinked temporary file, mapped (page cache the kernel can write back and evict)."""
+
+    def __init__(self, size: int, budget: _Budget | None = None):
+        self.size = size
+        spill = size > min(SPILL_BYTES, budget.total if budget else SPILL_BYTES)
+        self._budget = None if spill else budget
+        self._file = tempfile.TemporaryFile(prefix="nestprune-pull-") if spill else None
+        self._map: mmap.mmap | None = None
+        self._buf: bytearray | None = None
+        if self._file is not None:
+            self._file.truncate(size)
+            self._map = mmap.mmap(self._file.fileno(), size) if size else None
+            self.buf: memoryview = memoryview(self._map) if self._map is not None else memoryview(b"")
+        else:
+            self._buf = self._budget.take(size) if self._budget is not None else bytearray(size)
+            self.buf = memoryview(self._buf)[:size]
+
+    def close(self) -> None:
+        try:
+            self.buf.release()
+            if self._map is not None:
+                self._map.close()
+        except BufferError:  # a view is still alive (an exception is unwinding): the collector frees it
+            self._buf = None
+        if self._file is not None:
+            self._file.close()  # unlinked since it was made: nothing stays on disk
+        if self._budget is not None and self._buf is not None:
+            self._budget.give(self._buf)
+        self._budget = self._buf = None
+
+
 class RegistrySource:
     def __init__(self, store: Store, manifest: VersionManifestV1, cache: ChunkCache | None = None,
-                 stats: TransferStats | None = None, workers: int = 4):
+                 stats: TransferStats | None = None, workers: int = DEFAULT_JOBS):
         self.store = store
         self.manifest = manifest
         self.cache = cache
         self.stats = stats or TransferStats()
-        self.workers = workers
+        self.workers = max(1, workers)
+        # the writer's threads (``nestprune.variant.hf``): each job waits on its reads, so ``workers`` of them keep
+        # that many requests in flight; from a local directory reads are CPU and memory work, so no more than cores
+        local = hasattr(store, "read_range_into")
+        self.write_workers = min(self.workers, default_workers()) if local else self.workers
+        self._net: ThreadPoolExecutor | None = None
+        self._net_lock = threading.Lock()
+        self._budget = _Budget(MEMORY_BYTES)
         self._orders = {
             int(k): {"q": np.asarray(o.q), "kv": np.asarray(o.kv), "mlp": np.asarray(o.mlp)}
             for k, o in manifest.orders.items()
         }
+
+    def close(self) -> None:
+        if self._net is not None:
+            self._net.shutdown(wait=True)
+            self._net = None
+
+    def __enter__(self) -> RegistrySource:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     # --- TensorSource ---------------------------------------------------------------------------------
     def names(self) -> list[str]:
@@ -89,6 +199,14 @@ class RegistrySource:
     def dtype(self, name: str) -> torch.dtype:
         return DTYPES[self._entry(name).dtype]
 
+    def _stored_rows(self, e: TensorEntry, idx: np.ndarray) -> np.ndarray:
+        """Stored row of each original index ``idx`` along the pruned axis."""
+        if e.space is None:
+            return idx
+        pruned_axis = 1 if e.transposed else 0
+        segments = [(g.space, g.rows) for g in e.segments] if e.segments else [(e.space, e.shape[pruned_axis])]
+        return stored_rows_of(idx, stored_order(segments, self._orders[e.layer].__getitem__, e.unit_rows))
+
     def take(self, name: str, axis: int = 0, index: torch.Tensor | None = None) -> torch.Tensor:
         e = self._entry(name)
         pruned_axis = 1 if e.transposed else 0
@@ -98,15 +216,73 @@ class RegistrySource:
             idx = np.arange(e.shape[pruned_axis] if e.shape else 1)
         else:
             idx = torch.as_tensor(index, dtype=torch.long).numpy()
-        if e.space is not None:  # units permuted within each segment (one segment unless the tensor is fused)
-            segments = [(g.space, g.rows) for g in e.segments] if e.segments else [(e.space, e.shape[pruned_axis])]
-            rows = stored_rows_of(idx, stored_order(segments, self._orders[e.layer].__getitem__, e.unit_rows))
-        else:
-            rows = idx
-        out = self._rows(name, e, rows, DTYPES[e.dtype])
+        out = self._rows(name, e, self._stored_rows(e, idx), DTYPES[e.dtype])
         if not e.shape:
             return out.reshape(())
         return out.t().contiguous() if e.transposed else out
+
+    # --- the writer's jobs ----------------------------------------------------------------------------
+    def copy_jobs(self, name: str, axis: int, index: np.ndarray | None, shape: tuple[int, ...],
+                  dtype: torch.dtype) -> list[Callable] | None:
+        """Jobs writing tensor ``name`` cut to ``index`` along ``axis`` (see ``nestprune.variant.hf.Sink``)."""
+        e = self._entry(name)
+        pruned_axis = 1 if e.transposed else 0
+        if DTYPES[e.dtype] != dtype or not e.shape or len(e.stored_shape) > 2:
+            return None
+        if index is not None and axis != pruned_axis:
+            return None
+        row = _row_bytes(e)
+        if e.space is None and index is None:  # stored whole, original order: the pack is the tensor's bytes
+            per = max(1, BLOCK_BYTES // max(1, row * e.chunk_rows))
+            n = len(e.chunks)
+            return [lambda sink, a=a, b=min(n, a + per): self._whole_job(name, e, a, b, sink)
+                    for a in range(0, n, per)] or [lambda sink: 0]
+        idx = np.arange(e.shape[pruned_axis]) if index is None else np.asarray(index, dtype=np.int64)
+        return [lambda sink: self._gather_job(name, e, idx, sink)]
+
+    def _whole_job(self, name: str, e: TensorEntry, a: int, b: int, sink) -> int:
+        step = _row_bytes(e) * e.chunk_rows
+        held = _Held(min(b * step, e.size) - a * step, self._budget)
+        try:
+            self._fill(name, e, list(range(a, b)), held)
+            return sink.write(a * step, held.buf)
+        finally:
+            held.close()
+
+    def _gather_job(self, name: str, e: TensorEntry, idx: np.ndarray, sink) -> int:
+        if len(idx) == 0:
+            return 0
+        rows = self._stored_rows(e, idx)
+        need = np.unique(rows // e.chunk_rows)
+        step = _row_bytes(e) * e.chunk_rows
+        sizes = [min((c + 1) * step, e.size) - c * step for c in need.tolist()]
+        held = _Held(sum(sizes), self._budget)
+        try:
+            self._fill(name, e, need.tolist(), held)
+            row = _row_bytes(e)
+            slot = np.searchsorted(need, rows // e.chunk_rows)
+            local = slot * e.chunk_rows + rows % e.chunk_rows  # row of ``held`` for each kept index, in order
+            units = np.frombuffer(held.buf, dtype=np.dtype((np.void, row)))
+            written = 0
+            if not e.transposed:  # output rows = kept stored rows in original order, in blocks of rows
+                per = max(1, BLOCK_BYTES // row)
+                for i in range(0, len(local), per):
+                    written += sink.write(i * row, np.take(units, local[i: i + per]))
+                return written
+            # transposed (o_proj, down_proj): output (rows, kept) = held rows ``local`` transposed, by row blocks;
+            # torch's blocked transpose copy is ~3x numpy's here
+            itemsize = DTYPES[e.dtype].itemsize
+            cols = e.stored_shape[1]  # = output rows
+            kept = torch.from_numpy(np.frombuffer(held.buf, dtype=_BITS[itemsize]).reshape(-1, cols))
+            order = torch.from_numpy(np.ascontiguousarray(local, dtype=np.int64))
+            per = max(1, BLOCK_BYTES // max(1, len(local) * itemsize))
+            for r in range(0, cols, per):
+                part = kept[:, r: r + per].index_select(0, order).t().contiguous()  # (rows in block, kept)
+                written += sink.write(r * len(local) * itemsize, part.numpy())
+            return written
+        finally:
+            units = kept = None  # noqa: F841  (drop the views before the buffer goes)
+            held.close()
 
     # --- bytes ----------------------------------------------------------------------------------------
     def _rows(self, name: str, e: TensorEntry, rows: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
@@ -115,65 +291,101 @@ class RegistrySource:
         if len(rows) == 0:
             return torch.empty((0, *rest), dtype=dtype)
         need = np.unique(rows // e.chunk_rows)
-        chunks = self._chunks(name, e, need.tolist())
-        block = tensor_from_bytes(b"".join(chunks), dtype, (-1, *rest) if rest else (-1,))
-        slot = np.searchsorted(need, rows // e.chunk_rows)  # position of each row's chunk among those read
-        local = slot * e.chunk_rows + rows % e.chunk_rows
-        return block.index_select(0, torch.as_tensor(local, dtype=torch.long))
-
-    def _chunks(self, name: str, e: TensorEntry, ids: list[int]) -> list[bytes | memoryview]:
-        """Verified bytes of chunks ``ids`` (ascending) of a pack: cache first, then ranged reads."""
         step = _row_bytes(e) * e.chunk_rows
-        span = [(c * step, min((c + 1) * step, e.size)) for c in range(len(e.chunks))]
-        got: dict[int, bytes | memoryview] = {}
+        held = _Held(sum(min((c + 1) * step, e.size) - c * step for c in need.tolist()), self._budget)
+        try:
+            self._fill(name, e, need.tolist(), held)
+            block = tensor_from_bytes(held.buf, dtype, (-1, *rest) if rest else (-1,))
+            slot = np.searchsorted(need, rows // e.chunk_rows)  # position of each row's chunk among those read
+            local = slot * e.chunk_rows + rows % e.chunk_rows
+            out = block.index_select(0, torch.as_tensor(local, dtype=torch.long))
+            del block
+            return out
+        finally:
+            held.close()
+
+    def _pool(self) -> ThreadPoolExecutor:
+        with self._net_lock:
+            if self._net is None:
+                self._net = ThreadPoolExecutor(self.workers, thread_name_prefix="nestprune-net")
+            return self._net
+
+    def _fill(self, name: str, e: TensorEntry, ids: list[int], held: _Held) -> None:
+        """Put the verified bytes of chunks ``ids`` (ascending) end to end into ``held``: from the cache where it
+        has them, else with ranged reads of runs of adjacent missing chunks, in parts of at most
+        ``PART_BYTES`` fetched in parallel."""
+        step = _row_bytes(e) * e.chunk_rows
+
+        def span(c: int) -> tuple[int, int]:
+            return c * step, min((c + 1) * step, e.size)
+
+        at: dict[int, int] = {}
+        pos = 0
+        for c in ids:
+            at[c] = pos
+            pos += span(c)[1] - span(c)[0]
         missing: list[int] = []
         for c in ids:
             data = self.cache.get(e.chunks[c]) if self.cache else None
-            if data is None:
+            if data is None or len(data) != span(c)[1] - span(c)[0]:
                 missing.append(c)
             else:
-                got[c] = data
+                held.buf[at[c]: at[c] + len(data)] = data
                 self.stats.add(cached=len(data))
-        runs: list[list[int]] = []
+        parts: list[list[int]] = []  # runs of adjacent chunks, cut at PART_BYTES
         for c in missing:
-            if runs and runs[-1][-1] == c - 1:
-                runs[-1].append(c)
+            if parts and parts[-1][-1] == c - 1 and span(c)[1] - span(parts[-1][0])[0] <= max(PART_BYTES, step):
+                parts[-1].append(c)
             else:
-                runs.append([c])
+                parts.append([c])
 
-        def fetch(run: list[int]) -> dict[int, memoryview]:
-            start, end = span[run[0]][0], span[run[-1]][1]
-            try:
-                data = self.store.read_range(blob_key(e.blob), start, end)
-            except KeyNotFound:
-                raise NestpruneError(
-                    f"{self.store.url}: blob sha256:{e.blob[:12]} of tensor {name} is missing; "
-                    "the registry is damaged (push this model again)"
-                ) from None
-            self.stats.add(fetched=len(data), requests=1)
-            view = memoryview(data)
-            out = {}
-            for c in run:
-                a, b = span[c][0] - start, span[c][1] - start
-                piece = view[a:b]
-                if len(piece) != b - a or sha256(piece) != e.chunks[c]:
+        read_into = getattr(self.store, "read_range_into", None)  # a local store reads straight into ``held``
+
+        def fetch(run: list[int]) -> None:
+            start, end = span(run[0])[0], span(run[-1])[1]
+            dest = held.buf[at[run[0]]: at[run[0]] + (end - start)]
+            bad: list[int] = []
+            for attempt in range(ATTEMPTS):
+                try:
+                    if read_into is not None:
+                        n = read_into(blob_key(e.blob), start, dest)
+                    else:
+                        data = self.store.read_range(blob_key(e.blob), start, end)
+                        n = min(len(data), len(dest))
+                        dest[:n] = memoryview(data)[:n]
+                        del data
+                except KeyNotFound:
                     raise NestpruneError(
-                        f"{self.store.url}: chunk {c} of tensor {name} (blob sha256:{e.blob[:12]}, bytes "
-                        f"{span[c][0]}-{span[c][1]}) fails its sha256 check; the registry copy is corrupt"
-                    )
-                if self.cache:
-                    self.cache.put(e.chunks[c], piece)
-                out[c] = piece
-            return out
+                        f"{self.store.url}: blob sha256:{e.blob[:12]} of tensor {name} is missing; "
+                        "the registry is damaged (push this model again)"
+                    ) from None
+                self.stats.add(fetched=n, requests=1, retries=1 if attempt else 0)
+                bad = []
+                for c in run:
+                    a, b = span(c)[0] - start, span(c)[1] - start
+                    if b > n or sha256(dest[a:b]) != e.chunks[c]:
+                        bad.append(c)
+                if not bad:
+                    break
+            if bad:
+                c = bad[0]
+                raise NestpruneError(
+                    f"{self.store.url}: chunk {c} of tensor {name} (blob sha256:{e.blob[:12]}, bytes "
+                    f"{span(c)[0]}-{span(c)[1]}) fails its sha256 check; the registry copy is corrupt"
+                )
+            if self.cache:
+                for c in run:
+                    a, b = span(c)[0] - start, span(c)[1] - start
+                    self.cache.put(e.chunks[c], dest[a:b])
 
-        if len(runs) > 1 and self.workers > 1:
-            with ThreadPoolExecutor(min(self.workers, len(runs))) as pool:
-                for part in pool.map(fetch, runs):
-                    got.update(part)
+        if len(parts) > 1 and self.workers > 1:
+            futures = [self._pool().submit(fetch, run) for run in parts]
+            wait(futures)  # all of them, so none writes into ``held`` after it is released
+            for f in futures:
+                f.result()
         else:
-            for run in runs:
-                got.update(fetch(run))
-        return [got[c] for c in ids]
+            for run in parts:
+                fetch(run)
 
     def read_file(self, ref: FileRef, what: str) -> bytes:
         """A whole blob (aux or artifact file), verified, through the cache."""
@@ -181,12 +393,15 @@ class RegistrySource:
         if data is not None:
             self.stats.add(cached=len(data))
             return data
-        try:
-            data = self.store.read(blob_key(ref.digest))
-        except KeyNotFound:
-            raise NestpruneError(f"{self.store.url}: blob of {what} is missing; the registry is damaged") from None
-        self.stats.add(fetched=len(data), requests=1)
-        if sha256(data) != ref.digest:
+        for attempt in range(ATTEMPTS):
+            try:
+                data = self.store.read(blob_key(ref.digest))
+            except KeyNotFound:
+                raise NestpruneError(f"{self.store.url}: blob of {what} is missing; the registry is damaged") from None
+            self.stats.add(fetched=len(data), requests=1, retries=1 if attempt else 0)
+            if sha256(data) == ref.digest:
+                break
+        else:
             raise NestpruneError(f"{self.store.url}: {what} fails its sha256 check; the registry copy is corrupt")
         if self.cache:
             self.cache.put(ref.digest, data)

@@ -127,13 +127,21 @@ def read_version(store: Store, name: str, digest: str) -> VersionRecord | None:
         return None
 
 
-def list_registry(store: Store) -> RegistryIndex:
-    """Names, versions and tags. Stores that cannot list (HTTP) are answered from ``index.json``."""
+def list_registry(store: Store, problems: list[str] | None = None) -> RegistryIndex:
+    """Names, versions and tags. Stores that cannot list (HTTP) are answered from ``index.json``.
+
+    A version or tag document that cannot be read (corrupt, or written by a newer nestprune) is left out
+    and described in ``problems`` (when given): one bad document never hides the rest of the registry. A
+    local registry directory that does not exist is an error (a typo must not look like an empty registry).
+    """
     if store.read_only:
         try:
             return _parse(RegistryIndex, store.read(INDEX_KEY), f"{store.url}/{INDEX_KEY}")
         except KeyNotFound:
             return RegistryIndex(updated_at=now(), models={})
+    check_root = getattr(store, "check_root", None)
+    if check_root is not None:
+        check_root()
     models: dict[str, IndexEntry] = {}
     keys = store.list("models")
     names = sorted({k.split("/")[1] for k in keys if k.count("/") == 3})
@@ -144,14 +152,20 @@ def list_registry(store: Store) -> RegistryIndex:
             parts = k.split("/")
             if len(parts) != 4 or parts[1] != name or not parts[3].endswith(".json"):
                 continue
-            if parts[2] == "versions":
-                v = read_version(store, name, parts[3][: -len(".json")])
-                if v is not None:
-                    versions.append(v)
-            elif parts[2] == "tags":
-                t = read_tag(store, name, parts[3][: -len(".json")])
-                if t is not None:
-                    tags[t.tag] = t.digest
+            try:
+                if parts[2] == "versions":
+                    v = read_version(store, name, parts[3][: -len(".json")])
+                    if v is not None:
+                        versions.append(v)
+                elif parts[2] == "tags":
+                    t = read_tag(store, name, parts[3][: -len(".json")])
+                    if t is not None:
+                        tags[t.tag] = t.digest
+            except KeyNotFound:
+                continue  # removed since the listing
+            except NestpruneError as e:
+                if problems is not None:
+                    problems.append(f"skipped {store.url}/{k}: {e}")
         if versions:
             versions.sort(key=lambda v: (v.created_at, v.digest))
             models[name] = IndexEntry(versions=versions, tags=dict(sorted(tags.items())))
