@@ -142,8 +142,8 @@ def reach_warning(s: VariantSpec, n_params: int | None) -> None:
     if reach_gap(s) > REACH_MARGIN:
         asked = f"{n_params:,} parameters" if n_params else f"sparsity {s.requested_sparsity:.4f}"
         warn(f"--layout {s.layout}{f' --multiple-of {s.multiple_of}' if s.multiple_of else ''} reached sparsity "
-             f"{s.achieved_sparsity:.4f} ({s.total_params:,} parameters) for the requested {asked}: the nearest size "
-             f"this layout reaches is more than {REACH_MARGIN:g} away (another --layout or --multiple-of comes closer)")
+             f"{s.achieved_sparsity:.4f} ({s.total_params:,} parameters) for the requested {asked}, more than "
+             f"{REACH_MARGIN:g} away: the nearest size it reaches")
 
 
 def register(app: typer.Typer) -> None:
