@@ -12,10 +12,12 @@ import contextlib
 import errno
 import functools
 import os
+import re
 import signal
 import sys
 import threading
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import typer
@@ -74,10 +76,26 @@ def warn(message: str) -> None:
     console.print(f"[yellow]warning:[/] {escape(message)}", soft_wrap=True)
 
 
+_TEMPORARY = re.compile(r"^\.(?P<name>.+)\.nestprune-(?:lock|tmp|old|scratch)(?:\..*)?$")
+
+
+def user_path(path: object) -> str:
+    """The path to name in a message: the output a nestprune temporary or lock file stands for (the user
+    never named ``.v.nestprune-lock``), else the path itself."""
+    p = Path(os.fsdecode(path)) if isinstance(path, str | bytes | os.PathLike) else None
+    if p is None:
+        return str(path)
+    for part in (p, *p.parents):
+        found = _TEMPORARY.match(part.name)
+        if found:
+            return str(part.parent / found.group("name"))
+    return str(p)
+
+
 def os_error_message(e: OSError) -> tuple[str, int]:
     """(message, exit status) of an OSError: the path and what went wrong, in one line."""
     what = e.strerror or str(e) or type(e).__name__
-    where = " -> ".join(str(p) for p in (e.filename, e.filename2) if p is not None)
+    where = " -> ".join(user_path(p) for p in (e.filename, e.filename2) if p is not None)
     hint = FAULT_HINTS.get(e.errno) if e.errno is not None else None
     text = f"{what}: {where}" if where else what
     if hint:

@@ -48,7 +48,8 @@ class NestpruneGroup(TyperGroup):
             typer.echo(e.ctx.get_help(), err=True)
             code = EXIT_USAGE
         except _exceptions.UsageError as e:
-            hint = f" (try '{e.ctx.command_path} --help')" if e.ctx is not None else ""
+            where = e.ctx.command_path if e.ctx is not None else (prog_name or "nestprune")
+            hint = f" (try '{where} --help')"
             code = report(e.format_message() + hint, EXIT_USAGE).exit_code
         except _exceptions.ClickException as e:
             code = report(e.format_message(), EXIT_USAGE if e.exit_code == EXIT_USAGE else EXIT_FAULT).exit_code
