@@ -21,11 +21,16 @@ from pathlib import Path
 from typing import Any
 
 import typer
+import typer.core
 from rich.console import Console
 from rich.markup import escape
 
 from nestprune.errors import EXIT_FAULT, EXIT_USAGE, NestpruneError
 from nestprune.io import atomic
+
+# typer >= 0.2x vendors click as typer._click (its exceptions are not click's); older typer uses click itself
+click_impl: Any = getattr(typer.core, "_click", None) or __import__("click")
+ClickException = click_impl.exceptions.ClickException
 
 console = Console(stderr=True, highlight=False)
 # stdout: in a pipe or a file, as wide as a table needs (rich would cut it at 80 columns)
@@ -113,7 +118,7 @@ def friendly(fn: Callable[..., Any]) -> Callable[..., Any]:
         try:
             with terminate_cleanly():
                 return fn(*args, **kwargs)
-        except typer.Exit:
+        except (typer.Exit, ClickException):  # an exit status, or a usage error for NestpruneGroup to print
             raise
         except NestpruneError as e:
             atomic.cleanup()

@@ -13,16 +13,13 @@ from collections.abc import Sequence
 from typing import Annotated, Any
 
 import typer
-import typer.core
 from typer.core import TyperGroup
 
 from nestprune import __version__
-from nestprune.cli.common import report
+from nestprune.cli.common import click_impl, report
 from nestprune.errors import EXIT_FAULT, EXIT_USAGE
 
-# typer >= 0.2x vendors click as typer._click (its exceptions are not click's); older typer uses click itself
-_click: Any = getattr(typer.core, "_click", None) or importlib.import_module("click")
-_exceptions = _click.exceptions
+_exceptions = click_impl.exceptions
 
 
 class _Never(Exception):

@@ -32,6 +32,7 @@ DTYPES = {
     "score": np.float64, "raw_score": np.float64, "cost": np.int64, "prunable": np.bool_,
 }
 CHUNK = 1 << 16
+NOT_ITS_BASE = "the artifact is not of this base (an edited manifest, or another model)"
 
 
 def ranking_sha256(ranking: Ranking) -> str:
@@ -75,13 +76,12 @@ def check_arch(summary: ArchSummary, config: Mapping[str, Any], shapes: Mapping[
     for key, value in base.model_dump().items():
         if recorded[key] != value:
             raise NestpruneError(f"the artifact's manifest says {key} = {recorded[key]!r} but {where} has "
-                                 f"{value!r}: the manifest was edited or belongs to another model")
+                                 f"{value!r}: {NOT_ITS_BASE}")
     prefix = arch_from_summary(summary).fam.layer_prefix.split("{}")[0]
     decoder = sum(math.prod(s) for n, s in shapes.items() if n.startswith(prefix))
     if decoder != summary.decoder_params:
         raise NestpruneError(f"the artifact's manifest says decoder_params = {summary.decoder_params} but the "
-                             f"decoder layers of {where} hold {decoder}: the manifest was edited or belongs to "
-                             "another model")
+                             f"decoder layers of {where} hold {decoder}: {NOT_ITS_BASE}")
 
 
 def prepare_out(out: Path, force: bool, inputs: Iterable[Path | str | None] = ()) -> Path:

@@ -232,7 +232,7 @@ def test_an_edited_arch_is_refused_with_one_line(built, tmp_path, key):
                             "--out", str(tmp_path / "v")])
     lines = [line for line in r.output.splitlines() if line.strip()]
     assert r.exit_code == 2 and len(lines) == 1 and lines[0].startswith("error:"), r.output
-    assert f"manifest says {key} = " in lines[0] and "the manifest was edited or belongs to another model" in lines[0]
+    assert f"manifest says {key} = " in lines[0] and "the artifact is not of this base (an edited manifest, or another model)" in lines[0]
     assert not (tmp_path / "v").exists()
 
 

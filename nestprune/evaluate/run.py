@@ -43,8 +43,9 @@ def load_for_eval(path: Path, device: str = "auto", dtype: str = "auto") -> tupl
     """(model in eval mode, tokenizer, device) of a plain HF directory or a nestprune variant (either layout)."""
     from nestprune.build import load_tokenizer
     from nestprune.device import resolve_device, resolve_dtype
+    from nestprune.io.fingerprint import read_config
     from nestprune.io.weights import weight_files
-    from nestprune.variant.load import load_variant, read_config
+    from nestprune.variant.load import load_variant
 
     path = Path(path)
     if not path.is_dir() or not (path / "config.json").exists():

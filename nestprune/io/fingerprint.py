@@ -301,15 +301,20 @@ def check_fingerprint(model_dir: Path, expected: BaseFingerprint, full: bool = F
     return BaseCheck.FILES
 
 
-def check_base(model_dir: Path, manifest: ArtifactManifest, full: bool = False) -> BaseCheck:
-    """Is ``model_dir`` the base ``manifest`` was built from? Its fingerprint (``check_fingerprint``), and the
-    manifest's architecture against the base's config.json and tensors (``artifact.check_arch``)."""
+def check_base_arch(model_dir: Path, manifest: ArtifactManifest) -> None:
+    """The cheap half of ``check_base``: the manifest's architecture against the base's config.json and tensor
+    headers (``artifact.check_arch``); reads no tensor data."""
     from nestprune.artifact import check_arch
 
-    model_dir = Path(model_dir)
     spans = tensor_spans(model_dir)
     check_arch(manifest.arch, read_config(model_dir), {n: s.shape for n, s in spans.items()}, str(model_dir))
-    return check_fingerprint(model_dir, manifest.base, full)
+
+
+def check_base(model_dir: Path, manifest: ArtifactManifest, full: bool = False) -> BaseCheck:
+    """Is ``model_dir`` the base ``manifest`` was built from? The manifest's architecture against the base's
+    config.json and tensors (``check_base_arch``), then its fingerprint (``check_fingerprint``)."""
+    check_base_arch(Path(model_dir), manifest)
+    return check_fingerprint(Path(model_dir), manifest.base, full)
 
 
 # --- sources -----------------------------------------------------------------------------------------------

@@ -17,7 +17,6 @@ Per-layer variants carry their widths in ``config.json["nestprune"]["layers"]``;
 from __future__ import annotations
 
 import copy
-import json
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -31,6 +30,7 @@ from torch import nn
 
 from nestprune.arch import ArchInfo, TensorSlice, arch_from_config, needs_eager_attention
 from nestprune.errors import NestpruneError
+from nestprune.io.fingerprint import read_config
 from nestprune.io.weights import weight_files
 from nestprune.variant.widths import expand, uniform_groups
 
@@ -62,21 +62,6 @@ class EmptyAttention(nn.Module):
             dummy = hidden_states.new_zeros(batch, 1, seq, self.head_dim)  # (batch, 1 head, seq, head_dim)
             past_key_values.update(dummy, dummy, self.layer_idx)
         return out, None
-
-
-def read_config(path: Path) -> dict[str, Any]:
-    cfg_file = Path(path) / "config.json"
-    if not Path(path).is_dir():
-        raise NestpruneError(f"{path} is not a model directory")
-    if not cfg_file.exists():
-        raise NestpruneError(f"{path} has no config.json; is it a model directory?")
-    try:
-        config = json.loads(cfg_file.read_bytes())
-    except ValueError as e:
-        raise NestpruneError(f"{cfg_file} is not valid JSON ({e})") from None
-    if not isinstance(config, dict):
-        raise NestpruneError(f"{cfg_file} is not a JSON object")
-    return config
 
 
 def is_per_layer(config: dict[str, Any]) -> bool:

@@ -118,13 +118,13 @@ def materialize(
 ) -> MaterializeResult:
     """Artifact + base weights + one target (``sparsity`` or total ``params``) → a loadable variant at ``out``.
 
-    The base must be the artifact's (``io.fingerprint.check_base``): config.json's sha256, the manifest's
+    The base must be the artifact's (``io.fingerprint.check_base``, in two steps): config.json's sha256, the manifest's
     architecture, and the content of every tensor (with ``full_check``: every file's sha256; artifacts of
     schema version 1 only have file names and sizes, and ``base_check`` says "sizes"). ``verify`` compares
     fp64 logits with the masked base's (``variant.verify``).
     """
     from nestprune.artifact import read_artifact
-    from nestprune.io.fingerprint import check_base
+    from nestprune.io.fingerprint import check_base_arch, check_fingerprint
 
     check_target(sparsity, params)
     inputs = (Path(artifact_path), Path(base_dir))
@@ -133,8 +133,9 @@ def materialize(
     if verify and not writer(format).loadable:
         raise NestpruneError(f"--verify reads the variant back with load_variant, which cannot read --format {format}")
     manifest, ranking = read_artifact(Path(artifact_path))
-    base_check = check_base(Path(base_dir), manifest, full=full_check)
+    check_base_arch(Path(base_dir), manifest)  # cheap checks first: the read of every byte comes last
     spec = plan_target(ranking, sparsity, params, layout, multiple_of)
+    base_check = check_fingerprint(Path(base_dir), manifest.base, full=full_check)
     with SafetensorsSource(Path(base_dir)) as source:
         written = materialize_variant(
             source, ranking, spec, Path(base_dir), Path(out), format=format, base=manifest.base,
