@@ -31,7 +31,7 @@ class RichReporter:
     def __init__(self, console: Console):
         columns = (TextColumn("{task.description}"), BarColumn(), TaskProgressColumn(), TimeElapsedColumn(),
                    TextColumn("eta"), TimeRemainingColumn(), TextColumn("{task.fields[info]}"))
-        self.progress = Progress(*columns, console=console)
+        self.progress = Progress(*columns, console=console, disable=not console.is_terminal)
         self.steps = self.progress.add_task("steps", total=None, info="")
         self.batches = self.progress.add_task("  calibration pass", total=None, info="")
         self.started = False
@@ -66,7 +66,7 @@ class RichReporter:
 
 @config_options(params(BuildConfig), (OBJECTIVES, RANKERS))
 def build(
-    model_dir: Annotated[Path, typer.Argument(help="Hugging Face model directory (config.json + safetensors)")],
+    model_dir: Annotated[Path, typer.Argument(metavar="MODEL_DIR", help="Hugging Face model directory (config.json + safetensors)")],
     data: Annotated[Path | None, typer.Option("--data", help="calibration data: .txt, .txt.xz or .jsonl")] = None,
     out: Annotated[Path, typer.Option("--out", help="artifact path to write (a zarr v3 store)")] = Path("artifact.nestprune"),
     method: Annotated[str, typer.Option(help=" | ".join(RANKERS.names()))] = "gisp",

@@ -11,7 +11,7 @@ from nestprune.cli.common import friendly, out
 
 
 def inspect(
-    artifact: Annotated[Path, typer.Argument(help="artifact written by `nestprune build`")],
+    artifact: Annotated[Path, typer.Argument(metavar="ARTIFACT", help="artifact written by `nestprune build`")],
     levels: Annotated[str | None, typer.Option(help="comma-separated sparsities (default 0.1 … the max ranked)")] = None,
 ) -> None:
     """Show the artifact's manifest and, for sparsities 0.1 … r_max, the heads/channels each layer keeps."""

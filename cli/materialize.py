@@ -17,9 +17,9 @@ from rich.progress import (
     TransferSpeedColumn,
 )
 
-from nestprune.cli.common import console, friendly, out
+from nestprune.cli.common import console, friendly, is_tty, out, warn
 from nestprune.errors import NestpruneError
-from nestprune.variant.widths import WIDTH_POLICIES
+from nestprune.variant.widths import REACH_MARGIN, WIDTH_POLICIES, VariantSpec, reach_gap
 from nestprune.variant.writers import DEFAULT_FORMAT, WRITERS
 
 PROGRESS_MIN_BYTES = 256 * 1024**2  # show a progress bar above this many bytes of tensors
@@ -35,7 +35,13 @@ def _choices_help(entries: dict[str, Any]) -> str:
 
 
 # The target and shape options, declared once for `materialize` and `pull`.
-SparsityOption = Annotated[float | None, typer.Option(min=0.0, max=1.0, help="parameter sparsity of the decoder layers, e.g. 0.3")]
+def _sparsity(value: float | None) -> float | None:
+    if value is not None and not 0.0 <= value < 1.0:  # NaN too
+        raise typer.BadParameter(f"{value} is not in [0, 1)")
+    return value
+
+
+SparsityOption = Annotated[float | None, typer.Option(callback=_sparsity, help="parameter sparsity of the decoder layers, in [0, 1), e.g. 0.3")]
 ParamsOption = Annotated[str | None, typer.Option("--params", help="total parameters instead, e.g. 4.5B or 120M")]
 LayoutOption = Annotated[LayoutChoice, typer.Option(help=_choices_help(WIDTH_POLICIES))]
 MultipleOfOption = Annotated[int | None, typer.Option("--multiple-of", min=1, help="round kept MLP widths to a multiple (e.g. 64, 128)")]
@@ -64,7 +70,7 @@ class ByteProgress:
         self.task: int | None = None
 
     def __call__(self, name: str, done: int, total: int) -> None:
-        if total < PROGRESS_MIN_BYTES:
+        if total < PROGRESS_MIN_BYTES or not is_tty():
             return
         if self.task is None:
             self.progress.start()
@@ -77,7 +83,7 @@ class ByteProgress:
 
 
 def materialize(
-    artifact: Annotated[Path, typer.Argument(help="the artifact written by `nestprune build`")],
+    artifact: Annotated[Path, typer.Argument(metavar="ARTIFACT", help="the artifact written by `nestprune build`")],
     base: Annotated[Path, typer.Option("--base", help="the base model directory the artifact was built from")],
     out_dir: Annotated[Path, typer.Option("--out", help="variant directory to write")],
     sparsity: SparsityOption = None,
@@ -85,8 +91,8 @@ def materialize(
     layout: LayoutOption = DEFAULT_LAYOUT,
     multiple_of: MultipleOfOption = None,
     force: ForceOption = False,
-    verify: Annotated[bool, typer.Option("--verify", help="check fp32 logits against the masked base model (≤ 1e-5) on 3 fixed prompts; loads both in fp32")] = False,
-    full_check: Annotated[bool, typer.Option("--full-check", help="check the sha256 of every base file, not only names and sizes")] = False,
+    verify: Annotated[bool, typer.Option("--verify", help="check the variant's logits against the masked base model's on 3 fixed prompts, both in fp64 (max difference ≤ 1e-6 × the largest logit); holds both models in fp64")] = False,
+    full_check: Annotated[bool, typer.Option("--full-check", help="check the sha256 of every base file (byte-exact files) instead of the default content fingerprint of every tensor")] = False,
     format: FormatOption = DEFAULT_FORMAT_CHOICE,
     gguf_type: GgufTypeOption = None,
     tokenizer_pre: TokenizerPreOption = None,
@@ -112,14 +118,33 @@ def materialize(
                   format=format.value, writer_options={"gguf_type": gguf_type, "tokenizer_pre": tokenizer_pre})
     finally:
         bar.stop()
+    if res.base_check == "sizes":
+        warn(f"{artifact} predates content fingerprints: the base was checked by its config.json and file sizes only; "
+             "--full-check compares every byte")
     s = res.spec
+    out.print(summary(res.out_dir, s, n_params), soft_wrap=True, markup=False)
+    reach_warning(s, n_params)
+    v = res.verification
+    if v is not None:
+        out.print(f"verified: fp64 logits match the masked base model's (max abs diff {v.max_abs_diff:.2e}, "
+                  f"≤ {v.tolerance:g} × the logit scale {v.scale:.3g})", markup=False)
+
+
+def summary(where: Path, s: VariantSpec, n_params: int | None) -> str:
+    """``wrote DIR (layout): requested …, achieved …`` — the size asked for and the size reached, side by side."""
     asked = (f"{n_params:,} parameters (sparsity {s.requested_sparsity:.4f})" if n_params
              else f"sparsity {s.requested_sparsity:.4f}")
-    out.print(f"wrote {res.out_dir} ({s.layout}): requested {asked}, achieved sparsity {s.achieved_sparsity:.4f}, "
-              f"{s.total_params:,} parameters", highlight=False, soft_wrap=True)
-    if res.max_abs_diff is not None:
-        out.print(f"verified: fp32 logits match the masked base model (max abs diff {res.max_abs_diff:.2e})",
-                  highlight=False)
+    return (f"wrote {where} ({s.layout}): requested {asked}, achieved sparsity {s.achieved_sparsity:.4f} "
+            f"({s.total_params:,} parameters)")
+
+
+def reach_warning(s: VariantSpec, n_params: int | None) -> None:
+    """Warn when the size reached is more than ``REACH_MARGIN`` away from the size asked for."""
+    if reach_gap(s) > REACH_MARGIN:
+        asked = f"{n_params:,} parameters" if n_params else f"sparsity {s.requested_sparsity:.4f}"
+        warn(f"--layout {s.layout}{f' --multiple-of {s.multiple_of}' if s.multiple_of else ''} reached sparsity "
+             f"{s.achieved_sparsity:.4f} ({s.total_params:,} parameters) for the requested {asked}, more than "
+             f"{REACH_MARGIN:g} away: the nearest size it reaches")
 
 
 def register(app: typer.Typer) -> None:

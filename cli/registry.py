@@ -17,7 +17,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from nestprune.cli.common import console, friendly, out
+from nestprune.cli.common import console, friendly, is_tty, out
 from nestprune.cli.materialize import (  # the same targets, shapes and formats as `nestprune materialize`
     DEFAULT_FORMAT_CHOICE,
     DEFAULT_LAYOUT,
@@ -30,6 +30,7 @@ from nestprune.cli.materialize import (  # the same targets, shapes and formats 
     SparsityOption,
     TokenizerPreOption,
     parse_params,
+    reach_warning,
 )
 
 REGISTRY_HELP = "a directory (default ~/.cache/nestprune/registry), s3://bucket/prefix or https://host/prefix"
@@ -47,9 +48,9 @@ def _mib(n: int) -> str:
 
 
 def push(
-    artifact: Annotated[Path, typer.Argument(help="build artifact (from `nestprune build`)")],
+    artifact: Annotated[Path, typer.Argument(metavar="ARTIFACT", help="build artifact (from `nestprune build`)")],
     base: Annotated[Path, typer.Option("--base", help="the base model directory the artifact was built from")],
-    registry: Annotated[str | None, typer.Argument(help=REGISTRY_HELP)] = None,
+    registry: Annotated[str | None, typer.Argument(metavar="[REGISTRY]", help=REGISTRY_HELP)] = None,
     name: Annotated[str | None, typer.Option("--name", help="model name (default: the base directory's name)")] = None,
     tag: Annotated[str, typer.Option("--tag", help="tag to point at the new version (latest is always moved too)")] = "latest",
     channel_block: Annotated[int, typer.Option("--channel-block", min=1, help="MLP channels per chunk")] = 32,
@@ -59,7 +60,7 @@ def push(
     from nestprune.registry import push as do_push
 
     columns = (TextColumn("push"), DownloadColumn(), TransferSpeedColumn(), TimeElapsedColumn())
-    with Progress(*columns, console=console, transient=True) as progress:
+    with Progress(*columns, console=console, transient=True, disable=not is_tty()) as progress:
         task = progress.add_task("push", total=None)
         res = do_push(registry, artifact, base, name=name, tag=tag, channel_block=channel_block,
                       on_bytes=lambda n: progress.advance(task, n), jobs=jobs)
@@ -73,7 +74,7 @@ def push(
 
 
 def pull(
-    ref: Annotated[str, typer.Argument(help="REGISTRY/NAME[:TAG|@DIGEST] (no REGISTRY: the default local one)")],
+    ref: Annotated[str, typer.Argument(metavar="REF", help="REGISTRY/NAME[:TAG|@DIGEST] (no REGISTRY: the default local one)")],
     out_dir: Annotated[Path, typer.Option("--out", help="variant directory to write")],
     sparsity: SparsityOption = None,
     params: ParamsOption = None,
@@ -97,7 +98,7 @@ def pull(
     n_params = parse_params(params) if params is not None else None
     columns = (TextColumn("pull"), BarColumn(), DownloadColumn(), TransferSpeedColumn(), TimeElapsedColumn(),
                TextColumn("{task.fields[info]}"))
-    with Progress(*columns, console=console, transient=True) as progress:
+    with Progress(*columns, console=console, transient=True, disable=not is_tty()) as progress:
         task = progress.add_task("pull", total=None, info="")
         stats = TransferStats(on_update=lambda s: progress.update(
             task, info=f"read {_mib(s.fetched)}, {_mib(s.cached)} from cache"))
@@ -112,6 +113,7 @@ def pull(
         f"sparsity {m.requested_sparsity:.4f} requested, {m.achieved_sparsity:.4f} achieved, "
         f"{m.total_params:,} parameters ({m.layout})", highlight=False, soft_wrap=True,
     )
+    reach_warning(res.spec, n_params)
     console.print(
         f"read {_mib(s.fetched)} from the registry in {s.requests} request(s), {_mib(s.cached)} from the cache; "
         f"variant {_mib(res.variant_bytes)}; {s.seconds:.1f}s ({_mib(int(s.rate))}/s)"
@@ -120,7 +122,7 @@ def pull(
 
 
 def list_cmd(
-    registry: Annotated[str | None, typer.Argument(help=REGISTRY_HELP)] = None,
+    registry: Annotated[str | None, typer.Argument(metavar="[REGISTRY]", help=REGISTRY_HELP)] = None,
 ) -> None:
     """List names, versions (digest, size, date) and tags of a registry."""
     from nestprune.registry import list_registry, open_store
@@ -143,8 +145,8 @@ def list_cmd(
 
 
 def tag(
-    ref: Annotated[str, typer.Argument(help="REGISTRY/NAME[:TAG|@DIGEST] of the version to tag")],
-    new_tag: Annotated[str, typer.Argument(help="tag to create or move")],
+    ref: Annotated[str, typer.Argument(metavar="REF", help="REGISTRY/NAME[:TAG|@DIGEST] of the version to tag")],
+    new_tag: Annotated[str, typer.Argument(metavar="NEW_TAG", help="tag to create or move")],
 ) -> None:
     """Point NEW_TAG at the version REF resolves to (tags are mutable; versions never change)."""
     from nestprune.registry import open_store, parse_reference, set_tag

@@ -11,7 +11,8 @@ Written atomically (``nestprune.io.atomic.output_dir``): it appears complete or 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable
+import math
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,7 @@ import numpy as np
 import zarr
 from pydantic import ValidationError
 
-from nestprune.arch import ArchInfo, Structures
+from nestprune.arch import ArchInfo, Structures, arch_from_config
 from nestprune.errors import NestpruneError, validation_message
 from nestprune.io import atomic
 from nestprune.ranking import RANKING_FIELDS, Ranking
@@ -31,6 +32,7 @@ DTYPES = {
     "score": np.float64, "raw_score": np.float64, "cost": np.int64, "prunable": np.bool_,
 }
 CHUNK = 1 << 16
+NOT_ITS_BASE = "the artifact is not of this base (an edited manifest, or another model)"
 
 
 def ranking_sha256(ranking: Ranking) -> str:
@@ -58,6 +60,28 @@ def arch_from_summary(s: ArchSummary) -> ArchInfo:
         intermediate_size=s.intermediate_size, vocab_size=s.vocab_size,
         tie_word_embeddings=s.tie_word_embeddings, present_optional=tuple(s.present_optional),
     )
+
+
+def check_arch(summary: ArchSummary, config: Mapping[str, Any], shapes: Mapping[str, tuple[int, ...]],
+               where: str) -> None:
+    """The manifest's architecture must be the base's: read again from its config.json and tensor names, and
+    its decoder parameter count from the tensor shapes. An edited ``arch`` would slice the wrong rows."""
+    if not isinstance(config, Mapping):
+        raise NestpruneError(f"{where}/config.json is not a JSON object")
+    try:
+        base = arch_summary(arch_from_config(config, set(shapes)), summary.decoder_params, summary.total_params)
+    except (TypeError, ValueError, ZeroDivisionError) as e:
+        raise NestpruneError(f"{where}/config.json has an invalid architecture ({e})") from None
+    recorded = summary.model_dump()
+    for key, value in base.model_dump().items():
+        if recorded[key] != value:
+            raise NestpruneError(f"the artifact's manifest says {key} = {recorded[key]!r} but {where} has "
+                                 f"{value!r}: {NOT_ITS_BASE}")
+    prefix = arch_from_summary(summary).fam.layer_prefix.split("{}")[0]
+    decoder = sum(math.prod(s) for n, s in shapes.items() if n.startswith(prefix))
+    if decoder != summary.decoder_params:
+        raise NestpruneError(f"the artifact's manifest says decoder_params = {summary.decoder_params} but the "
+                             f"decoder layers of {where} hold {decoder}: {NOT_ITS_BASE}")
 
 
 def prepare_out(out: Path, force: bool, inputs: Iterable[Path | str | None] = ()) -> Path:

@@ -34,6 +34,10 @@ def describe_artifact(name: str, m: ArtifactManifest, ranking: Ranking,
         f"  method     {s.method}, objective {m.objective.name}, gqa-mode {s.gqa_mode}, normalisation "
         f"{s.normalisation}, r_max {s.r_max}, {s.steps_run}/{s.steps_planned} steps",
     ]
+    content = m.base.content
+    checked = (f"content of {len(content.tensors)} tensors (sha256 {content.sha256[:12]}…)" if content
+               else "config, file names and sizes (a schema 1 artifact)")
+    lines.append(f"  base check {checked}; {len(m.base.files)} weight file(s)")
     prov = m.objective.provenance
     if "tokens_used" in prov:
         lines.append(f"  calibration {prov.get('source')} (sha256 {str(prov.get('sha256'))[:12]}…), "

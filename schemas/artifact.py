@@ -6,9 +6,12 @@ import hashlib
 import json
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_serializer, model_validator
 
-ARTIFACT_SCHEMA_VERSIONS = ("1",)
+# "2" adds the base's content fingerprint (``BaseFingerprint.content``); "1" artifacts are still read (their
+# base is checked by config, file names and sizes only, and materialize says so)
+ARTIFACT_SCHEMA_VERSIONS = ("1", "2")
+ARTIFACT_SCHEMA_VERSION = "2"  # what this nestprune writes
 
 
 class _Doc(BaseModel):
@@ -21,10 +24,40 @@ class FileDigest(_Doc):
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
 
 
+class TensorDigest(_Doc):
+    dtype: str = Field(description="safetensors dtype name: BF16, F16, F32, …")
+    shape: list[int]
+    digest: str = Field(pattern=r"^[0-9a-f]{32}$", description="the content digest of the tensor's bytes")
+
+
+class ContentFingerprint(_Doc):
+    """What the base's tensors hold, cheap enough to check on every materialize, push and pull.
+
+    Every byte of every tensor is hashed (a change of any single bit of any tensor changes the fingerprint):
+    the tensor's bytes are cut into ``block_bytes`` blocks, each hashed with XXH3-128, and the tensor's
+    digest is XXH3-128 over its dtype, shape and the block hashes. ``sha256`` is over every tensor's name,
+    dtype, shape and digest. Independent of how the tensors are split into files.
+    """
+
+    method: Literal["xxh3-128-blocks-v1"] = "xxh3-128-blocks-v1"
+    block_bytes: int = Field(ge=1)
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$", description="over every tensor's name, dtype, shape, digest")
+    tensors: dict[str, TensorDigest] = Field(description="every tensor of the base, by checkpoint key")
+
+
 class BaseFingerprint(_Doc):
     path: str = Field(description="the base directory as given to build (informational)")
     config_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
     files: list[FileDigest] = Field(description="every safetensors weight file, with its sha256")
+    content: ContentFingerprint | None = Field(default=None, description="the tensors' content fingerprint "
+                                               "(absent in schema version 1 artifacts)")
+
+    @model_serializer(mode="wrap")
+    def _omit_absent_content(self, handler):  # older documents serialise (and digest) as they were written
+        data = handler(self)
+        if self.content is None:
+            data.pop("content", None)
+        return data
 
 
 class ArchSummary(_Doc):
@@ -96,7 +129,9 @@ class RankingInfo(_Doc):
 
 
 class ArtifactManifestV1(_Doc):
-    schema_version: Literal["1"] = "1"
+    """Schema versions 1 and 2 (2: ``base.content`` present; 1: absent) are one model."""
+
+    schema_version: Literal["1", "2"] = ARTIFACT_SCHEMA_VERSION
     kind: Literal["nestprune.artifact"] = "nestprune.artifact"
     nestprune_version: str
     created: str = Field(description="ISO 8601 UTC")
@@ -108,6 +143,12 @@ class ArtifactManifestV1(_Doc):
     ranking: RankingInfo
     device: str
     total_seconds: float = Field(ge=0)
+
+    @model_validator(mode="after")
+    def _content_follows_version(self):
+        if (self.schema_version == "1") != (self.base.content is None):
+            raise ValueError("base.content is required in schema version 2 and absent in version 1")
+        return self
 
     def digest(self) -> str:
         """Content address of the artifact: sha256 of the canonical manifest (which holds the ranking's sha256)."""

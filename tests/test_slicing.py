@@ -158,8 +158,9 @@ def test_uniform_widths_equal_everywhere():
     assert len(widths) == 1
     (h, kv, c), = widths
     assert kv == 2 and h % 2 == 0 and all(k.uniform_groups == h // 2 for k in spec.layers)
-    # widths are the rounded mean kept widths of the per-layer subnetwork
-    per = plan_variant(r, 0.25, "per-layer")
+    # widths are the rounded mean kept widths of the per-layer subnetwork at the prefix the policy chose
+    per = plan_variant(r, float(r.sparsity_curve()[spec.prefix_len]), "per-layer")
+    assert per.prefix_len == spec.prefix_len
     assert c == int(np.floor(np.mean([k.intermediate_size for k in per.layers]) + 0.5))
     # within a layer: the last-removed channels by the global order
     order = r.layer_order(1, KIND_CODES["channel"])

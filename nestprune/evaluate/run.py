@@ -43,11 +43,15 @@ def load_for_eval(path: Path, device: str = "auto", dtype: str = "auto") -> tupl
     """(model in eval mode, tokenizer, device) of a plain HF directory or a nestprune variant (either layout)."""
     from nestprune.build import load_tokenizer
     from nestprune.device import resolve_device, resolve_dtype
+    from nestprune.io.fingerprint import read_config
+    from nestprune.io.weights import weight_files
     from nestprune.variant.load import load_variant
 
     path = Path(path)
     if not path.is_dir() or not (path / "config.json").exists():
         raise NestpruneError(f"{path} is not a model directory (no config.json)")
+    read_config(path)  # a corrupt config.json is one line, before anything is loaded
+    weight_files(path)  # safetensors only, before anything is loaded: pickles are refused, never unpickled
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
     tokenizer = load_tokenizer(path)

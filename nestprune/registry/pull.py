@@ -19,6 +19,7 @@ from typing import Any
 from nestprune.artifact import read_artifact
 from nestprune.errors import NestpruneError
 from nestprune.io import atomic
+from nestprune.io.fingerprint import check_source, read_config
 from nestprune.registry.cache import ChunkCache
 from nestprune.registry.source import RegistrySource, TransferStats
 from nestprune.registry.stores import DEFAULT_JOBS, LocalStore, Store, open_store
@@ -99,9 +100,10 @@ def pull(
         a_manifest, ranking = read_artifact(art_dir)
         if a_manifest.digest() != manifest.artifact_digest:
             raise NestpruneError(f"{store.url}: the stored artifact does not match its recorded digest")
+        checked = check_source(src, a_manifest, read_config(aux_dir), f"{store.url}/{record.name}")  # the artifact's base?
         spec = plan_target(ranking, sparsity, params, layout, multiple_of)
         written = materialize_variant(
-            src, ranking, spec, aux_dir, out, format=format, base=a_manifest.base,
+            checked, ranking, spec, aux_dir, out, format=format, base=a_manifest.base,
             artifact_digest=a_manifest.digest(), requested_params=params, shard_bytes=shard_bytes, force=force,
             inputs=inputs, progress=progress, writer_options=writer_options,
         )

@@ -21,7 +21,7 @@ import numpy as np
 from nestprune import __version__
 from nestprune.artifact import read_artifact
 from nestprune.errors import NestpruneError
-from nestprune.io.fingerprint import check_fingerprint
+from nestprune.io.fingerprint import check_base
 from nestprune.io.weights import DTYPE_NAMES, SafetensorsSource
 from nestprune.registry.cache import sha256
 from nestprune.registry.gc import Lease
@@ -184,7 +184,7 @@ def push(
     check_tag(tag)
     artifact, base = Path(artifact), Path(base)
     a_manifest, ranking = read_artifact(artifact)
-    check_fingerprint(base, a_manifest.base)
+    check_base(base, a_manifest)  # config, architecture and the content of every tensor, before any upload
     arch = ranking.arch
     units = layer_units(ranking)
     lease = Lease(store, name)

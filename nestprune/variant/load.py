@@ -17,7 +17,6 @@ Per-layer variants carry their widths in ``config.json["nestprune"]["layers"]``;
 from __future__ import annotations
 
 import copy
-import json
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -31,6 +30,7 @@ from torch import nn
 
 from nestprune.arch import ArchInfo, TensorSlice, arch_from_config, needs_eager_attention
 from nestprune.errors import NestpruneError
+from nestprune.io.fingerprint import read_config
 from nestprune.io.weights import weight_files
 from nestprune.variant.widths import expand, uniform_groups
 
@@ -64,15 +64,9 @@ class EmptyAttention(nn.Module):
         return out, None
 
 
-def read_config(path: Path) -> dict[str, Any]:
-    cfg_file = Path(path) / "config.json"
-    if not cfg_file.exists():
-        raise NestpruneError(f"{path} has no config.json; is it a model directory?")
-    return json.loads(cfg_file.read_text())
-
-
 def is_per_layer(config: dict[str, Any]) -> bool:
-    return (config.get("nestprune") or {}).get("layout") == "per-layer"
+    widths = config.get("nestprune")
+    return isinstance(widths, dict) and widths.get("layout") == "per-layer"
 
 
 def linear_like(old: nn.Linear, in_features: int, out_features: int) -> nn.Linear:
@@ -158,6 +152,28 @@ def read_state_dict(path: Path, dtype: torch.dtype | None, device: str | torch.d
     return sd
 
 
+WIDTH_FIELDS = ("num_attention_heads", "num_key_value_heads", "intermediate_size")
+
+
+def check_layer_widths(layers: Any, num_layers: int, path: Path) -> list[dict[str, Any]]:
+    """The per-layer widths of a variant's config.json, checked (one line if edited into nonsense)."""
+    where = f"{path}/config.json"
+    if not isinstance(layers, list) or len(layers) != num_layers:
+        n = len(layers) if isinstance(layers, list) else "no"
+        raise NestpruneError(f"{where} lists {n} layer widths for {num_layers} layers")
+    for i, w in enumerate(layers):
+        ok = isinstance(w, dict) and all(isinstance(w.get(k), int) and not isinstance(w.get(k), bool)
+                                         and w[k] >= 0 for k in WIDTH_FIELDS)
+        kv_of_head = w.get("kv_of_head") if isinstance(w, dict) else None
+        ok = ok and isinstance(kv_of_head, list) and len(kv_of_head) == w["num_attention_heads"] and all(
+            isinstance(k, int) and not isinstance(k, bool) and 0 <= k < max(w["num_key_value_heads"], 1)
+            for k in kv_of_head)
+        if not ok:
+            raise NestpruneError(f"{where}: the widths of layer {i} are invalid (nestprune.layers[{i}] needs "
+                                 f"{', '.join(WIDTH_FIELDS)} and kv_of_head)")
+    return layers
+
+
 def load_plain(path: Path, dtype: torch.dtype | None, device: str | torch.device,
                attn_implementation: str | None) -> nn.Module:
     from transformers import AutoModelForCausalLM
@@ -167,7 +183,8 @@ def load_plain(path: Path, dtype: torch.dtype | None, device: str | torch.device
         kwargs["dtype"] = dtype
     if attn_implementation is not None:
         kwargs["attn_implementation"] = attn_implementation
-    return AutoModelForCausalLM.from_pretrained(str(path), **kwargs).to(device).eval()
+    # use_safetensors: never fall back to a pickle (weight_files has refused directories holding only pickles)
+    return AutoModelForCausalLM.from_pretrained(str(path), use_safetensors=True, **kwargs).to(device).eval()
 
 
 def load_variant(path: Path | str, dtype: torch.dtype | None = None, device: str | torch.device = "cpu",
@@ -179,6 +196,7 @@ def load_variant(path: Path | str, dtype: torch.dtype | None = None, device: str
     """
     path = Path(path)
     raw = read_config(path)
+    weight_files(path)  # safetensors only: a directory of pickles (.bin/.pt) is refused with how to convert it
     if attn_implementation is None and needs_eager_attention(raw):
         attn_implementation = "eager"  # SDPA cannot soft-cap attention logits
     if not is_per_layer(raw):
@@ -186,14 +204,14 @@ def load_variant(path: Path | str, dtype: torch.dtype | None = None, device: str
     from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 
     config = AutoConfig.from_pretrained(str(path))
-    layers_cfg = raw["nestprune"]["layers"]
-    if len(layers_cfg) != config.num_hidden_layers:
-        raise NestpruneError(f"{path}/config.json lists {len(layers_cfg)} layer widths for "
-                             f"{config.num_hidden_layers} layers")
+    layers_cfg = check_layer_widths(raw["nestprune"].get("layers"), config.num_hidden_layers, path)
     sd = read_state_dict(path, dtype, device)
     arch = arch_from_config(raw, set(sd))
     with parameters_on_meta():
-        model = AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation)
+        # built under ``dtype`` as from_pretrained builds: buffers computed from the config (Gemma's embedding
+        # scale) get that precision too, so an fp64 load is fp64 throughout
+        model = AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation,
+                                                 **({"dtype": dtype} if dtype is not None else {}))
     loaded_widths = []  # what the model in memory holds (gathered K/V: one KV head per query head)
     for i, (layer, widths) in enumerate(zip(model.get_submodule(arch.fam.layers_path), layers_cfg, strict=True)):
         gathered = resize_layer_(layer, widths, arch)

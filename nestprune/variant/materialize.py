@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from nestprune.errors import NestpruneError
 from nestprune.io import atomic
@@ -22,6 +22,9 @@ from nestprune.schemas.variant import VariantManifest
 from nestprune.variant.contents import DEFAULT_SHARD_BYTES, Progress, variant_manifest
 from nestprune.variant.widths import VariantSpec, plan_variant, sparsity_for_params
 from nestprune.variant.writers import DEFAULT_FORMAT, writer
+
+if TYPE_CHECKING:
+    from nestprune.variant.verify import Verification
 
 
 def check_target(sparsity: float | None, params: int | str | None) -> None:
@@ -89,7 +92,12 @@ class MaterializeResult:
     out_dir: Path
     spec: VariantSpec
     manifest: VariantManifest
-    max_abs_diff: float | None  # set when verified
+    base_check: str  # what the base was checked by: "content", "files" (--full-check) or "sizes" (old artifacts)
+    verification: Verification | None = None  # set when verified
+
+    @property
+    def max_abs_diff(self) -> float | None:
+        return None if self.verification is None else self.verification.max_abs_diff
 
 
 def materialize(
@@ -110,11 +118,13 @@ def materialize(
 ) -> MaterializeResult:
     """Artifact + base weights + one target (``sparsity`` or total ``params``) → a loadable variant at ``out``.
 
-    The base must match the artifact's fingerprint (config sha256, weight file names and sizes; with
-    ``full_check`` every file's sha256). ``verify`` compares fp32 logits with the masked base (≤ 1e-5).
+    The base must be the artifact's (``io.fingerprint.check_base``, in two steps): config.json's sha256, the manifest's
+    architecture, and the content of every tensor (with ``full_check``: every file's sha256; artifacts of
+    schema version 1 only have file names and sizes, and ``base_check`` says "sizes"). ``verify`` compares
+    fp64 logits with the masked base's (``variant.verify``).
     """
     from nestprune.artifact import read_artifact
-    from nestprune.io.fingerprint import check_fingerprint
+    from nestprune.io.fingerprint import check_base_arch, check_fingerprint
 
     check_target(sparsity, params)
     inputs = (Path(artifact_path), Path(base_dir))
@@ -123,17 +133,19 @@ def materialize(
     if verify and not writer(format).loadable:
         raise NestpruneError(f"--verify reads the variant back with load_variant, which cannot read --format {format}")
     manifest, ranking = read_artifact(Path(artifact_path))
-    check_fingerprint(Path(base_dir), manifest.base, full=full_check)
+    check_base_arch(Path(base_dir), manifest)  # cheap checks first: the read of every byte comes last
     spec = plan_target(ranking, sparsity, params, layout, multiple_of)
+    base_check = check_fingerprint(Path(base_dir), manifest.base, full=full_check)
     with SafetensorsSource(Path(base_dir)) as source:
         written = materialize_variant(
             source, ranking, spec, Path(base_dir), Path(out), format=format, base=manifest.base,
             artifact_digest=manifest.digest(), requested_params=params, shard_bytes=shard_bytes,
             force=force, inputs=inputs, progress=progress, writer_options=writer_options,
         )
-    diff = None
+    verification = None
     if verify:
         from nestprune.variant.verify import verify_variant
 
-        diff = verify_variant(Path(base_dir), Path(out), spec)
-    return MaterializeResult(out_dir=Path(out), spec=spec, manifest=written, max_abs_diff=diff)
+        verification = verify_variant(Path(base_dir), Path(out), spec)
+    return MaterializeResult(out_dir=Path(out), spec=spec, manifest=written, base_check=str(base_check),
+                             verification=verification)

@@ -8,14 +8,17 @@ writer (``nestprune.variant.writers``). The policies:
 ``per-layer``  the exact GISP subnetwork: the complement of the shortest removal prefix that reaches the
                target, so every layer keeps its own number of heads and channels.
 ``uniform``    the same width in every layer (never-pruned layers included), so a stock config holds. The
-               widths are the mean kept widths of the per-layer subnetwork, rounded; inside each layer the
-               kept structures are the last ones the global order removes. GQA query-head mode keeps the
-               same number of query heads in every KV group; group mode keeps whole groups; at least one
-               head / group per layer.
+               widths at removal prefix p are the mean kept widths of the per-layer subnetwork at p,
+               rounded (heads to a count a stock config holds); the prefix is the one, among all the
+               ranking reached, whose uniform widths come nearest the target (``uniform_prefix``: ties go
+               to the larger model), so the size reached is the nearest a nested uniform variant can
+               reach. Inside each layer the kept structures are the last ones the global order removes.
+               GQA query-head mode keeps the same number of query heads in every KV group; group mode
+               keeps whole groups; at least one head / group per layer.
 
 Every policy config carries the ``multiple_of`` rounding: kept channel counts rounded to the nearest
 multiple (capped at the full width; ``round_channels``); the sparsity actually reached is reported as
-``achieved_sparsity``.
+``achieved_sparsity``, and the command line warns when it is more than ``REACH_MARGIN`` from the request.
 
 Nested by construction: within a layer the kept set is always a suffix of the layer's removal order, and
 every kept width is a non-decreasing function of the kept count of the prefix, so for s1 < s2 the kept
@@ -232,6 +235,18 @@ def check_multiple_of(multiple_of: int | None) -> None:
 
 
 WidthFn = Callable[[Ranking, Target, Any], tuple[LayerKeep, ...]]
+PrefixFn = Callable[[Ranking, float, Any], int]
+REACH_MARGIN = 0.01  # the command line warns when |achieved - requested sparsity| is larger than this
+
+
+def reach_gap(spec: VariantSpec) -> float:
+    """How far the sparsity reached is from the one requested."""
+    return abs(spec.achieved_sparsity - spec.requested_sparsity)
+
+
+def shortest_prefix(ranking: Ranking, sparsity: float, config: Any) -> int:
+    """The shortest removal prefix whose parameter sparsity reaches ``sparsity`` (the per-layer rule)."""
+    return ranking.prefix_for_sparsity(sparsity)
 
 
 @dataclass(frozen=True)
@@ -242,6 +257,9 @@ class WidthPolicy:
     keep: WidthFn  # (ranking, target, config) -> what every layer keeps
     same_in_every_layer: bool  # True: a stock config of the family holds (writers write one)
     help: str
+    # (ranking, sparsity, config) -> the removal prefix the widths are planned from; it must be non-decreasing
+    # in the sparsity (so that variants stay nested) and refuse a sparsity beyond the ranking
+    prefix: PrefixFn = shortest_prefix
 
     @property
     def name(self) -> str:
@@ -301,6 +319,33 @@ def uniform_widths(ranking: Ranking, prefix_len: int, multiple_of: int | None) -
     return attn, round_channels(mlp_kept.mean(), arch.intermediate_size, multiple_of, nonzero=True)
 
 
+def uniform_sparsity(ranking: Ranking, prefix_len: int, config: Uniform) -> float:
+    """Parameter sparsity of the uniform variant planned from removal prefix ``prefix_len``."""
+    layers = uniform_keeps(ranking, Target(0.0, prefix_len), config)
+    return 1.0 - kept_decoder_params(ranking.arch, ranking.decoder_params, layers) / ranking.decoder_params
+
+
+def uniform_prefix(ranking: Ranking, sparsity: float, config: Uniform) -> int:
+    """The removal prefix (0 … what the build removed) whose uniform variant comes nearest ``sparsity``.
+
+    Uniform sparsity is non-decreasing in the prefix (both widths are), so a bisection finds the first prefix
+    reaching the target; it or the one before is the nearest (ties: the one before, the larger model). The
+    choice is non-decreasing in ``sparsity``, so uniform variants stay nested."""
+    ranking.prefix_for_sparsity(sparsity)  # refuses a sparsity out of range or beyond what was ranked
+    lo, hi = 0, ranking.num_removed
+    if uniform_sparsity(ranking, hi, config) < sparsity:
+        return hi
+    while lo < hi:  # first prefix whose uniform sparsity reaches the target
+        mid = (lo + hi) // 2
+        if uniform_sparsity(ranking, mid, config) >= sparsity:
+            hi = mid
+        else:
+            lo = mid + 1
+    if lo > 0 and sparsity - uniform_sparsity(ranking, lo - 1, config) <= uniform_sparsity(ranking, lo, config) - sparsity:
+        return lo - 1
+    return lo
+
+
 def uniform_keeps(ranking: Ranking, target: Target, config: Uniform) -> tuple[LayerKeep, ...]:
     arch, attn_kind, ch_kind = ranking.arch, ranking.attention_kind, KIND_CODES["channel"]
     attn, channels = uniform_widths(ranking, target.prefix_len, config.multiple_of)
@@ -319,7 +364,9 @@ def uniform_keeps(ranking: Ranking, target: Target, config: Uniform) -> tuple[La
 register_width_policy(WidthPolicy(PerLayer, per_layer_keeps, same_in_every_layer=False,
                                   help="the exact GISP subnetwork (load with nestprune.load_variant)"))
 register_width_policy(WidthPolicy(Uniform, uniform_keeps, same_in_every_layer=True,
-                                  help="the same width in every layer, a stock config"))
+                                  help="the same width in every layer, a stock config (the nearest size it "
+                                  "reaches; a warning says when that is more than 0.01 from the request)",
+                                  prefix=uniform_prefix))
 
 
 def kept_decoder_params(arch: ArchInfo, decoder_params: int, layers: tuple[LayerKeep, ...]) -> int:
@@ -338,7 +385,7 @@ def plan_widths(ranking: Ranking, sparsity: float, widths: WidthConfig) -> Varia
     policy = width_policy(widths.name)
     if not isinstance(widths, policy.config):
         raise NestpruneError(f"internal: {widths!r} is not a {policy.config.__name__}")
-    target = Target(float(sparsity), ranking.prefix_for_sparsity(sparsity))
+    target = Target(float(sparsity), policy.prefix(ranking, float(sparsity), widths))
     layers = policy.keep(ranking, target, widths)
     kept = kept_decoder_params(ranking.arch, ranking.decoder_params, layers)
     return VariantSpec(
