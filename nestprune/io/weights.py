@@ -7,7 +7,11 @@ indices) along ``axis``, or whole when ``index`` is None. Implementations: local
 
 from __future__ import annotations
 
+import contextlib
 import json
+import mmap
+import os
+from collections.abc import Iterator
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Protocol
@@ -36,6 +40,38 @@ def row_runs(index: np.ndarray) -> list[tuple[int, int]]:
     starts = np.concatenate([[0], breaks])
     ends = np.concatenate([breaks, [len(index)]])
     return [(int(index[s]), int(index[e - 1]) + 1) for s, e in zip(starts, ends, strict=True)]
+
+
+@contextlib.contextmanager
+def mapped(fd: int, offset: int, length: int, *, ahead: int = 0) -> Iterator[memoryview]:
+    """A read-only view of ``length`` bytes of ``fd`` at ``offset``, straight on the page cache (no copy), mapped
+    and populated for the ``with`` block only, so a reader's mappings never outlive it and the process's resident
+    memory stays bounded by what its readers hold at once. ``ahead``: bytes after the view to ask the kernel to
+    start reading now (``POSIX_FADV_WILLNEED``), so a cold file is read ahead while this view is used. A file
+    shorter than ``offset + length`` is an error (one line)."""
+    if ahead > 0 and hasattr(os, "posix_fadvise"):
+        os.posix_fadvise(fd, offset + length, ahead, os.POSIX_FADV_WILLNEED)
+    if length == 0:
+        yield memoryview(b"")
+        return
+    start = offset - offset % mmap.ALLOCATIONGRANULARITY
+    flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
+    try:
+        m = mmap.mmap(fd, length + offset - start, flags=flags, prot=mmap.PROT_READ, offset=start)
+    except ValueError:  # the file is shorter than the mapping asked for
+        raise NestpruneError("a base weight file ended early while being read; was it modified?") from None
+    view = memoryview(m)
+    try:
+        part = view[offset - start: offset - start + length]
+        try:
+            if len(part) < length:
+                raise NestpruneError("a base weight file ended early while being read; was it modified?")
+            yield part
+        finally:
+            part.release()
+    finally:
+        view.release()
+        m.close()
 
 
 class TensorSource(Protocol):
@@ -80,6 +116,7 @@ class SafetensorsSource:
 
     def __init__(self, model_dir: Path):
         self.model_dir = Path(model_dir)
+        self.content_check = None  # a ``fingerprint.ContentCheck`` a writer feeds as it reads (``materialize``)
         self._stack = ExitStack()
         self._where: dict[str, object] = {}
         try:

@@ -7,12 +7,14 @@ written as independent *jobs* (each a disjoint byte range, ``pwrite`` at its off
 pool of threads (``nestprune.io.parallel``). Given the same spec, tensors, aux files and manifest it writes
 byte-identical files whatever the source, the number of threads or the order jobs finish in.
 
-With local safetensors (``FileSpans``) whole tensors and long runs of kept rows are copied in the kernel
-(``os.copy_file_range``); short runs are coalesced across the small holes between them and written from a
-mapping of the source with one ``pwritev`` per block (one kernel copy per kept byte, no call per run);
-column slices (o_proj, down_proj) are gathered by numpy from mapped blocks of rows, whole heads at a time
-where the kept columns allow. A registry source supplies its own jobs (``RegistrySource.copy_jobs``); any
-other source goes through ``take``. Memory: a few blocks of ``BLOCK_BYTES`` per thread, whatever the model.
+With local safetensors (``FileSpans``) each job maps one block of a base tensor (no copy), writes the kept
+rows of the block from the mapping with one ``pwritev`` (one kernel copy per kept byte, no call per run) or
+gathers its kept columns (o_proj, down_proj) with numpy, whole heads at a time where the kept columns allow —
+and, when the source carries a content check of the base (``source.content_check``, set by ``materialize``),
+hashes the block while it holds it, so the default check costs no second read of the base; ``write_hf``
+finishes the check before it publishes. A registry source supplies its own jobs (``RegistrySource.copy_jobs``)
+and its check of whole tensors is fed from the bytes written; any other source goes through ``take``.
+Memory: a few blocks of ``BLOCK_BYTES`` per thread, whatever the model.
 
 Output directory (written atomically: ``nestprune.io.atomic.output_dir``)::
 
@@ -24,26 +26,26 @@ Output directory (written atomically: ``nestprune.io.atomic.output_dir``)::
 
 from __future__ import annotations
 
-import contextlib
+import bisect
 import json
-import mmap
 import os
 import shutil
 import struct
 import threading
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
+import xxhash
 
 from nestprune.errors import NestpruneError
 from nestprune.io import atomic
 from nestprune.io.parallel import default_workers, run_jobs
-from nestprune.io.weights import DTYPE_NAMES, SafetensorsSource, TensorSource, row_runs, weight_files
+from nestprune.io.weights import DTYPE_NAMES, SafetensorsSource, TensorSource, mapped, row_runs, weight_files
 from nestprune.schemas.variant import VARIANT_MANIFEST_NAME, VariantManifest
 from nestprune.variant.contents import (
     DEFAULT_SHARD_BYTES,
@@ -55,12 +57,15 @@ from nestprune.variant.contents import (
 )
 from nestprune.variant.widths import VariantSpec
 
+if TYPE_CHECKING:
+    from nestprune.io.fingerprint import ContentCheck
+
 INDEX_NAME = "model.safetensors.index.json"
 BLOCK_BYTES = 16 << 20  # what one write job reads (and holds, twice at most) at a time
 COALESCE_GAP = 256 << 10  # read across holes this small between kept rows rather than issue another read
 KERNEL_COPY_MIN = 1 << 20  # a run of kept bytes at least this long is copied in the kernel
-PARALLEL_MIN_BYTES = 64 << 20
-IOV_MAX = 1024  # buffers per pwritev (Linux's limit)  # below this many bytes of tensors the writer uses one thread
+PARALLEL_MIN_BYTES = 64 << 20  # below this many bytes of tensors the writer uses one thread
+IOV_MAX = 1024  # buffers per pwritev (Linux's limit)
 
 
 def plan_shards(plans: list[TensorPlan], shard_bytes: int) -> list[list[TensorPlan]]:
@@ -96,20 +101,23 @@ def safetensors_header(plans: list[TensorPlan]) -> bytes:
 
 class FileSpans:
     """Where each tensor of local safetensors files lies, so that a tensor is written with few large reads and
-    writes instead of one call per row run (``jobs``): whole tensors and long runs of rows are copied in the
-    kernel (``os.copy_file_range``); short runs are read as one span across the small holes between them
-    and gathered in memory; column slices (o_proj, down_proj) are read in blocks of rows and gathered by
-    numpy. Every job holds at most about ``BLOCK_BYTES`` twice. The bytes are the same as through ``take``."""
+    writes instead of one call per row run (``jobs``). A tensor is cut into jobs of about ``BLOCK_BYTES`` of its
+    *source* bytes; a job maps its block (``weights.mapped``: no copy), hands the block's digest to the content
+    check when there is one (``fingerprint.ContentCheck``: the base is then read once, for the check and the
+    variant together), and writes the kept bytes of the block: runs of kept rows straight from the mapping with
+    one ``pwritev`` (the kernel copies each kept byte once), column slices (o_proj, down_proj) gathered by numpy
+    into a reused buffer, whole heads at a time where the kept columns allow. Without a check, long runs are
+    copied in the kernel (``os.copy_file_range``) and holes of more than ``COALESCE_GAP`` are not mapped. Every
+    job holds about ``BLOCK_BYTES`` at most. The bytes are the same as through ``take``."""
 
-    def __init__(self, files: list[Path]):
+    def __init__(self, files: list[Path], check: ContentCheck | None = None):
         self.fds: list[int] = []
-        self.path: dict[int, Path] = {}
+        self.check = check
         self.where: dict[str, tuple[int, str, tuple[int, ...], int]] = {}  # name -> (fd, dtype, shape, offset)
         try:
             for f in files:
                 fd = os.open(f, os.O_RDONLY)
                 self.fds.append(fd)
-                self.path[fd] = Path(f)
                 (n,) = struct.unpack("<Q", os.pread(fd, 8, 0))
                 header = json.loads(os.pread(fd, n, 8))
                 for name, info in header.items():
@@ -126,7 +134,7 @@ class FileSpans:
         fd, dtype, shape, start = self.where[p.name]
         if dtype != DTYPE_NAMES[p.dtype] or len(shape) != 2 or shape[0] != p.shape[0]:
             return None
-        if len(p.index) and (p.index.min() < 0 or p.index.max() >= shape[1]):
+        if len(p.index) and (p.index.min() < 0 or p.index.max() >= shape[1] or np.any(np.diff(p.index) <= 0)):
             return None
         return fd, start, shape
 
@@ -145,22 +153,35 @@ class FileSpans:
         row = int(np.prod(shape[1:], dtype=np.int64)) * p.dtype.itemsize
         if p.index is None:
             return [(fd, start, row * shape[0])] if shape == p.shape else None
-        if len(p.index) and (p.index.min() < 0 or p.index.max() >= shape[0]):
+        if len(p.index) and (p.index.min() < 0 or p.index.max() >= shape[0] or np.any(np.diff(p.index) <= 0)):
             return None
         return [(fd, start + a * row, (b - a) * row) for a, b in row_runs(p.index)]
 
     def jobs(self, p: TensorPlan) -> list[Job] | None:
-        """Jobs that each write one disjoint part of ``p``'s bytes, or None (use ``take``)."""
+        """Jobs that each read one block of ``p``'s source bytes and write its kept part, or None (use ``take``)."""
         pieces = self.spans(p)
+        cols = self.columns(p) if pieces is None else None
+        if pieces is None and cols is None:
+            return None
+        fd, dtype, shape, start = self.where[p.name]
+        size = int(np.prod(shape, dtype=np.int64)) * p.dtype.itemsize
+        check = self.check if self.check is not None and self.check.wants(p.name) else None
+        hashed = check.block_bytes if check is not None else 0
+        step = hashed * max(1, BLOCK_BYTES // hashed) if hashed else BLOCK_BYTES  # whole hash blocks per job
+        blocks = [(a, min(size, a + step)) for a in range(0, size, step)] or [(0, 0)]
+        digest = partial(_digest, check, p.name, hashed) if check is not None else None
         if pieces is not None:
-            return piece_jobs(pieces)
-        cols = self.columns(p)
-        if cols is not None:
-            return column_jobs(*cols, p.index, p.dtype.itemsize)  # type: ignore[arg-type]
-        return None
+            return piece_jobs(fd, start, blocks, pieces, digest)
+        return column_jobs(fd, start, shape, p.index, p.dtype.itemsize, blocks, digest)  # type: ignore[arg-type]
 
 
 Job = Callable[["Sink"], int]  # writes part of one tensor's bytes; returns how many bytes it wrote
+Digest = Callable[[int, memoryview], None]  # (offset in the tensor, a view of whole hash blocks from there)
+
+
+def _digest(check: ContentCheck, name: str, block_bytes: int, at: int, view: memoryview) -> None:
+    for k in range(0, max(1, len(view)), block_bytes):
+        check.add(name, (at + k) // block_bytes, xxhash.xxh3_128_digest(view[k: k + block_bytes]))
 
 
 @dataclass(frozen=True)
@@ -184,49 +205,61 @@ class Sink:
         return length
 
 
-def piece_jobs(pieces: list[tuple[int, int, int]]) -> list[Job]:
-    """Jobs writing ``pieces`` (source fd, offset, length; contiguous in the output, in order). A piece of at
-    least ``KERNEL_COPY_MIN`` bytes is copied in the kernel (in parts of ``BLOCK_BYTES``); shorter ones
-    are grouped while the holes between them stay under ``COALESCE_GAP`` and the group's span under
-    ``BLOCK_BYTES``, and each group is one read and one write."""
+def piece_jobs(fd: int, start: int, blocks: list[tuple[int, int]], pieces: list[tuple[int, int, int]],
+               digest: Digest | None) -> list[Job]:
+    """Jobs writing ``pieces`` (source fd, offset, length; ascending, contiguous in the output, in order) of the
+    tensor at ``start`` of ``fd``, one per source block [a, b) (offsets in the tensor): the parts of the pieces
+    that lie in the block."""
+    lo = [off - start for _, off, _ in pieces]  # each piece's offsets in the tensor
+    hi = [x + n for x, (_, _, n) in zip(lo, pieces, strict=True)]
+    out = np.r_[0, np.cumsum([n for _, _, n in pieces], dtype=np.int64)[:-1]].tolist()  # and in the output
     jobs: list[Job] = []
-    group: list[tuple[int, int, int]] = []
-    at = group_at = 0
+    for a, b in blocks:
+        first, last = bisect.bisect_right(hi, a), bisect.bisect_left(lo, b)  # the pieces that overlap [a, b)
+        parts = [(max(lo[i], a), min(hi[i], b), out[i] + max(lo[i], a) - lo[i]) for i in range(first, last)]
+        if digest is None and not parts:
+            continue
+        jobs.append(partial(_piece_job, fd, start, a, b, tuple(parts), digest))
+    return jobs or [lambda sink: 0]
 
-    def flush() -> None:
-        if group:
-            jobs.append(partial(_gather_job, tuple(group), group_at))
-            group.clear()
 
-    for fd, off, n in pieces:
-        if n >= KERNEL_COPY_MIN:
-            flush()
-            for k in range(0, n, BLOCK_BYTES):
-                jobs.append(partial(_copy_job, fd, off + k, min(BLOCK_BYTES, n - k), at + k))
+def _piece_job(fd: int, start: int, a: int, b: int, parts: tuple[tuple[int, int, int], ...],
+               digest: Digest | None, sink: Sink) -> int:
+    """Write ``parts`` ((from, to) in the tensor, output offset; contiguous in the output) of block [a, b)."""
+    if digest is None:  # no check: map only what is kept, long runs copied in the kernel
+        return sum(_copy_parts(fd, start, group, sink) for group in _groups(parts))
+    with mapped(fd, start + a, b - a, ahead=b - a) as view:
+        digest(a, view)
+        if not parts:
+            return 0
+        pieces = [view[x - a: y - a] for x, y, _ in parts]
+        try:
+            return sink.write(parts[0][2], pieces)
+        finally:
+            for v in pieces:
+                v.release()
+
+
+def _groups(parts: tuple[tuple[int, int, int], ...]) -> list[list[tuple[int, int, int]]]:
+    """``parts`` grouped while the holes between them stay under ``COALESCE_GAP``; a part of at least
+    ``KERNEL_COPY_MIN`` bytes is a group of its own."""
+    groups: list[list[tuple[int, int, int]]] = []
+    for x, y, at in parts:
+        big = y - x >= KERNEL_COPY_MIN
+        if groups and not big and groups[-1][-1][1] - groups[-1][-1][0] < KERNEL_COPY_MIN \
+                and x - groups[-1][-1][1] <= COALESCE_GAP:
+            groups[-1].append((x, y, at))
         else:
-            if group and (fd != group[0][0] or off - (group[-1][1] + group[-1][2]) > COALESCE_GAP
-                          or off + n - group[0][1] > BLOCK_BYTES):
-                flush()
-            if not group:
-                group_at = at
-            group.append((fd, off, n))
-        at += n
-    flush()
-    return jobs
+            groups.append([(x, y, at)])
+    return groups
 
 
-def _copy_job(fd: int, off: int, n: int, at: int, sink: Sink) -> int:
-    return sink.copy(fd, off, n, at)
-
-
-def _gather_job(group: tuple[tuple[int, int, int], ...], at: int, sink: Sink) -> int:
-    fd, first = group[0][0], group[0][1]
-    if len(group) == 1:
-        return sink.copy(fd, first, group[0][2], at)
-    with mapped(fd, first, group[-1][1] + group[-1][2] - first) as view:
-        # one pwritev straight from the mapped page cache: the kernel copies each kept byte once, as
-        # copy_file_range would, without one system call per run
-        pieces = [view[o - first: o - first + n] for _, o, n in group]
+def _copy_parts(fd: int, start: int, group: list[tuple[int, int, int]], sink: Sink) -> int:
+    x0, y1, at = group[0][0], group[-1][1], group[0][2]
+    if len(group) == 1 and y1 - x0 >= KERNEL_COPY_MIN:
+        return sink.copy(fd, start + x0, y1 - x0, at)
+    with mapped(fd, start + x0, y1 - x0) as view:
+        pieces = [view[x - x0: y - x0] for x, y, _ in group]
         try:
             return sink.write(at, pieces)
         finally:
@@ -234,51 +267,15 @@ def _gather_job(group: tuple[tuple[int, int, int], ...], at: int, sink: Sink) ->
                 v.release()
 
 
-@contextlib.contextmanager
-def mapped(fd: int, offset: int, length: int) -> Iterator[memoryview]:
-    """A read-only view of ``length`` bytes of ``fd`` at ``offset``, mapped (and populated) for the block only, so
-    a job's mapping never outlives it and the process's resident memory stays bounded by its jobs."""
-    start = offset - offset % mmap.ALLOCATIONGRANULARITY
-    flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
-    m = mmap.mmap(fd, length + offset - start, flags=flags, prot=mmap.PROT_READ, offset=start)
-    view = memoryview(m)
-    try:
-        part = view[offset - start: offset - start + length]
-        try:
-            if len(part) < length:
-                raise NestpruneError("a base weight file ended early while being read; was it modified?")
-            yield part
-        finally:
-            part.release()
-    finally:
-        view.release()
-        m.close()
-
-
 _SCRATCH = threading.local()
 
 
-def scratch(n: int, slot: int) -> memoryview:
-    """A reusable buffer of ``n`` bytes for this thread (``slot`` 0 or 1): no fresh pages to fault in and
-    zero for every block read."""
-    bufs = getattr(_SCRATCH, "bufs", None)
-    if bufs is None:
-        bufs = _SCRATCH.bufs = [bytearray(), bytearray()]
-    if len(bufs[slot]) < n:
-        bufs[slot] = bytearray(max(n, min(2 * len(bufs[slot]), 2 * BLOCK_BYTES)))
-    return memoryview(bufs[slot])[:n]
-
-
-def read_exact(fd: int, n: int, offset: int, into: memoryview | None = None) -> memoryview:
-    """``n`` bytes of ``fd`` at ``offset`` (into ``into`` when given); a short file is an error."""
-    buf = into if into is not None else memoryview(bytearray(n))
-    got = 0
-    while got < n:  # preadv may return less (signals, some file systems)
-        k = os.preadv(fd, [buf[got:n]], offset + got)
-        if k == 0:
-            raise NestpruneError("a base weight file ended early while being read; was it modified?")
-        got += k
-    return buf[:n]
+def scratch(n: int) -> memoryview:
+    """A reusable buffer of ``n`` bytes for this thread: no fresh pages to fault in and zero for every block."""
+    buf = getattr(_SCRATCH, "buf", None)
+    if buf is None or len(buf) < n:
+        buf = _SCRATCH.buf = bytearray(max(n, min(2 * len(buf or b""), 2 * BLOCK_BYTES)))
+    return memoryview(buf)[:n]
 
 
 def unit_of(index: np.ndarray, width: int) -> int:
@@ -290,25 +287,37 @@ def unit_of(index: np.ndarray, width: int) -> int:
     return int(np.gcd.reduce(np.array([width] + [v for run in runs for v in run], dtype=np.int64)))
 
 
-def column_jobs(fd: int, start: int, shape: tuple[int, ...], index: np.ndarray, itemsize: int) -> list[Job]:
-    """Jobs gathering the ``index`` columns of a (rows, cols) tensor at ``start`` of ``fd``, a block of rows each."""
+def column_jobs(fd: int, start: int, shape: tuple[int, ...], index: np.ndarray, itemsize: int,
+                blocks: list[tuple[int, int]], digest: Digest | None) -> list[Job]:
+    """Jobs gathering the ``index`` columns of a (rows, cols) tensor at ``start`` of ``fd``, one per source block
+    [a, b) (offsets in the tensor): the rows that begin in the block."""
     rows, cols = shape
-    kept = len(index)
-    if rows * cols == 0 or kept == 0:
-        return [lambda sink: 0]
+    if rows * cols == 0 or len(index) == 0:
+        return [partial(_column_job, fd, start, cols, itemsize, 1, index, a, b, 0, 0, digest)
+                for a, b in blocks] if digest is not None else [lambda sink: 0]
     u = unit_of(index, cols)
     units = np.asarray(index[::u] // u, dtype=np.int64)
-    block = max(1, BLOCK_BYTES // (cols * itemsize))
-    return [partial(_column_job, fd, start, rows, cols, itemsize, u, units, r, min(rows, r + block))
-            for r in range(0, rows, block)]
+    row = cols * itemsize
+    return [partial(_column_job, fd, start, cols, itemsize, u, units, a, b, -(-a // row), min(rows, -(-b // row)),
+                    digest) for a, b in blocks]
 
 
-def _column_job(fd: int, start: int, rows: int, cols: int, itemsize: int, u: int, units: np.ndarray,
-                r0: int, r1: int, sink: Sink) -> int:
-    unit = np.dtype((np.void, u * itemsize))
-    out = np.frombuffer(scratch((r1 - r0) * len(units) * unit.itemsize, 1), dtype=unit).reshape(r1 - r0, len(units))
-    with mapped(fd, start + r0 * cols * itemsize, (r1 - r0) * cols * itemsize) as data:
-        block = np.frombuffer(data, dtype=unit).reshape(r1 - r0, cols // u)
+def _column_job(fd: int, start: int, cols: int, itemsize: int, u: int, units: np.ndarray, a: int, b: int,
+                r0: int, r1: int, digest: Digest | None, sink: Sink) -> int:
+    row = cols * itemsize
+    lo, hi = (a, max(b, r1 * row)) if digest is not None else (r0 * row, r1 * row)
+    if hi <= lo:
+        if digest is not None:
+            digest(a, memoryview(b""))
+        return 0
+    with mapped(fd, start + lo, hi - lo, ahead=b - a if digest is not None else 0) as data:
+        if digest is not None:
+            digest(a, data[: b - a])
+        if r1 <= r0:
+            return 0
+        unit = np.dtype((np.void, u * itemsize))
+        out = np.frombuffer(scratch((r1 - r0) * len(units) * unit.itemsize), dtype=unit).reshape(r1 - r0, len(units))
+        block = np.frombuffer(data[r0 * row - lo: r1 * row - lo], dtype=unit).reshape(r1 - r0, cols // u)
         np.take(block, units, axis=1, out=out)
         del block
     return sink.write(r0 * len(units) * u * itemsize, out)
@@ -378,12 +387,14 @@ def tensor_jobs(p: TensorPlan, source: TensorSource, spans: FileSpans | None) ->
 
 
 def write_shard(path: Path, plans: list[TensorPlan], source: TensorSource, done: int, total: int,
-                progress: Progress | None, spans: FileSpans | None = None, workers: int = 1) -> int:
+                progress: Progress | None, spans: FileSpans | None = None, workers: int = 1,
+                check: ContentCheck | None = None) -> int:
     """Write one safetensors file: the header, then every tensor's jobs on ``workers`` threads, each job at
-    its own offset. Returns bytes written so far (for progress), reported as each tensor completes."""
+    its own offset. Returns bytes written so far (for progress), reported as each tensor completes. Whole
+    tensors ``check`` still wants (their jobs did not hash them) are hashed from what was written."""
     ordered = sorted(plans, key=lambda p: (-p.dtype.itemsize, p.name))  # wider dtypes first: aligned offsets
     header = safetensors_header(ordered)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o666)
     try:
         write_all(fd, memoryview(header))
         offset, left, work = len(header), {}, []
@@ -403,6 +414,13 @@ def write_shard(path: Path, plans: list[TensorPlan], source: TensorSource, done:
                 done += entry[1]
                 if progress is not None:
                     progress(name, done, total)
+        if check is not None:
+            at = len(header)
+            for p in ordered:
+                if p.index is None and check.wants(p.name):
+                    with mapped(fd, at, p.nbytes) as view:
+                        check.add_bytes(p.name, view)
+                at += p.nbytes
     finally:
         os.close(fd)
     return done
@@ -413,7 +431,11 @@ def _run(job: Job, sink: Sink, name: str) -> tuple[str, int]:
 
 
 def write_weights(out_dir: Path, plans: list[TensorPlan], source: TensorSource, shard_bytes: int,
-                  progress: Progress | None = None, workers: int | None = None) -> list[str]:
+                  progress: Progress | None = None, workers: int | None = None,
+                  check: ContentCheck | None = None) -> list[str]:
+    """Every tensor of ``plans`` into safetensors file(s) in ``out_dir``; the names written. ``check`` (the
+    source's ``content_check``) is fed the digests of every block of the base the jobs read and of every whole
+    tensor written; the caller calls its ``finish``."""
     shards = plan_shards(plans, shard_bytes)
     names = shard_names(len(shards))
     total, done = sum(p.nbytes for p in plans), 0
@@ -421,10 +443,10 @@ def write_weights(out_dir: Path, plans: list[TensorPlan], source: TensorSource, 
         workers = getattr(source, "write_workers", None) or default_workers()
         if total < PARALLEL_MIN_BYTES:
             workers = 1
-    spans = FileSpans(weight_files(source.model_dir)) if isinstance(source, SafetensorsSource) else None
+    spans = FileSpans(weight_files(source.model_dir), check) if isinstance(source, SafetensorsSource) else None
     try:
         for name, shard in zip(names, shards, strict=True):
-            done = write_shard(out_dir / name, shard, source, done, total, progress, spans, workers)
+            done = write_shard(out_dir / name, shard, source, done, total, progress, spans, workers, check)
     finally:
         if spans is not None:
             spans.close()
@@ -474,9 +496,15 @@ def write_hf(spec: VariantSpec, source: TensorSource, aux_dir: Path, out: Path, 
         raise NestpruneError(f"{aux_dir} has no config.json")
     plans = plan_tensors(source, spec)  # before any write: a bad source fails early
     config = variant_config(json.loads(config_file.read_text()), spec)  # so does a config the family cannot hold
+    check = getattr(source, "content_check", None)  # a check of the base, fed as the writer reads it
     with atomic.output_dir(out, force=force, inputs=inputs) as tmp:
-        write_weights(tmp, plans, source, shard_bytes, progress)
+        write_weights(tmp, plans, source, shard_bytes, progress, check=check)
+        if check is not None:
+            check.finish()  # a base that fails it leaves nothing: the temporary goes, nothing is published
         write_json(tmp / "config.json", config)
         for f in aux_files(aux_dir):
             shutil.copyfile(f, tmp / f.name)
         write_json(tmp / VARIANT_MANIFEST_NAME, manifest.model_dump(mode="json"))
+
+
+write_hf.feeds_content_check = True  # type: ignore[attr-defined]  # it finishes ``source.content_check`` (above)
