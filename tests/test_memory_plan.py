@@ -366,9 +366,16 @@ def test_plan_json_round_trip_summary_and_projected_time():
     assert isinstance(d["peak_bytes"], int) and d["fits"] is True and d["micro_batch"] == 4
     assert d["accumulator"] == "fp32" and sum(d["breakdown"].values()) == d["peak_bytes"]
     assert set(d["breakdown"]) == {"weights", "accumulators", "activations", "logits", "workspace"}
-    assert d["projected_seconds"] == pytest.approx(7 * 10 * 16 / 80.0)
+    assert d["projected_seconds_dense"] == pytest.approx(7 * 10 * 16 / 80.0)
+    costs = plan_mod.step_costs(cfg, steps=7, r_max=0.7)
+    assert len(costs) == 7 and costs[0] == 1.0 and all(a > b for a, b in zip(costs, costs[1:]))
+    assert d["projected_seconds"] == pytest.approx(7 * 10 * 16 / 80.0 * sum(costs) / 7)
+    assert d["projected_seconds"] < d["projected_seconds_dense"]
+    dense = plan_build(cfg, "1GiB", samples=10, seq_len=16, dtype="float32", steps=7, batch_size=4, throughput=80.0,
+                       compact=False)
+    assert dense.projected_seconds == dense.projected_seconds_dense == pytest.approx(14.0)
     assert d["micro_batches_per_step"] == 3 and d["tokens_per_step"] == 160 and d["device_memory"] == GiB
-    assert "fits: peak" in p.summary() and "projected: 7 steps" in p.summary()
+    assert "fits: peak" in p.summary() and "projected: 7 steps" in p.summary() and "not a measurement" in p.summary()
     with pytest.raises(NestpruneError, match="plan version"):
         BuildPlan.from_dict({**d, "plan_version": 99})
 
