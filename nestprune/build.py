@@ -73,6 +73,11 @@ class BuildConfig:
 
     def __init__(self, method: str | Any = "gisp", objective: str | Any | None = None, **options: Any):
         shared = {p.key: p for p in params(BuildConfig)}
+        # a negated flag's field may be given by its own name too (dataclasses.replace does): compact=False
+        for p in list(shared.values()):
+            if p.field != p.key and p.field in options:
+                value = options.pop(p.field)
+                options.setdefault(p.key, None if value is None else p.to_field(value))
         method_keys, objective_keys = RANKERS.keys(), OBJECTIVES.keys()
         unknown = sorted(set(options) - set(shared) - method_keys - objective_keys)
         if unknown:

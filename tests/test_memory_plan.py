@@ -368,7 +368,7 @@ def test_plan_json_round_trip_summary_and_projected_time():
     assert set(d["breakdown"]) == {"weights", "accumulators", "activations", "logits", "workspace"}
     assert d["projected_seconds_dense"] == pytest.approx(7 * 10 * 16 / 80.0)
     costs = plan_mod.step_costs(cfg, steps=7, r_max=0.7)
-    assert len(costs) == 7 and costs[0] == 1.0 and all(a > b for a, b in zip(costs, costs[1:]))
+    assert len(costs) == 7 and costs[0] == 1.0 and all(a > b for a, b in zip(costs, costs[1:], strict=False))
     assert d["projected_seconds"] == pytest.approx(7 * 10 * 16 / 80.0 * sum(costs) / 7)
     assert d["projected_seconds"] < d["projected_seconds_dense"]
     dense = plan_build(cfg, "1GiB", samples=10, seq_len=16, dtype="float32", steps=7, batch_size=4, throughput=80.0,
