@@ -5,7 +5,7 @@ BIN     := $(VENV)/bin
 TORCH   ?= torch==2.13.0
 STAMP   := $(VENV)/.installed
 
-.PHONY: install test lint demo bench bench-quality bench-task bench-materialize bench-registry schemas clean
+.PHONY: install test lint demo bench bench-quality bench-task bench-materialize bench-registry bench-build schemas clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -44,6 +44,9 @@ bench-registry: $(STAMP)
 
 bench-task: $(STAMP)
 	$(BIN)/python bench/task_aligned.py
+
+bench-build: $(STAMP)  ## build speed and memory: compaction, lean accumulation, streamed calibration (CPU; --scale gpu on a GPU)
+	$(BIN)/python bench/build_speed.py
 
 clean:
 	rm -rf runs .pytest_cache .ruff_cache

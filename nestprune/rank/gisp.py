@@ -140,7 +140,8 @@ def accumulate_gradients(
     a persistent fp32 ``.grad``; lower-precision ones are folded into the ``accumulator`` mode's buffers the
     moment each gradient is ready (fp32 by default), so no full set of low-precision gradients is ever
     held. ``buffers`` (name -> tensor) are reused across calls (zeroed, remade only when a shape
-    changed) and hold the returned gradients. The loss is summed on the device and read once.
+    changed) and hold the returned gradients. Nothing waits for the device between micro-batches: the
+    batches go over from pinned memory, and the loss is summed on the device and read once, at the end.
     """
     device = next(model.parameters()).device
     for p in model.parameters():
@@ -153,7 +154,9 @@ def accumulate_gradients(
     try:
         buffers, hooks = install_accumulators(params, accumulator, buffers=buffers, generator=generator)
         for i, batch in enumerate(batches):
-            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+            # from pinned memory the copy is asynchronous (from pageable memory CUDA makes the host wait)
+            batch = {k: (v.pin_memory() if device.type == "cuda" and v.device.type == "cpu" else v)
+                     .to(device, non_blocking=True) for k, v in batch.items()}
             loss = objective.loss(model, batch)
             loss.backward()
             total += loss.detach()
@@ -321,18 +324,6 @@ class Workspace:
                 expand_layer_(self.model, st, layer, lay, self.config)
                 self.layout[layer] = LayerLayout.full(st)
         self._undo_attention()
-
-
-def apply_removals(model: torch.nn.Module, plan: GispPlan, state: GispState) -> None:
-    """Zero every pruned structure of a full-width model (idempotent: already-zero weights stay zero)."""
-    from nestprune.rank.mask import zero_removed_
-
-    structures, table = plan.structures, plan.table
-    n_attn = structures.attention_units
-    per_layer = n_attn + structures.arch.intermediate_size
-    for layer in np.unique(table.layer[state.pruned]).tolist():
-        keep = ~state.pruned[layer * per_layer : (layer + 1) * per_layer]
-        zero_removed_(structures, layer_tensors(model, structures.arch, layer), keep[:n_attn], keep[n_attn:])
 
 
 # ---------------------------------------------------------------------------------------------
