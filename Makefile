@@ -8,7 +8,7 @@ STAMP   := $(VENV)/.installed
 SHARED  ?= $(firstword $(wildcard ../shared $(CURDIR)/../shared /work/shared))
 LLAMA_WHEEL := $(firstword $(wildcard $(SHARED)/wheels/llama_cpp_python-*.whl))
 
-.PHONY: install test lint demo bench bench-quality bench-task bench-materialize bench-registry schemas clean
+.PHONY: install test lint demo bench bench-quality bench-task bench-materialize bench-registry bench-build schemas clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -46,6 +46,9 @@ bench-registry: $(STAMP)
 
 bench-task: $(STAMP)
 	$(BIN)/python bench/task_aligned.py
+
+bench-build: $(STAMP)  ## build speed and memory: compaction, lean accumulation, streamed calibration (CPU; --scale gpu on a GPU)
+	$(BIN)/python bench/build_speed.py
 
 clean:
 	rm -rf runs .pytest_cache .ruff_cache

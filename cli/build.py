@@ -20,6 +20,7 @@ from nestprune.build import BuildConfig
 from nestprune.cli.common import console, friendly
 from nestprune.cli.options import config_options
 from nestprune.config import params
+from nestprune.errors import NestpruneError
 from nestprune.objectives import OBJECTIVES
 from nestprune.rank.methods import RANKERS
 from nestprune.schemas.artifact import StepRecord
@@ -55,6 +56,9 @@ class RichReporter:
         self._start()
         self.progress.update(self.batches, completed=done, total=total, info=f"step {step}")
 
+    def on_plan(self, plan: Any) -> None:
+        self.progress.console.print(f"[dim]memory plan: {plan.verdict()}[/]")
+
     def on_step(self, record: StepRecord, steps_planned: int) -> None:
         self._start()
         loss = f"{record.loss:.4f}" if record.loss is not None else "-"
@@ -73,6 +77,12 @@ def build(
     objective: Annotated[str | None, typer.Option(help=" | ".join(OBJECTIVES.names()) + " (default lm; custom "
                                                    "with --objective-fn)", show_default=False)] = None,
     force: Annotated[bool, typer.Option("--force", help="replace an existing --out")] = False,
+    plan: Annotated[bool, typer.Option("--plan", help="only print the memory plan (from config.json alone: no "
+                                       "weights, no data, no --out needed) and exit")] = False,
+    json_out: Annotated[bool, typer.Option("--json", help="with --plan: print it as one JSON object")] = False,
+    throughput: Annotated[float | None, typer.Option(help="with --plan: build-step tokens/s on the device, for the "
+                                                     "projected time (default: measured when a GPU is present)",
+                                                     show_default=False)] = None,
     **options: Any,
 ) -> None:
     """Rank every attention head and MLP channel of MODEL_DIR by GISP and write one artifact.
@@ -83,10 +93,20 @@ def build(
     from transformers.utils import logging as hf_logging
 
     from nestprune.artifact import read_manifest
-    from nestprune.build import build_artifact
+    from nestprune.build import build_artifact, plan_only
 
     hf_logging.disable_progress_bar()
     cfg = BuildConfig(method, objective, **options)
+    if json_out and not plan:
+        raise NestpruneError("--json goes with --plan")
+    if throughput is not None and not plan:
+        raise NestpruneError("--throughput goes with --plan")
+    if plan:
+        p = plan_only(model_dir, cfg, throughput)
+        print(p.to_json()) if json_out else console.print(p.summary(), highlight=False)
+        if not p.fits:
+            raise typer.Exit(1)
+        return
     with RichReporter(console) as reporter:
         path = build_artifact(model_dir, data, out, cfg, force=force, reporter=reporter)
     m = read_manifest(path)

@@ -4,7 +4,7 @@
 per declared field and calls it with the flat options (``--r-max 0.5`` → ``options["r_max"] = 0.5``):
 
 * ``shared`` options (e.g. BuildConfig's ``--batch-size``) always apply; their default is the field's
-  and is passed through.
+  and is passed through (a negated flag such as ``--no-compact``: False, the config's class maps it).
 * the options of the classes of each registry one picks from (a method's ``--steps``, an objective's
   ``--prompt-template``); one flag serves every class of the registry that declares the key, and its
   help says which unless all do. Only the ones given on the command line are passed, so that the library can refuse one the
@@ -64,7 +64,9 @@ def generated_parameters(shared: Sequence[Param], registries: Sequence[Registry]
     out = []
     for p in shared:
         t = p.spec.cli_type or p.type
-        out.append(_param(p.key, Annotated[t, typer.Option(p.flag, help=p.spec.help)], p.default))
+        # a negated flag (--no-compact) is off unless given; the config turns it into its field (Param.to_field)
+        default = False if p.spec.negate else p.default
+        out.append(_param(p.key, Annotated[t, typer.Option(p.flag, help=p.spec.help)], default))
     for registry in registries:
         groups: dict[str, list[Param]] = {}
         for p in registry.params():

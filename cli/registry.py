@@ -157,7 +157,7 @@ def tag(
 
 
 def untag(
-    ref: Annotated[str, typer.Argument(help="REGISTRY/NAME:TAG of the tag to delete (its version stays)")],
+    ref: Annotated[str, typer.Argument(metavar="REF", help="REGISTRY/NAME:TAG of the tag to delete (its version stays)")],
 ) -> None:
     """Delete a tag. The version it named stays published (remove it with `nestprune rm`)."""
     from nestprune.errors import NestpruneError
@@ -173,7 +173,7 @@ def untag(
 
 
 def rm(
-    ref: Annotated[str, typer.Argument(help="REGISTRY/NAME@DIGEST (or NAME:TAG) of the version to remove")],
+    ref: Annotated[str, typer.Argument(metavar="REF", help="REGISTRY/NAME@DIGEST (or NAME:TAG) of the version to remove")],
 ) -> None:
     """Unpublish a version and the tags naming it. Its bytes are freed by the next `nestprune gc`."""
     from nestprune.registry import open_store, parse_reference, resolve
@@ -189,7 +189,7 @@ def rm(
 
 
 def gc(
-    registry: Annotated[str | None, typer.Argument(help=REGISTRY_HELP)] = None,
+    registry: Annotated[str | None, typer.Argument(metavar="[REGISTRY]", help=REGISTRY_HELP)] = None,
     yes: Annotated[bool, typer.Option("--yes", help="delete (without it, only report what would be deleted)")] = False,
     grace: Annotated[float, typer.Option("--grace", min=0.0, help="hours an unreferenced blob must have existed before it may go (protects pushes in flight)")] = 1.0,
 ) -> None:

@@ -30,6 +30,11 @@ if TYPE_CHECKING:
     from nestprune.objectives.base import Objective
 
 
+ACCUMULATOR_CHOICES = ("auto", "fp32", "bf16-stochastic", "fp32-host")
+DEFAULT_MICRO_BATCH = 8  # ``auto`` where no plan is made (methods without gradients, a model given loaded)
+GRADIENT_METHODS = ("gisp", "gisp-oneshot")  # the methods a memory plan is made for
+
+
 @dataclass(frozen=True, init=False)
 class BuildConfig:
     """One build: the ranking method (its config), the objective (its config), and the settings every
@@ -43,7 +48,10 @@ class BuildConfig:
 
     method: Any = GispConfig()
     objective: Any = LmConfig()
-    batch_size: int = option(8, ge=1, help="windows (sequences) per forward/backward")
+    batch_size: int | str = option("auto", cli_type=str,
+                                   help="sequences per micro-batch: 'auto' (the largest the device's memory holds, "
+                                        "per the memory plan; on a CPU at most 8192 tokens) or a number; a step "
+                                        "always covers every calibration sequence")
     seed: int = option(0, help="seed of the calibration sample (and of --method random's draw)")
     max_sparsity: float | None = option(None, gt=0.0, lt=1.0, help="stop once this parameter sparsity is "
                                         "reached (GISP goes past --r-max if needed)")
@@ -53,9 +61,23 @@ class BuildConfig:
     skip_last: int = option(1, ge=0, help="never prune this many last layers")
     device: str = option("auto", help="auto | cpu | cuda | cuda:N")
     dtype: str = option("auto", choices=DTYPES, help="auto (bf16 on CUDA, fp32 on CPU) | float32 | bfloat16 | float16")
+    compact: bool = option(True, flag="--no-compact", negate=True,
+                           help="only zero removed heads and channels instead of cutting them out of the working "
+                                "model (same ranking, slower; for checks and debugging)")
+    accumulator: str = option("auto", choices=ACCUMULATOR_CHOICES,
+                              help="gradient accumulation of bf16/fp16 weights: auto (fp32 when it fits, else "
+                                   "bf16-stochastic, else fp32-host, per the memory plan) | fp32 | bf16-stochastic "
+                                   "| fp32-host")
+    device_memory: str | None = option(None, help="device memory to plan for, e.g. 80GiB (default: the GPU's; on a "
+                                                  "CPU the available host memory)")
 
     def __init__(self, method: str | Any = "gisp", objective: str | Any | None = None, **options: Any):
         shared = {p.key: p for p in params(BuildConfig)}
+        # a negated flag's field may be given by its own name too (dataclasses.replace does): compact=False
+        for p in list(shared.values()):
+            if p.field != p.key and p.field in options:
+                value = options.pop(p.field)
+                options.setdefault(p.key, None if value is None else p.to_field(value))
         method_keys, objective_keys = RANKERS.keys(), OBJECTIVES.keys()
         unknown = sorted(set(options) - set(shared) - method_keys - objective_keys)
         if unknown:
@@ -67,14 +89,30 @@ class BuildConfig:
         object.__setattr__(self, "objective",
                            OBJECTIVES.resolve(objective, {k: v for k, v in given.items() if k in objective_keys}))
         for key, p in shared.items():
-            object.__setattr__(self, p.field, options[key] if options.get(key) is not None else p.default)
+            object.__setattr__(self, p.field, p.to_field(options[key]) if options.get(key) is not None else p.default)
+        object.__setattr__(self, "batch_size", _batch_size(self.batch_size))
+        if self.device_memory is not None:
+            from nestprune.rank.plan import parse_memory
+
+            parse_memory(self.device_memory)
         check(self)
 
     def validate(self) -> None:
         """Check every part again (the config classes check themselves when made)."""
+        _batch_size(self.batch_size)
         check(self)
         check(self.method)
         check(self.objective)
+
+
+
+def _batch_size(value: Any) -> int | str:
+    """'auto' or a positive integer (a string of digits from the command line counts)."""
+    if isinstance(value, str) and value.strip().isdigit():
+        value = int(value)
+    if value == "auto" or (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+        return value
+    raise NestpruneError(f"--batch-size must be 'auto' or a positive integer, got {value!r}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -84,13 +122,10 @@ class BuildConfig:
 
 def read_arch(model_dir: Path) -> ArchInfo:
     from nestprune.arch import arch_from_config
-    from nestprune.io.fingerprint import config_path
     from nestprune.io.weights import SafetensorsSource
 
-    try:
-        config = json.loads(config_path(model_dir).read_text())
-    except ValueError as e:
-        raise NestpruneError(f"{model_dir}/config.json is not valid JSON ({e})") from None
+    config = read_config(model_dir)
+    arch_from_config(config)  # an unsupported family is refused before the weights' headers are read
     with SafetensorsSource(model_dir) as src:
         names = set(src.names())
     arch = arch_from_config(config, names)
@@ -132,15 +167,148 @@ def load_model(model_dir: Path, device: torch.device, dtype: torch.dtype) -> tor
 
 
 def rank_model(model: torch.nn.Module, arch: ArchInfo, objective: Objective, cfg: BuildConfig,
-               reporter: Reporter | None = None) -> RankResult:
-    """Run ``cfg.method`` on a loaded model (GISP zeroes what it removes, in place)."""
+               reporter: Reporter | None = None, *, micro_batch: int | None = None,
+               accumulator: str | None = None) -> RankResult:
+    """Run ``cfg.method`` on a loaded model (GISP zeroes what it removes, in place).
+
+    ``micro_batch`` / ``accumulator``: what a memory plan chose (:func:`plan_for_build`); without them an
+    ``auto`` batch size is :data:`DEFAULT_MICRO_BATCH` and ``auto`` accumulators are fp32."""
     from nestprune.arch import Structures
 
+    if micro_batch is None:
+        micro_batch = DEFAULT_MICRO_BATCH if cfg.batch_size == "auto" else int(cfg.batch_size)
+    if accumulator is None:
+        accumulator = "fp32" if cfg.accumulator == "auto" else cfg.accumulator
     job = RankJob(model=model, structures=Structures(arch, cfg.gqa_mode), objective=objective,
-                  batch_size=cfg.batch_size, seed=cfg.seed, max_sparsity=cfg.max_sparsity,
+                  batch_size=micro_batch, seed=cfg.seed, max_sparsity=cfg.max_sparsity,
                   skip_first_frac=cfg.skip_first_frac, skip_last=cfg.skip_last,
-                  reporter=reporter or SilentReporter())
+                  reporter=reporter or SilentReporter(), compact=cfg.compact, accumulator=accumulator)
     return rank(cfg.method, job)
+
+
+# ---------------------------------------------------------------------------------------------
+# The memory plan and the early checks
+# ---------------------------------------------------------------------------------------------
+
+
+def plan_steps(cfg: BuildConfig, num_layers: int) -> tuple[int, float]:
+    """(schedule steps, r_max) of the configured method (GISP's default: 3.5 per layer, at least 16)."""
+    method = cfg.method
+    if method.name == "gisp-oneshot":
+        return 1, method.r_max
+    steps = getattr(method, "steps", None) or max(16, round(3.5 * num_layers))
+    return steps, getattr(method, "r_max", 0.7)
+
+
+def objective_shape(cfg: BuildConfig, objective: Objective | None = None) -> tuple[int, int]:
+    """(sequences per step, tokens per sequence) a plan uses: the objective's own when it says
+    (``plan_shape()``; the LM objective) or holds ``lengths`` (margin, answer: the longest), else the
+    configured ``--samples`` / ``--seq-len`` / ``--max-tokens``, else the LM defaults (2000 × 256)."""
+    from nestprune.objectives.lm import LM_DEFAULT_SAMPLES, LM_DEFAULT_SEQ_LEN
+
+    if objective is not None and hasattr(objective, "plan_shape"):
+        return tuple(objective.plan_shape())  # type: ignore[return-value]
+    lengths = getattr(objective, "lengths", None)
+    if lengths is not None and len(lengths):
+        return len(lengths), int(max(lengths))
+    oc = cfg.objective
+    seq_len = getattr(oc, "seq_len", None) or LM_DEFAULT_SEQ_LEN
+    samples = getattr(oc, "samples", None)
+    if samples is None:
+        max_tokens = getattr(oc, "max_tokens", None)
+        samples = max(1, max_tokens // seq_len) if max_tokens else LM_DEFAULT_SAMPLES
+    return samples, seq_len
+
+
+def plan_device(cfg: BuildConfig) -> torch.device:
+    """The device a plan is for: ``--device``; with ``auto``, CUDA when present, or when ``--device-memory``
+    is given (planning for a GPU on a machine without one), else the CPU."""
+    import torch
+
+    from nestprune.device import resolve_device
+
+    if cfg.device == "auto" and not torch.cuda.is_available() and cfg.device_memory is not None:
+        return torch.device("cuda")
+    return resolve_device(cfg.device)
+
+
+def plan_for_build(cfg: BuildConfig, config: dict, device: torch.device, dtype: torch.dtype,
+                   objective: Objective | None = None, throughput: float | None = None,
+                   measure: bool = False):
+    """The memory plan of this build (``nestprune.rank.plan``): from config.json alone, on the meta device."""
+    from nestprune.rank.plan import (
+        CPU_MICRO_BATCH_TOKENS,
+        available_host_memory,
+        detect_device_memory,
+        plan_build,
+    )
+
+    samples, seq_len = objective_shape(cfg, objective)
+    steps, r_max = plan_steps(cfg, int(config.get("num_hidden_layers", 1)))
+    if cfg.device_memory is not None:
+        memory: int | str = cfg.device_memory
+    elif device.type == "cuda":
+        memory = detect_device_memory() or 0
+    else:
+        memory = available_host_memory()
+    kw = dict(samples=samples, seq_len=seq_len, dtype=dtype, steps=steps, r_max=r_max,
+              batch_size=cfg.batch_size, accumulator=cfg.accumulator, gqa_mode=cfg.gqa_mode,
+              max_sparsity=cfg.max_sparsity, skip_first_frac=cfg.skip_first_frac, skip_last=cfg.skip_last,
+              compact=cfg.compact and cfg.method.name == "gisp",
+              max_micro_batch=None if device.type == "cuda" else max(1, CPU_MICRO_BATCH_TOKENS // seq_len))
+    plan = plan_build(config, memory, throughput=throughput, **kw)
+    if measure and throughput is None and plan.fits and device.type == "cuda" and torch_cuda_available():
+        from nestprune.rank.plan import measure_device_throughput
+
+        tps = measure_device_throughput(config, dtype, plan.micro_batch, seq_len, cfg.gqa_mode, device)
+        plan = plan_build(config, memory, throughput=tps, throughput_source="measured", **kw)
+    return plan
+
+
+def torch_cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def check_writable(out: Path) -> None:
+    """The nearest existing folder above ``out`` must let us create ``out`` there."""
+    import os
+
+    parent = Path(out).absolute().parent
+    while not parent.exists():
+        parent = parent.parent
+    if parent.is_dir() and os.statvfs(parent).f_flag & os.ST_RDONLY:
+        import errno
+
+        raise NestpruneError(f"cannot write --out {out}: {parent}: {os.strerror(errno.EROFS)}")
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise NestpruneError(f"cannot write --out {out}: {parent} is not a writable folder")
+
+
+def read_config(model_dir: Path) -> dict:
+    from nestprune.io.fingerprint import config_path
+
+    try:
+        return json.loads(config_path(model_dir).read_text())
+    except ValueError as e:
+        raise NestpruneError(f"{model_dir}/config.json is not valid JSON ({e})") from None
+
+
+def plan_only(model_dir: Path, cfg: BuildConfig, throughput: float | None = None):
+    """``nestprune build MODEL --plan``: the plan from config.json alone (no weights, no data)."""
+    from nestprune.arch import arch_from_config
+    from nestprune.device import resolve_dtype
+
+    cfg.validate()
+    config = read_config(Path(model_dir))
+    arch_from_config(config)  # a supported family
+    if cfg.method.name not in GRADIENT_METHODS:
+        raise NestpruneError(f"--method {cfg.method.name} computes no gradients; a memory plan is for gisp and "
+                             "gisp-oneshot")
+    device = plan_device(cfg)
+    return plan_for_build(cfg, config, device, resolve_dtype(cfg.dtype, device), throughput=throughput,
+                          measure=True)
 
 
 def build_artifact(
@@ -156,7 +324,11 @@ def build_artifact(
     """Build the ranking artifact of ``model_dir`` and write it to ``out`` (atomically).
 
     The objective is the one ``config.objective`` describes, on ``data``; an ``objective`` instance
-    (any object with name/batches/loss/provenance) overrides it.
+    (any object with name/batches/loss/provenance) overrides it. Everything that can be checked before
+    computing is, in this order: ``--out`` free and writable, the model's family supported and its
+    tensors present, the data readable and long enough (the objective is built), and, for the
+    gradient methods, the memory plan fits the device (else one line: what it needs, what would fit);
+    only then are the weights loaded.
     """
     import torch
 
@@ -169,6 +341,7 @@ def build_artifact(
     cfg.validate()
     model_dir, out = Path(model_dir), Path(out)
     prepare_out(out, force, inputs=(model_dir, data))  # before any work: --out may not be an input
+    check_writable(out)
     arch = read_arch(model_dir)
     started = time.perf_counter()
     device = resolve_device(cfg.device)
@@ -179,22 +352,34 @@ def build_artifact(
         objective, objective_config = make_objective(cfg.objective, data, tokenizer, cfg.seed), cfg.objective
     if not isinstance(objective, ObjectiveProtocol):
         raise NestpruneError(f"objective {objective!r} does not implement batches/loss/provenance")
+    micro_batch, accumulator = None, None
+    if cfg.method.name in GRADIENT_METHODS:
+        plan = plan_for_build(cfg, read_config(model_dir), device, dtype, objective)
+        if hasattr(reporter, "on_plan"):
+            reporter.on_plan(plan)
+        if not plan.fits:
+            raise NestpruneError(f"the build {plan.verdict()}; try --batch-size 1, --accumulator bf16-stochastic "
+                                 "or fp32-host, a shorter --seq-len, or a larger device")
+        micro_batch, accumulator = plan.micro_batch, plan.accumulator
     fp = fingerprint(model_dir)
     torch.manual_seed(cfg.seed)
     model = load_model(model_dir, device, dtype)
     total_params = sum(p.numel() for p in model.parameters())
-    result = rank_model(model, arch, objective, cfg, reporter)
+    result = rank_model(model, arch, objective, cfg, reporter, micro_batch=micro_batch, accumulator=accumulator)
     del model
     if device.type == "cuda":
         torch.cuda.empty_cache()
+    used = micro_batch if micro_batch is not None else (DEFAULT_MICRO_BATCH if cfg.batch_size == "auto"
+                                                        else int(cfg.batch_size))
     manifest = _manifest(cfg, arch, result, fp, objective, objective_config, total_params,
                          dtype=str(dtype).removeprefix("torch."), device=device_name(device),
-                         seconds=time.perf_counter() - started)
+                         seconds=time.perf_counter() - started, batch_size=used)
     return write_artifact(out, manifest, result.ranking, force=force, inputs=(data,))
 
 
 def _manifest(cfg: BuildConfig, arch: ArchInfo, result: RankResult, fp: Any, objective: Objective,
-              objective_config: Any, total_params: int, *, dtype: str, device: str, seconds: float):
+              objective_config: Any, total_params: int, *, dtype: str, device: str, seconds: float,
+              batch_size: int):
     from nestprune.artifact import arch_summary, ranking_sha256
     from nestprune.config import record
     from nestprune.ranking import RANKING_FIELDS
@@ -220,7 +405,7 @@ def _manifest(cfg: BuildConfig, arch: ArchInfo, result: RankResult, fp: Any, obj
             max_sparsity_requested=cfg.max_sparsity, normalisation=result.normalisation, gqa_mode=cfg.gqa_mode,
             skip_first_frac=cfg.skip_first_frac, skip_last=cfg.skip_last,
             prunable_layers=arch.prunable_layers(cfg.skip_first_frac, cfg.skip_last),
-            batch_size=cfg.batch_size, dtype=dtype, seed=cfg.seed,
+            batch_size=batch_size, dtype=dtype, seed=cfg.seed,
             method_config=ConfigRecord(**record(cfg.method)),
         ),
         trajectory=result.trajectory,

@@ -258,12 +258,13 @@ def test_grad_param_names_are_what_the_gisp_loop_differentiates(family):
             assert grad_param_names(cfg, mode, layers) == list(want)
 
 
-def test_second_micro_batch_peak_and_accumulator_bytes():
-    """fp32: gradients held in .grad make the second micro-batch the peak; bf16: buffers are there from the start."""
+def test_persistent_accumulators_and_their_bytes():
+    """Accumulators are made once, before the first micro-batch (fp32 weights: a persistent fp32 .grad that
+    autograd adds into): every micro-batch has the same peak, and the buffers hold 4 (2) bytes per element."""
     cfg = tiny_config("llama")
     n_grad = sum(p.numel() for n, p in meta_model(cfg, torch.float32).named_parameters() if n in grad_param_names(cfg))
-    fp32 = predict_peak(cfg, dtype=torch.float32, micro_batch=2, seq_len=16)
-    assert fp32.micro_batch_peaks[1] > fp32.micro_batch_peaks[0]
+    fp32 = predict_peak(cfg, dtype=torch.float32, micro_batch=2, seq_len=16, micro_batches=3)
+    assert fp32.micro_batch_peaks[0] == fp32.micro_batch_peaks[1] == fp32.micro_batch_peaks[2]
     assert fp32.breakdown.accumulators == 4 * n_grad
     for mode in ("fp32", "bf16-stochastic", "fp32-host"):
         e = predict_peak(cfg, dtype=torch.bfloat16, micro_batch=2, seq_len=16, accumulator=mode)
@@ -365,9 +366,16 @@ def test_plan_json_round_trip_summary_and_projected_time():
     assert isinstance(d["peak_bytes"], int) and d["fits"] is True and d["micro_batch"] == 4
     assert d["accumulator"] == "fp32" and sum(d["breakdown"].values()) == d["peak_bytes"]
     assert set(d["breakdown"]) == {"weights", "accumulators", "activations", "logits", "workspace"}
-    assert d["projected_seconds"] == pytest.approx(7 * 10 * 16 / 80.0)
+    assert d["projected_seconds_dense"] == pytest.approx(7 * 10 * 16 / 80.0)
+    costs = plan_mod.step_costs(cfg, steps=7, r_max=0.7)
+    assert len(costs) == 7 and costs[0] == 1.0 and all(a > b for a, b in zip(costs, costs[1:], strict=False))
+    assert d["projected_seconds"] == pytest.approx(7 * 10 * 16 / 80.0 * sum(costs) / 7)
+    assert d["projected_seconds"] < d["projected_seconds_dense"]
+    dense = plan_build(cfg, "1GiB", samples=10, seq_len=16, dtype="float32", steps=7, batch_size=4, throughput=80.0,
+                       compact=False)
+    assert dense.projected_seconds == dense.projected_seconds_dense == pytest.approx(14.0)
     assert d["micro_batches_per_step"] == 3 and d["tokens_per_step"] == 160 and d["device_memory"] == GiB
-    assert "fits: peak" in p.summary() and "projected: 7 steps" in p.summary()
+    assert "fits: peak" in p.summary() and "projected: 7 steps" in p.summary() and "not a measurement" in p.summary()
     with pytest.raises(NestpruneError, match="plan version"):
         BuildPlan.from_dict({**d, "plan_version": 99})
 

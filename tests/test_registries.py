@@ -270,7 +270,7 @@ def test_gisp_state_carries_everything_between_steps(tokenizer):
 
     from nestprune.arch import Structures
     from nestprune.objectives.lm import LanguageModeling
-    from nestprune.rank.gisp import GispState, plan_gisp, run_gisp, run_step, scored_params
+    from nestprune.rank.gisp import GispState, Workspace, plan_gisp, run_gisp, run_step
     from nestprune.rank.methods import SilentReporter
 
     objective = LanguageModeling(_calib(tokenizer))
@@ -282,11 +282,10 @@ def test_gisp_state_carries_everything_between_steps(tokenizer):
         plan = plan_gisp(job, r_max=0.6, steps=5, one_shot=False, normalisation="reference")
         state = GispState.start(len(plan.table))
         if split:
-            arch = plan.structures.arch
-            params_for = {tuple(layers): scored_params(model, plan.structures, layers)
-                          for layers in (plan.prunable_layers, list(range(arch.num_layers)))}
+            work = Workspace(model, plan)
             for _ in range(2):
-                run_step(model, objective, plan, state, params_for, SilentReporter())
+                run_step(work, objective, plan, state, SilentReporter())
+            work.restore()  # back to full width, removed structures zeroed: the loop re-syncs from the state
             assert state.t == 2 and len(state.trajectory) == 2
         ranking, state = run_gisp(model, objective, plan, SilentReporter(), state=state)
         runs.append((ranking, state))

@@ -11,6 +11,7 @@ import gzip
 import hashlib
 import json
 import lzma
+from collections.abc import Iterator
 from pathlib import Path
 
 from nestprune.errors import NestpruneError
@@ -44,10 +45,9 @@ def _base_suffix(path: Path) -> str:
     return suffixes[-1] if suffixes else ""
 
 
-def read_jsonl_records(path: Path) -> list[tuple[str, dict]]:
-    """(``file:line``, record) per non-blank JSONL line; a malformed line is an error naming it."""
+def iter_jsonl_records(path: Path) -> Iterator[tuple[str, dict]]:
+    """(``file:line``, record) per non-blank JSONL line, streamed; a malformed line is an error naming it."""
     path = Path(path)
-    rows = []
     try:
         with open_text(path) as f:
             for lineno, line in enumerate(f, 1):
@@ -60,10 +60,14 @@ def read_jsonl_records(path: Path) -> list[tuple[str, dict]]:
                     raise NestpruneError(f"{where}: not valid JSON ({e.msg})") from None
                 if not isinstance(row, dict):
                     raise NestpruneError(f"{where}: expected a JSON object, got {type(row).__name__}")
-                rows.append((where, row))
+                yield where, row
     except (UnicodeDecodeError, lzma.LZMAError, EOFError) as e:
         raise NestpruneError(f"cannot read {path}: {e}") from None
-    return rows
+
+
+def read_jsonl_records(path: Path) -> list[tuple[str, dict]]:
+    """(``file:line``, record) per non-blank JSONL line; a malformed line is an error naming it."""
+    return list(iter_jsonl_records(path))
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -73,29 +77,53 @@ def read_jsonl(path: Path) -> list[dict]:
 
 def read_documents(path: Path) -> list[str]:
     """Documents of a text or JSONL file, in file order, empty ones dropped."""
+    return list(iter_documents(path))
+
+
+def iter_documents(path: Path) -> Iterator[str]:
+    """The documents of :func:`read_documents`, streamed: the file is read in blocks and no more than one
+    document (and one block) is held at a time. A text file is read twice (first to learn whether it uses
+    the ``<|doc|>`` separator, which decides how it splits)."""
     path = Path(path)
     if _base_suffix(path) == ".jsonl":
-        docs = []
-        for i, row in enumerate(read_jsonl(path), 1):
+        for i, (_, row) in enumerate(iter_jsonl_records(path), 1):
             if not isinstance(row.get("text"), str):
                 raise NestpruneError(f"{path}: record {i} has no string field 'text'")
-            docs.append(row["text"])
-        return [d for d in docs if d.strip()]
+            if row["text"].strip():
+                yield row["text"]
+        return
     try:
         with open_text(path) as f:
-            text = f.read()
+            separated = any(line.strip() == DOC_SEPARATOR for line in f)
+        with open_text(path) as f:
+            pieces = _split_lines(f) if separated else _split_blank(f)
+            for doc in pieces:
+                if doc.strip():
+                    yield doc.strip("\n")
     except (UnicodeDecodeError, lzma.LZMAError, EOFError) as e:
         raise NestpruneError(f"cannot read {path} as UTF-8 text: {e}") from None
-    lines = text.split("\n")
-    if any(line.strip() == DOC_SEPARATOR for line in lines):
-        docs, cur = [], []
-        for line in lines:
-            if line.strip() == DOC_SEPARATOR:
-                docs.append("\n".join(cur))
-                cur = []
-            else:
-                cur.append(line)
-        docs.append("\n".join(cur))
-    else:
-        docs = [d for d in text.split("\n\n")]
-    return [d.strip("\n") for d in docs if d.strip()]
+
+
+def _split_lines(f) -> Iterator[str]:
+    """Text between lines that hold only ``<|doc|>`` (``text.split("\\n")`` semantics: no trailing newline
+    kept on the last line of a piece)."""
+    cur: list[str] = []
+    for line in f:
+        body = line[:-1] if line.endswith("\n") else line
+        if body.strip() == DOC_SEPARATOR:
+            yield "\n".join(cur)
+            cur = []
+        else:
+            cur.append(body)
+    yield "\n".join(cur)  # text.split("\n") always has a last piece
+
+
+def _split_blank(f, block: int = 1 << 20) -> Iterator[str]:
+    """``text.split("\\n\\n")``, streamed: split each block joined to the unsplit tail of the previous one
+    (left-to-right splitting resumes where it stopped, so the pieces are the same)."""
+    tail = ""
+    while chunk := f.read(block):
+        parts = (tail + chunk).split("\n\n")
+        tail = parts.pop()
+        yield from parts
+    yield tail

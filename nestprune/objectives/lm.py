@@ -17,6 +17,13 @@ LM_DEFAULT_SAMPLES = 2000  # the reference's calibration: 2000 windows of 256 to
 LM_DEFAULT_SEQ_LEN = 256
 
 
+def lm_loss(model: torch.nn.Module, input_ids: torch.Tensor, windows: int) -> torch.Tensor:
+    """The LM objective's part for one micro-batch: the sum of its windows' mean token losses / ``windows``
+    (all windows of the step), so that the micro-batches' values and gradients add up to the objective's.
+    (The memory planner runs this same function, ``memory.lm_step``.)"""
+    return token_nll(model, input_ids, input_ids).sum() / windows
+
+
 class LanguageModeling:
     """Causal-LM cross-entropy, every token labelled; the mean over windows of each window's mean loss."""
 
@@ -31,8 +38,11 @@ class LanguageModeling:
             yield {"input_ids": w[i : i + batch_size]}
 
     def loss(self, model: torch.nn.Module, batch: Batch) -> torch.Tensor:
-        ids = batch["input_ids"]
-        return token_nll(model, ids, ids).sum() / len(self.calib.windows)
+        return lm_loss(model, batch["input_ids"], len(self.calib.windows))
+
+    def plan_shape(self) -> tuple[int, int]:
+        """(sequences per step, tokens per sequence): what a memory plan of this objective needs."""
+        return int(self.calib.windows.shape[0]), int(self.calib.windows.shape[1])
 
     def provenance(self) -> dict[str, Any]:
         c = self.calib

@@ -7,11 +7,16 @@ One step of iterative GISP (GISP.md):
 2. **score** — per-structure scores from weights × gradients, block-normalised (``score.py``);
 3. **select** — the global threshold at this step's ratio r_t (``schedule.py``): the newly removed
    structures, in ascending score;
-4. **apply** — zero them in the model (``mask.py``), so the next step's gradients see the masked model.
+4. **apply** — zero them in the model (``mask.py``), so the next step's gradients see the masked model,
+   and cut them out of it where that pays (``compact.py``; the zeroing path is ``--no-compact``).
 
-Everything the loop carries from step to step is one :class:`GispState` (what a checkpoint would hold);
-what is fixed for the whole run is one :class:`GispPlan`. The math lives in the pure modules; this file
-only sequences it, and is the only place that runs a backward pass.
+What the loop carries from step to step is split in two. :class:`GispState` is the full-width picture
+(what was removed, at which step and score, the latest scores, the step index): small numpy arrays in
+structure-table order, what a checkpoint holds. :class:`Workspace` is the working side: the model as
+compaction has cut it, which original structure sits at each position of each layer, and the
+persistent gradient accumulators; it is never saved and is rebuilt from a dense model and a GispState
+(:meth:`Workspace.sync`). What is fixed for the whole run is one :class:`GispPlan`. The math lives in
+the pure modules; this file only sequences it, and is the only place that runs a backward pass.
 """
 
 from __future__ import annotations
@@ -26,7 +31,11 @@ import torch
 
 from nestprune.arch import Structures, decoder_param_count
 from nestprune.objectives.base import Objective
-from nestprune.rank.mask import layer_tensors, zero_removed_
+from nestprune.rank import attention
+from nestprune.rank.compact import CompactPolicy, LayerLayout, default_policy, select_, zero_positions_
+from nestprune.rank.compact import expand_ as expand_layer_
+from nestprune.rank.mask import layer_tensors
+from nestprune.rank.memory import install_accumulators, remove_accumulators
 from nestprune.rank.methods import GispConfig, GispOneShotConfig, RankJob, RankResult, Reporter
 from nestprune.rank.schedule import order_within_step, ratio_step, select_pruned
 from nestprune.rank.score import layer_scores, normalise
@@ -52,6 +61,10 @@ class GispPlan:
     normalisation: str
     max_sparsity: float | None
     batch_size: int
+    compact: bool = True  # cut removed structures out of the working model (False: only zero them)
+    policy: CompactPolicy = CompactPolicy()
+    accumulator: str = "fp32"  # how non-fp32 gradients accumulate (memory.ACCUMULATORS)
+    seed: int = 0  # of the stochastic rounding (bf16-stochastic)
 
     @property
     def delta(self) -> float:
@@ -70,7 +83,8 @@ class GispPlan:
 
 @dataclass
 class GispState:
-    """What the loop carries from step to step, in structure-table order."""
+    """The full-width picture the loop carries from step to step, in structure-table order (independent of
+    compaction, micro-batch and device: what a checkpoint holds)."""
 
     pruned: np.ndarray  # (N,) bool
     step: np.ndarray  # (N,) int32: the step that removed each structure, -1 if none
@@ -95,10 +109,12 @@ def plan_gisp(job: RankJob, *, r_max: float, steps: int | None, one_shot: bool, 
         planned = 1
     else:
         planned = steps if steps is not None else max(16, round(3.5 * arch.num_layers))
+    device = next(job.model.parameters()).device
     return GispPlan(structures=structures, table=structure_table(structures, prunable), prunable_layers=prunable,
                     decoder_params=decoder_param_count(job.model, arch), steps_planned=planned, r_max=r_max,
                     one_shot=one_shot, normalisation=normalisation, max_sparsity=job.max_sparsity,
-                    batch_size=job.batch_size)
+                    batch_size=job.batch_size, compact=job.compact and not one_shot,
+                    policy=job.compact_policy or default_policy(device), accumulator=job.accumulator, seed=job.seed)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -112,52 +128,46 @@ def accumulate_gradients(
     params: dict[str, torch.nn.Parameter],
     batch_size: int,
     on_batch: Callable[[int, int], None] | None = None,
+    *,
+    accumulator: str = "fp32",
+    buffers: dict[str, torch.Tensor] | None = None,
+    generator: torch.Generator | None = None,
 ) -> tuple[float, dict[str, torch.Tensor]]:
-    """One full pass over the objective's batches: (objective value, its gradient for ``params`` in fp32).
+    """One full pass over the objective's batches: (objective value, its gradient for ``params``).
 
-    Only ``params`` require gradients; everything else is frozen. fp32 parameters accumulate in
-    ``.grad``; lower-precision ones are added into fp32 buffers by a hook the moment each gradient is
-    ready (and their ``.grad`` dropped), so many batches lose no bits and no full set of bf16
-    gradients is ever held at once.
+    Only ``params`` require gradients; everything else is frozen. Gradients accumulate as
+    ``memory.install_accumulators`` sets them up (the memory plan runs the same code): fp32 parameters in
+    a persistent fp32 ``.grad``; lower-precision ones are folded into the ``accumulator`` mode's buffers the
+    moment each gradient is ready (fp32 by default), so no full set of low-precision gradients is ever
+    held. ``buffers`` (name -> tensor) are reused across calls (zeroed, remade only when a shape
+    changed) and hold the returned gradients. Nothing waits for the device between micro-batches: the
+    batches go over from pinned memory, and the loss is summed on the device and read once, at the end.
     """
     device = next(model.parameters()).device
     for p in model.parameters():
         p.requires_grad_(False)
         p.grad = None
-    acc: dict[str, torch.Tensor] = {}
-    hooks = []
-
-    def make_hook(buf: torch.Tensor):
-        def hook(p: torch.Tensor) -> None:
-            buf.add_(p.grad.float())
-            p.grad = None
-
-        return hook
-
-    for name, p in params.items():
-        p.requires_grad_(True)
-        if p.dtype != torch.float32:
-            acc[name] = torch.zeros_like(p, dtype=torch.float32)
-            hooks.append(p.register_post_accumulate_grad_hook(make_hook(acc[name])))
+    buffers = {} if buffers is None else buffers
+    hooks: list = []
     batches = list(objective.batches(batch_size))
-    total = 0.0
+    total = torch.zeros((), dtype=torch.float64, device=device)
     try:
+        buffers, hooks = install_accumulators(params, accumulator, buffers=buffers, generator=generator)
         for i, batch in enumerate(batches):
-            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+            # from pinned memory the copy is asynchronous (from pageable memory CUDA makes the host wait)
+            batch = {k: (v.pin_memory() if device.type == "cuda" and v.device.type == "cpu" else v)
+                     .to(device, non_blocking=True) for k, v in batch.items()}
             loss = objective.loss(model, batch)
             loss.backward()
-            total += float(loss.detach())
+            total += loss.detach()
+            del loss
             if on_batch:
                 on_batch(i + 1, len(batches))
-        grads = {n: (acc[n] if n in acc else (p.grad if p.grad is not None else torch.zeros_like(p)))
+        grads = {n: buffers[n] if n in buffers else (p.grad if p.grad is not None else torch.zeros_like(p))
                  for n, p in params.items()}
     finally:
-        for h in hooks:
-            h.remove()
-        for p in params.values():
-            p.requires_grad_(False)
-            p.grad = None
-    return total, grads
+        remove_accumulators(params, hooks)
+    return float(total), grads
 
 
 def scored_params(model: torch.nn.Module, structures: Structures, layers: list[int]) -> dict[str, torch.nn.Parameter]:
@@ -174,20 +184,30 @@ def scored_params(model: torch.nn.Module, structures: Structures, layers: list[i
 
 
 def score_layers(model: torch.nn.Module, structures: Structures, layers: list[int], grads: dict[str, torch.Tensor],
-                 normalisation: str) -> tuple[np.ndarray, np.ndarray]:
-    """(normalised, raw) scores in structure-table order; layers not in ``layers`` get NaN."""
+                 normalisation: str, layout: dict[int, LayerLayout] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(normalised, raw) scores in structure-table order; layers not in ``layers`` get NaN.
+
+    ``layout``: which structure sits at each position of a compacted layer's tensors; a structure no
+    longer present (removed, cut out) scores exactly 0, as its zeroed weights would."""
     arch = structures.arch
     n_attn, n_mlp = structures.attention_units, arch.intermediate_size
     norm = np.full(arch.num_layers * (n_attn + n_mlp), np.nan)
     raw = norm.copy()
     for layer in layers:
+        lay = layout.get(layer) if layout else None
+        counts = lay.counts(structures) if lay is not None else None
         weights = layer_tensors(model, arch, layer)
         g = {s.name: grads[arch.layer_key(layer, s.name)] for s in structures.scored_slices()}
-        a, m = layer_scores(structures, weights, g)
+        a, m = layer_scores(structures, weights, g, counts)
         na, nm = normalise(structures, a, m, normalisation)
         lo = layer * (n_attn + n_mlp)
-        raw[lo : lo + n_attn + n_mlp] = torch.cat([a, m]).numpy()
-        norm[lo : lo + n_attn + n_mlp] = torch.cat([na, nm]).numpy()
+        for out, (ta, tm) in ((raw, (a, m)), (norm, (na, nm))):
+            if lay is None:
+                out[lo : lo + n_attn + n_mlp] = torch.cat([ta, tm]).numpy()
+            else:
+                full_a, full_m = np.zeros(n_attn), np.zeros(n_mlp)
+                full_a[lay.attn], full_m[lay.mlp] = ta.numpy(), tm.numpy()
+                out[lo : lo + n_attn + n_mlp] = np.concatenate([full_a, full_m])
     return norm, raw
 
 
@@ -215,18 +235,95 @@ def select_step(plan: GispPlan, state: GispState, norm: np.ndarray, raw: np.ndar
 
 
 # ---------------------------------------------------------------------------------------------
-# 4. apply
+# 4. apply: the working side
 # ---------------------------------------------------------------------------------------------
 
 
-def apply_removals(model: torch.nn.Module, plan: GispPlan, state: GispState) -> None:
-    """Zero every pruned structure (idempotent: already-zero weights stay zero)."""
-    structures, table = plan.structures, plan.table
-    n_attn = structures.attention_units
-    per_layer = n_attn + structures.arch.intermediate_size
-    for layer in np.unique(table.layer[state.pruned]).tolist():
-        keep = ~state.pruned[layer * per_layer : (layer + 1) * per_layer]
-        zero_removed_(structures, layer_tensors(model, structures.arch, layer), keep[:n_attn], keep[n_attn:])
+MIN_CHANNELS = 2  # see compact.py: a one-channel MLP would take MKL's matrix-vector path
+
+
+class Workspace:
+    """The working side of a run: the model as compaction has cut it, which original structure sits at
+    each position of each layer (:class:`LayerLayout`), and the persistent gradient accumulators.
+
+    Never saved: :meth:`sync` brings a (dense or partly cut) model to any :class:`GispState`, so a run
+    resumed from a saved state rebuilds it from the base model. :meth:`restore` puts the model back to
+    full width with every removed structure zeroed (what the zeroing path leaves).
+    """
+
+    def __init__(self, model: torch.nn.Module, plan: GispPlan):
+        self.model, self.plan = model, plan
+        st = plan.structures
+        self.layout = {layer: LayerLayout.full(st) for layer in range(st.arch.num_layers)}
+        self.buffers: dict[str, torch.Tensor] = {}
+        self.config = model.config  # the global config; a compacted Phi-3 attention gets a copy
+        device = next(model.parameters()).device
+        self.generator = (torch.Generator(device=device).manual_seed(plan.seed)
+                          if plan.accumulator == "bf16-stochastic" and device.type != "meta" else None)
+        # GQA query-head mode gathers K/V per query head from the start, compacted or not (attention.py)
+        self._undo_attention = attention.prepare_attention(model, gather=not st.owns("kv"))
+
+    def params(self, layers: list[int]) -> dict[str, torch.nn.Parameter]:
+        return scored_params(self.model, self.plan.structures, layers)
+
+    def accumulate(self, objective: Objective, layers: list[int],
+                   on_batch: Callable[[int, int], None] | None = None) -> tuple[float, dict[str, torch.Tensor]]:
+        params = self.params(layers)
+        for name in set(self.buffers) - set(params):  # layers no longer scored (the never-pruned ones after step 0)
+            del self.buffers[name]
+        return accumulate_gradients(self.model, objective, params, self.plan.batch_size, on_batch,
+                                    accumulator=self.plan.accumulator, buffers=self.buffers,
+                                    generator=self.generator)
+
+    def score(self, layers: list[int], grads: dict[str, torch.Tensor]) -> tuple[np.ndarray, np.ndarray]:
+        return score_layers(self.model, self.plan.structures, layers, grads, self.plan.normalisation, self.layout)
+
+    def _keep(self, live: np.ndarray, multiple: int, minimum: int = 1) -> np.ndarray | None:
+        """Positions to keep when a block is cut (live ones, then removed ones as padding); None: not cut."""
+        width = self.plan.policy.width(int(live.sum()), len(live), multiple, minimum)
+        if width is None:
+            return None
+        pad = np.flatnonzero(~live)[: width - int(live.sum())]
+        return np.sort(np.concatenate([np.flatnonzero(live), pad]))
+
+    def sync(self, state: GispState) -> None:
+        """Bring the working model to ``state``: zero every removed structure still present, and (compacting)
+        cut the blocks the policy says to cut."""
+        st, table, policy = self.plan.structures, self.plan.table, self.plan.policy
+        n_attn = st.attention_units
+        per_layer = n_attn + st.arch.intermediate_size
+        for layer in np.unique(table.layer[state.pruned]).tolist():
+            removed = state.pruned[layer * per_layer : (layer + 1) * per_layer]
+            lay = self.layout[layer]
+            live_a, live_m = ~removed[:n_attn][lay.attn], ~removed[n_attn:][lay.mlp]
+            if live_a.all() and live_m.all():
+                continue
+            zero_positions_(self.model, st, layer, lay, live_a, live_m)
+            if not self.plan.compact:
+                continue
+            keep_a, keep_m = self._keep(live_a, policy.head_multiple), self._keep(live_m, policy.channel_multiple, MIN_CHANNELS)
+            if keep_a is None and keep_m is None:
+                continue
+            for name in st.arch.tensor_names():  # stale accumulators go first: the cut allocates anew
+                self.buffers.pop(st.arch.layer_key(layer, name), None)
+            self.layout[layer] = select_(self.model, st, layer, lay,
+                                         np.arange(len(lay.attn)) if keep_a is None else keep_a,
+                                         np.arange(len(lay.mlp)) if keep_m is None else keep_m, self.config)
+
+    def widths(self) -> dict[str, int]:
+        """Attention units and MLP channels present in the working model (summed over layers)."""
+        return {"attention": sum(len(v.attn) for v in self.layout.values()),
+                "mlp": sum(len(v.mlp) for v in self.layout.values())}
+
+    def restore(self) -> None:
+        """Full width again (absent structures as zeros), attention as it was, accumulators released."""
+        self.buffers.clear()
+        st = self.plan.structures
+        for layer, lay in self.layout.items():
+            if not lay.is_full(st):
+                expand_layer_(self.model, st, layer, lay, self.config)
+                self.layout[layer] = LayerLayout.full(st)
+        self._undo_attention()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -247,19 +344,17 @@ def finished(plan: GispPlan, state: GispState, ratio: float) -> bool:
     return state.t >= plan.steps_planned
 
 
-def run_step(model: torch.nn.Module, objective: Objective, plan: GispPlan, state: GispState,
-             params_for: dict[tuple[int, ...], dict[str, torch.nn.Parameter]], reporter: Reporter) -> float:
+def run_step(work: Workspace, objective: Objective, plan: GispPlan, state: GispState, reporter: Reporter) -> float:
     """One step: accumulate → score → select → apply; appends its record to the trajectory. Returns its ratio."""
     t0 = time.perf_counter()
     t = state.t
     ratio = plan.ratio(t)
     layers = plan.layers(t)
-    loss, grads = accumulate_gradients(model, objective, params_for[tuple(layers)], plan.batch_size,
-                                       lambda d, tot: reporter.on_batch(t, d, tot))
-    norm, raw = score_layers(model, plan.structures, layers, grads, plan.normalisation)
+    loss, grads = work.accumulate(objective, layers, lambda d, tot: reporter.on_batch(t, d, tot))
+    norm, raw = work.score(layers, grads)
     del grads
     select_step(plan, state, norm, raw, ratio)
-    apply_removals(model, plan, state)
+    work.sync(state)
     rec = StepRecord(step=t, ratio=float(ratio), structures_removed=int(state.pruned.sum()),
                      param_sparsity=sparsity(plan, state), loss=loss if math.isfinite(loss) else None,
                      seconds=time.perf_counter() - t0)
@@ -271,15 +366,18 @@ def run_step(model: torch.nn.Module, objective: Objective, plan: GispPlan, state
 
 def run_gisp(model: torch.nn.Module, objective: Objective, plan: GispPlan, reporter: Reporter,
              state: GispState | None = None) -> tuple[Ranking, GispState]:
-    """Run GISP on ``model`` (modified in place: removed structures end up zeroed) from ``state`` (a fresh
-    one by default) to the end of the plan."""
+    """Run GISP on ``model`` from ``state`` (a fresh one by default) to the end of the plan. The model is
+    changed in place and handed back at full width with every removed structure zeroed."""
     state = state or GispState.start(len(plan.table))
-    params_for = {tuple(layers): scored_params(model, plan.structures, layers)
-                  for layers in (plan.prunable_layers, list(range(plan.structures.arch.num_layers)))}
-    while True:
-        ratio = run_step(model, objective, plan, state, params_for, reporter)
-        if finished(plan, state, ratio):
-            break
+    work = Workspace(model, plan)
+    try:
+        work.sync(state)
+        while True:
+            ratio = run_step(work, objective, plan, state, reporter)
+            if finished(plan, state, ratio):
+                break
+    finally:
+        work.restore()
     return finish_ranking(plan, state), state
 
 

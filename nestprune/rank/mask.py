@@ -49,14 +49,16 @@ def slice_mask(st: Structures, s: TensorSlice, attn_keep: np.ndarray, mlp_keep: 
 
 @torch.no_grad()
 def zero_removed_(st: Structures, tensors: Mapping[str, torch.Tensor], attn_keep: np.ndarray,
-                  mlp_keep: np.ndarray) -> None:
+                  mlp_keep: np.ndarray, counts: Mapping[str, int] | None = None) -> None:
     """Zero, in place, the rows/columns of removed structures in one layer's tensors (keyed by tensor name),
-    segment by segment (a fused tensor is zeroed in each segment it holds)."""
+    segment by segment (a fused tensor is zeroed in each segment it holds). ``counts``: units per index
+    space of the tensors (default the base model's; a compacted layer's are smaller), the keep-vectors
+    being per unit present."""
     for s in st.arch.slices():
         keep = slice_mask(st, s, attn_keep, mlp_keep)
         if keep is None or bool(keep.all()):
             continue
-        start, length = st.arch.segment_span(s)
+        start, length = st.arch.segment_span(s, counts)
         t = tensors[s.name].narrow(s.axis, start, length)  # a view: zeroing it zeroes the tensor
         m = keep.to(device=t.device, dtype=t.dtype)
         t.mul_(m.view(-1, 1) if (s.axis == 0 and t.dim() == 2) else m)

@@ -30,12 +30,13 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from nestprune.arch import GqaMode, Structures, arch_from_config, needs_eager_attention
 from nestprune.errors import NestpruneError
+from nestprune.rank import attention
+from nestprune.rank.attention import FUSED_ATTENTION, fused_attention  # noqa: F401 (re-exported)
 
 LABELS = ("weights", "accumulators", "activations", "logits", "workspace")
 
@@ -44,7 +45,6 @@ LABELS = ("weights", "accumulators", "activations", "logits", "workspace")
 # hits it: cross-entropy over ``logits.transpose(1, 2)`` log-softmaxes a transposed fp32 logits tensor.
 # op name -> indices of the arguments that are copied.
 _CONTIGUOUS_INSIDE = {"aten._log_softmax.default": (0,), "aten._softmax.default": (0,)}
-FUSED_ATTENTION = "nestprune_fused"
 
 Batch = dict[str, torch.Tensor]
 StepFn = Callable[[torch.nn.Module, Batch], Any]
@@ -186,34 +186,14 @@ class AllocationTracker(TorchDispatchMode):
 # ---------------------------------------------------------------------------------------------
 
 
-def fused_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                    attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
-                    **kwargs) -> tuple[torch.Tensor, None]:
-    """Causal attention through a fused kernel. q (B, H, T, D), k/v (B, Hkv, T, D) -> (B, T, H, D).
-
-    On meta: the CUDA flash kernel's op (output + fp32 logsumexp saved for backward; GQA without
-    repeating k/v, as flash does). Elsewhere: SDPA, which picks the device's fused kernel. Memory
-    model only: padding masks are ignored (the build's LM windows have none).
-    """
-    if query.device.type == "meta":
-        out = torch.ops.aten._scaled_dot_product_flash_attention(query, key, value, 0.0, True, False,
-                                                                 scale=scaling)[0]
-    else:
-        out = F.scaled_dot_product_attention(query, key, value, is_causal=True, scale=scaling,
-                                             enable_gqa=key.shape[1] != query.shape[1])
-    return out.transpose(1, 2).contiguous(), None
-
-
 def register_fused_attention() -> str:
-    """Register :func:`fused_attention` with transformers (idempotent); returns its name.
+    """Register the planner's model of the fused kernel (:func:`attention.fused_attention`) behind the build's
+    K/V-gathering wrapper (idempotent); returns its name.
 
     It gets no mask function on purpose: transformers then passes no mask and runs no
     packed-sequence check, as for a flash kernel on unpadded windows.
     """
-    from transformers import AttentionInterface
-
-    AttentionInterface.register(FUSED_ATTENTION, fused_attention)
-    return FUSED_ATTENTION
+    return attention.register(FUSED_ATTENTION)
 
 
 @contextmanager
@@ -254,7 +234,7 @@ def model_from_config(config: Mapping[str, Any], dtype: torch.dtype, device: str
     (attention soft-capping, which no fused kernel computes)."""
     from transformers import AutoModelForCausalLM
 
-    name = "eager" if needs_eager_attention(config) else register_fused_attention()
+    name = attention.register("eager") if needs_eager_attention(config) else register_fused_attention()
     torch.manual_seed(seed)
     with torch.device(device):
         model = AutoModelForCausalLM.from_config(hf_config(config), dtype=dtype, attn_implementation=name)
@@ -287,13 +267,14 @@ def grad_param_names(config: Mapping[str, Any], gqa_mode: GqaMode = "query",
 
 @dataclass(frozen=True)
 class AccumulatorModel:
-    """The device footprint of one way of accumulating a non-fp32 gradient over micro-batches.
+    """One way of accumulating a non-fp32 gradient over micro-batches, and its device footprint.
 
-    fp32 parameters always accumulate in ``.grad`` (4 bytes per element); a mode applies to the
-    others. ``buffer``: dtype of the persistent device buffer (None: no device buffer);
-    ``transient``: dtype of the one temporary made while a gradient is folded in (None: none);
-    ``host_bytes``: persistent host memory per element. The build engine implements the modes;
-    this is what the planner runs on meta so that each mode's peak comes from the same step.
+    fp32 parameters always accumulate in a persistent fp32 ``.grad`` (autograd adds each micro-batch's
+    gradient into it in place); a mode applies to the others. ``buffer``: dtype of the persistent device
+    buffer (None: no device buffer); ``transient``: dtype of what is made per gradient while it is folded
+    in, besides the gradient itself (None: nothing; bf16-stochastic works in chunks of at most
+    :data:`STOCHASTIC_CHUNK` elements); ``host_bytes``: persistent host memory per element.
+    :func:`install_accumulators` implements every mode; the planner runs that same code on meta.
     """
 
     name: str
@@ -308,13 +289,14 @@ class AccumulatorModel:
 
 
 ACCUMULATORS: dict[str, AccumulatorModel] = {m.name: m for m in (
-    # today's build: buf.add_(p.grad.float()) -> one fp32 copy of the gradient while it is added
-    AccumulatorModel("fp32", torch.float32, torch.float32, 0, "fp32 buffers on the device"),
+    # buf.add_(p.grad): the bf16 gradient is widened inside the add, no fp32 copy of it is made (CUDA)
+    AccumulatorModel("fp32", torch.float32, None, 0, "fp32 buffers on the device"),
     AccumulatorModel("bf16-stochastic", torch.bfloat16, torch.float32, 0,
-                     "bf16 buffers on the device, sums rounded stochastically (via an fp32 temporary)"),
+                     "bf16 buffers on the device, sums rounded stochastically (fp32 + int32 noise per chunk)"),
     AccumulatorModel("fp32-host", None, None, 4, "fp32 buffers in host memory; each gradient leaves the device"),
     AccumulatorModel("grad", None, None, 0, "plain autograd: gradients summed in .grad in the parameter dtype"),
 )}
+STOCHASTIC_CHUNK = 1 << 24  # elements folded at once by bf16-stochastic (its transient: 8 bytes each)
 
 
 def accumulator_model(name: str) -> AccumulatorModel:
@@ -324,45 +306,110 @@ def accumulator_model(name: str) -> AccumulatorModel:
         raise NestpruneError(f"unknown accumulator {name!r}; use one of {', '.join(ACCUMULATORS)}") from None
 
 
-def install_accumulators(params: Mapping[str, torch.nn.Parameter], mode: str,
-                         on_grad: Callable[[torch.Tensor], None] | None = None) -> tuple[dict, list]:
-    """Set up gradients as the build does: ``params`` require grad; non-fp32 ones are folded into
-    the mode's buffer by a post-accumulate hook that then drops ``.grad``. Returns (buffers, hooks).
+@torch.no_grad()
+def stochastic_round_(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Round fp32 ``x`` in place to the bf16 grid, up or down at random with the probabilities that make the
+    result unbiased (E[round(x)] = x): add uniform noise below the 16 bits bf16 keeps, then drop them.
+    ``x.to(torch.bfloat16)`` is then exact."""
+    bits = x.view(torch.int32)
+    bits.add_(torch.randint(0, 1 << 16, x.shape, dtype=torch.int32, device=x.device, generator=generator))
+    bits.bitwise_and_(-(1 << 16))  # 0xFFFF0000: sign, exponent and the 7 mantissa bits of bf16
+    return x
 
-    ``on_grad(p)`` is called when a gradient that stays in ``p.grad`` has been accumulated (fp32
-    parameters, mode ``grad``): bookkeeping only, it allocates nothing."""
+
+@torch.no_grad()
+def stochastic_add_(buf: torch.Tensor, grad: torch.Tensor, generator: torch.Generator | None = None,
+                    chunk: int = STOCHASTIC_CHUNK) -> None:
+    """``buf += grad`` for a bf16 ``buf``: summed in fp32, rounded stochastically back to bf16, chunk by chunk."""
+    b, g = buf.view(-1), grad.reshape(-1)
+    for lo in range(0, b.numel(), chunk):
+        s = b[lo : lo + chunk].float()
+        s.add_(g[lo : lo + chunk])
+        b[lo : lo + chunk].copy_(stochastic_round_(s, generator))
+        del s
+
+
+def _buffer(buffers: dict[str, torch.Tensor], name: str, shape: torch.Size, dtype: torch.dtype,
+            device: torch.device | str, pin: bool = False) -> torch.Tensor:
+    """The persistent buffer ``name``, zeroed; made (once) when missing or of another shape."""
+    buf = buffers.get(name)
+    if buf is None or buf.shape != shape or buf.dtype != dtype:
+        buffers.pop(name, None)
+        del buf
+        buf = torch.zeros(shape, dtype=dtype, device=device, pin_memory=pin)
+        buffers[name] = buf
+    else:
+        buf.zero_()
+    return buf
+
+
+@contextmanager
+def _untracked() -> Iterator[None]:
+    """Allocations that no :class:`AllocationTracker` (or other dispatch mode) sees."""
+    from torch.utils._python_dispatch import _disable_current_modes
+
+    with _disable_current_modes():
+        yield
+
+
+def install_accumulators(params: Mapping[str, torch.nn.Parameter], mode: str,
+                         on_grad: Callable[[torch.Tensor], None] | None = None,
+                         buffers: dict[str, torch.Tensor] | None = None,
+                         generator: torch.Generator | None = None) -> tuple[dict, list]:
+    """Set up gradients as the build does; returns (buffers, hooks). ``params`` require grad, and
+
+    * fp32 parameters (any mode but ``grad``) get a zeroed persistent fp32 ``.grad`` that autograd adds
+      each micro-batch's gradient into, in place;
+    * other parameters are folded into the mode's buffer by a post-accumulate hook that then drops
+      ``.grad``: ``fp32`` adds the gradient into an fp32 buffer (widened inside the add),
+      ``bf16-stochastic`` into a bf16 buffer with stochastic rounding (``generator``), ``fp32-host``
+      into an fp32 buffer in host memory (pinned with CUDA; none on meta, where only the device side is
+      modelled);
+    * ``grad``: plain autograd.
+
+    ``buffers`` (name -> tensor) are reused when given (zeroed; remade when a shape changed, e.g. after
+    compaction) and filled in place, so a build allocates its accumulators once. ``on_grad(p)`` is
+    called after a gradient is accumulated into ``p.grad`` (fp32 parameters, mode ``grad``)."""
     spec = accumulator_model(mode)
-    buffers: dict[str, torch.Tensor] = {}
+    buffers = {} if buffers is None else buffers
     hooks = []
 
     def make_hook(buf: torch.Tensor | None):
         def hook(p: torch.Tensor) -> None:
-            if spec.transient is not None:
-                tmp = p.grad.to(spec.transient, copy=True)
-                if buf is not None:
-                    buf.add_(tmp)
-                del tmp
-            elif buf is not None:
+            if buf is None:  # fp32-host on meta: the gradient leaves the device
+                pass
+            elif spec.name == "bf16-stochastic":
+                stochastic_add_(buf, p.grad, generator)
+            elif buf.device == p.grad.device:
                 buf.add_(p.grad)
+            else:
+                buf.add_(p.grad.to(buf.device))
             p.grad = None
 
         return hook
 
     for name, p in params.items():
         p.requires_grad_(True)
-        if p.dtype == torch.float32 or spec.name == "grad":
+        if spec.name == "grad" or p.dtype == torch.float32:
+            if spec.name != "grad":
+                p.grad = _buffer(buffers, name, p.shape, torch.float32, p.device)
             if on_grad is not None:
                 hooks.append(p.register_post_accumulate_grad_hook(on_grad))
             continue
-        buf = None if spec.buffer is None else torch.zeros_like(p, dtype=spec.buffer)
-        if buf is not None:
-            buffers[name] = buf
+        if spec.name == "fp32-host":
+            # host memory: not the device's, so made outside any tracker (the plan reports it as host_bytes)
+            with _untracked():
+                buf = None if p.device.type == "meta" else _buffer(
+                    buffers, name, p.shape, torch.float32, "cpu", pin=p.device.type == "cuda")
+        else:
+            buf = _buffer(buffers, name, p.shape, spec.buffer, p.device)
         hooks.append(p.register_post_accumulate_grad_hook(make_hook(buf)))
     return buffers, hooks
 
 
 def remove_accumulators(params: Mapping[str, torch.nn.Parameter], hooks: Iterable) -> None:
-    """Undo :func:`install_accumulators`: hooks removed, no gradient required or kept."""
+    """Undo :func:`install_accumulators`: hooks removed, no gradient required or kept (buffers stay with
+    their owner)."""
     for h in hooks:
         h.remove()
     for p in params.values():
@@ -407,11 +454,10 @@ class PeakEstimate:
 
 
 def lm_step(model: torch.nn.Module, batch: Batch) -> None:
-    """One micro-batch of the LM objective: the build's loss (token_nll), then backward."""
-    from nestprune.objectives.base import token_nll
+    """One micro-batch of the LM objective: the build's loss (``objectives.lm.lm_loss``), then backward."""
+    from nestprune.objectives.lm import lm_loss
 
-    ids = batch["input_ids"]
-    token_nll(model, ids, ids).sum().backward()
+    lm_loss(model, batch["input_ids"], 1).backward()
 
 
 def _vocab_size(model: torch.nn.Module) -> int | None:
@@ -421,11 +467,14 @@ def _vocab_size(model: torch.nn.Module) -> int | None:
 
 def measure_peak(model: torch.nn.Module, *, micro_batch: int, seq_len: int,
                  params_requiring_grad: Iterable[str], accumulator: str = "fp32",
-                 step_fn: StepFn | None = None, micro_batches: int = 2) -> PeakEstimate:
+                 step_fn: StepFn | None = None, micro_batches: int = 2,
+                 gqa_mode: GqaMode | None = "query") -> PeakEstimate:
     """Run ``micro_batches`` micro-batches of ``step_fn`` on ``model`` (any device, meta included)
-    with gradients and accumulators set up as the build does, and return the tracked peak.
+    with gradients, accumulators and attention set up as the build does, and return the tracked peak.
 
-    The model's parameters and buffers count as weights. Afterwards no parameter requires grad.
+    ``gqa_mode="query"`` (the build's default) gathers K/V per query head of a GQA model as the build does
+    in that mode (``attention.prepare_attention``); ``None`` runs the model's attention as it is. The model's parameters and buffers count as weights.
+    Afterwards no parameter requires grad and the model's attention is as it was.
     """
     if micro_batch < 1 or seq_len < 2 or micro_batches < 1:
         raise NestpruneError("need micro_batch >= 1, seq_len >= 2 and micro_batches >= 1")
@@ -445,12 +494,11 @@ def measure_peak(model: torch.nn.Module, *, micro_batch: int, seq_len: int,
     tracker.adopt(list(model.parameters()) + list(model.buffers()), "weights")
     hooks: list = []
     peaks: list[tuple[int, dict[str, int]]] = []
+    undo = attention.prepare_attention(model, gather=gqa_mode == "query")
     try:
         with meta_safe_masks(), tracker:
-            with tracker.label("accumulators"):
-                # gradients kept in .grad across micro-batches are accumulators
-                buffers, hooks = install_accumulators(
-                    params, accumulator, on_grad=lambda p: tracker.relabel([p.grad], "accumulators"))
+            with tracker.label("accumulators"):  # persistent: made once, before the first micro-batch
+                buffers, hooks = install_accumulators(params, accumulator)
             for _ in range(micro_batches):
                 tracker.reset_peak()
                 ids = torch.zeros((micro_batch, seq_len), dtype=torch.long, device=device)
@@ -460,6 +508,7 @@ def measure_peak(model: torch.nn.Module, *, micro_batch: int, seq_len: int,
             del buffers
     finally:
         remove_accumulators(params, hooks)
+        undo()
     peak, parts = max(peaks, key=lambda x: x[0])
     host = spec.host_bytes * sum(p.numel() for p in params.values() if p.dtype != torch.float32)
     return PeakEstimate(peak_bytes=peak, breakdown=MemoryBreakdown(**parts), micro_batch=micro_batch,
@@ -479,7 +528,7 @@ def predict_peak(config: Mapping[str, Any], *, dtype: torch.dtype, micro_batch: 
     model = model if model is not None else meta_model(config, dtype)
     names = grad_param_names(config, gqa_mode) if params_requiring_grad is None else params_requiring_grad
     return measure_peak(model, micro_batch=micro_batch, seq_len=seq_len, params_requiring_grad=names,
-                        accumulator=accumulator, step_fn=step_fn, micro_batches=micro_batches)
+                        accumulator=accumulator, step_fn=step_fn, micro_batches=micro_batches, gqa_mode=gqa_mode)
 
 
 def measure_throughput(model: torch.nn.Module, *, micro_batch: int, seq_len: int,

@@ -120,6 +120,12 @@ class RankJob:
     skip_first_frac: float
     skip_last: int
     reporter: Reporter = SilentReporter()
+    # how gradient methods run (none changes the ranking beyond fp rounding): cut removed structures out of
+    # the working model (``rank/compact.py``; the policy defaults by device), how non-fp32 gradients
+    # accumulate (``rank/memory.py``'s ACCUMULATORS)
+    compact: bool = True
+    compact_policy: Any = None
+    accumulator: str = "fp32"
 
     def prunable_layers(self) -> list[int]:
         return prunable_layers(self.structures.arch, self.skip_first_frac, self.skip_last)

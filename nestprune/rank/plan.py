@@ -7,8 +7,15 @@ Choices (``plan_build``):
   * accumulators, ``auto``: fp32 when it fits at some micro-batch, else the next mode of
     ``AUTO_ACCUMULATORS`` (less device memory, less exact). The modes apply to non-fp32 weights;
     an fp32 build always accumulates in fp32 ``.grad``.
-  * micro-batch, ``auto``: the largest that fits (at most ``samples``). The step's tokens stay
-    ``samples × seq_len``: a smaller micro-batch means more micro-batches per step, not fewer tokens.
+  * micro-batch, ``auto``: the largest that fits (at most ``samples``, and on a CPU at most
+    :data:`CPU_MICRO_BATCH_TOKENS` tokens: a CPU's throughput stops growing long before its memory
+    runs out). The step's tokens stay ``samples × seq_len``: a smaller micro-batch means more
+    micro-batches per step, not fewer tokens.
+  * the peak is that of one micro-batch: the accumulators are made before the first one, so every
+    micro-batch of a step allocates the same (``memory.install_accumulators``).
+  * projected time: the dense model's step time at ``throughput`` scaled, step by step, by the share of
+    the per-token work left once compaction has cut the structures removed so far
+    (:func:`step_costs`; without compaction every step costs the dense model's).
   * "fits": the predicted peak is at most ``device_memory × (1 - headroom)``; the headroom covers what
     the plan does not model (CUDA context, allocator fragmentation and rounding, kernel workspaces).
 """
@@ -37,7 +44,8 @@ from nestprune.rank.memory import (
     predict_peak,
 )
 
-PLAN_VERSION = 1
+PLAN_VERSION = 2
+CPU_MICRO_BATCH_TOKENS = 8192  # the largest micro-batch ``auto`` picks on a CPU, in tokens
 AUTO_ACCUMULATORS = ("fp32", "bf16-stochastic", "fp32-host")  # preference order
 DEFAULT_HEADROOM = 0.10
 GiB = 1 << 30
@@ -72,6 +80,72 @@ def detect_device_memory() -> int | None:
     return int(torch.cuda.get_device_properties(0).total_memory)
 
 
+def available_host_memory() -> int:
+    """Memory a CPU build may use: MemAvailable (Linux), else the free physical pages."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import os
+
+    return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+
+
+def measure_device_throughput(config: Mapping[str, Any], dtype: torch.dtype, micro_batch: int, seq_len: int,
+                              gqa_mode: GqaMode, device: torch.device | str, repeats: int = 3) -> float:
+    """Tokens/s of the build's step (forward + backward, the first step's gradients) on ``device``, on the
+    model of ``config`` with random weights (``memory.measure_throughput``). Frees the model after."""
+    from nestprune.rank.memory import measure_throughput, model_from_config
+
+    model = model_from_config(config, dtype, device)
+    try:
+        return measure_throughput(model, micro_batch=micro_batch, seq_len=seq_len,
+                                  params_requiring_grad=grad_param_names(config, gqa_mode), repeats=repeats)
+    finally:
+        del model
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+def step_costs(config: Mapping[str, Any], *, steps: int, r_max: float, max_sparsity: float | None = None,
+               skip_first_frac: float = 0.1, skip_last: int = 1, gqa_mode: GqaMode = "query",
+               compact: bool = True) -> list[float]:
+    """Per-token work of each step of a GISP run, relative to the dense model (1.0 = dense), until the
+    schedule stops (``steps`` steps, or ``max_sparsity`` reached).
+
+    Work per token is taken as proportional to the weights a token meets: the decoder layers' plus the
+    output layer's (attention over the context and elementwise work are left out). Step t runs on the
+    model left by step t-1, whose removed share is r_(t-1)·N structures, at the mean cost of a prunable
+    structure (the first steps remove the cheapest-scoring ones; no finer model is attempted). Without
+    compaction every step costs 1.0."""
+    from nestprune.arch import Structures
+    from nestprune.rank.schedule import threshold_k
+
+    arch = arch_from_config(config)
+    st = Structures(arch, gqa_mode)
+    layers = arch.prunable_layers(skip_first_frac, skip_last)
+    decoder = arch.num_layers * arch.layer_params()
+    head = arch.vocab_size * arch.hidden_size
+    per_layer = st.attention_units * st.cost(st.attention_kind) + arch.intermediate_size * st.cost("channel")
+    prunable = len(layers) * per_layer
+    n_all = arch.num_layers * (st.attention_units + arch.intermediate_size)
+    n_prunable = len(layers) * (st.attention_units + arch.intermediate_size)
+    delta = r_max / (steps - 1) if steps > 1 else r_max
+    costs, removed = [], 0.0
+    for t in range(10 * steps if max_sparsity is not None else steps):
+        costs.append((head + decoder - (removed if compact else 0.0)) / (head + decoder))
+        structures = min(n_prunable, threshold_k(n_all, min(1.0, t * delta)))
+        removed = prunable * structures / max(1, n_prunable)
+        if max_sparsity is not None and (removed / decoder >= max_sparsity or t * delta >= 1.0):
+            break
+        if max_sparsity is None and t + 1 >= steps:
+            break
+    return costs
+
+
 def _dtype(dtype: torch.dtype | str) -> torch.dtype:
     if isinstance(dtype, torch.dtype):
         return dtype
@@ -104,6 +178,9 @@ class BuildPlan:
     model_type: str
     parameters: int
     throughput: float | None = None  # tokens/s of the build step on this device, given or measured
+    throughput_source: str = "none"  # "given" | "measured" | "none"
+    steps_run: int | None = None  # steps until the schedule stops (max sparsity reached), None: ``steps``
+    step_cost: float = 1.0  # mean per-token work of those steps relative to the dense model (compaction)
     ranks: int = 1  # extension point (issue 12): per-GPU plans for several ranks
     shard: bool = False
 
@@ -120,17 +197,24 @@ class BuildPlan:
         return math.ceil(self.samples / self.micro_batch)
 
     @property
-    def projected_seconds(self) -> float | None:
-        """Dense-model time of all steps at ``throughput`` (an upper bound once compaction shrinks the model)."""
+    def projected_seconds_dense(self) -> float | None:
+        """Time of the steps run at the dense model's ``throughput`` (no compaction)."""
         if not self.throughput:
             return None
-        return self.steps * self.tokens_per_step / self.throughput
+        return (self.steps_run or self.steps) * self.tokens_per_step / self.throughput
+
+    @property
+    def projected_seconds(self) -> float | None:
+        """Time of the steps run, each at the dense throughput scaled by its work left after compaction."""
+        dense = self.projected_seconds_dense
+        return None if dense is None else dense * self.step_cost
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["breakdown"] = self.breakdown.as_dict()
         d.update(plan_version=PLAN_VERSION, usable_memory=self.usable_memory, tokens_per_step=self.tokens_per_step,
-                 micro_batches_per_step=self.micro_batches_per_step, projected_seconds=self.projected_seconds)
+                 micro_batches_per_step=self.micro_batches_per_step, projected_seconds=self.projected_seconds,
+                 projected_seconds_dense=self.projected_seconds_dense)
         return d
 
     def to_json(self) -> str:
@@ -173,11 +257,15 @@ class BuildPlan:
         ]
         if self.host_bytes:
             lines.append(f"host memory for accumulators: {format_bytes(self.host_bytes)}")
-        if self.projected_seconds is not None:
-            lines.append(f"projected: {self.steps} steps at {self.throughput:,.0f} tokens/s = "
-                         f"{self.projected_seconds / 3600:.2f} h (dense model; compaction makes later steps faster)")
+        steps = self.steps_run or self.steps
+        if self.projected_seconds is not None and self.projected_seconds_dense is not None:
+            lines.append(f"projected: {steps} steps at {self.throughput:,.0f} tokens/s ({self.throughput_source}, "
+                         f"dense) = {self.projected_seconds / 3600:.2f} h with compaction (mean step "
+                         f"{self.step_cost:.2f} of dense), {self.projected_seconds_dense / 3600:.2f} h without; "
+                         "a projection, not a measurement")
         else:
-            lines.append(f"projected time: no throughput figure ({self.steps} steps of {self.tokens_per_step:,} tokens)")
+            lines.append(f"projected time: no throughput figure ({steps} steps of {self.tokens_per_step:,} tokens; "
+                         "give --throughput TOKENS_PER_S)")
         lines.append(self.verdict())
         return "\n".join(lines)
 
@@ -211,8 +299,15 @@ def _largest_fitting(peak: Callable[[int], int], usable: int, limit: int) -> int
 def plan_build(config: Mapping[str, Any], device_memory: int | str, *, samples: int, seq_len: int,
                dtype: torch.dtype | str, steps: int, batch_size: int | str = "auto", accumulator: str = "auto",
                throughput: float | None = None, step_fn: StepFn | None = None, gqa_mode: GqaMode = "query",
-               headroom: float = DEFAULT_HEADROOM, ranks: int = 1, shard: bool = False) -> BuildPlan:
-    """Plan a build of ``config``'s model on a device of ``device_memory`` bytes (or '80GiB')."""
+               headroom: float = DEFAULT_HEADROOM, ranks: int = 1, shard: bool = False,
+               max_micro_batch: int | None = None, r_max: float = 0.7, max_sparsity: float | None = None,
+               skip_first_frac: float = 0.1, skip_last: int = 1, compact: bool = True,
+               throughput_source: str | None = None) -> BuildPlan:
+    """Plan a build of ``config``'s model on a device of ``device_memory`` bytes (or '80GiB').
+
+    ``max_micro_batch`` caps ``auto`` (a CPU build passes ``CPU_MICRO_BATCH_TOKENS // seq_len``); the
+    schedule arguments (``r_max``, ``max_sparsity``, the layer skip, ``compact``) only shape the projected
+    time."""
     device_memory = parse_memory(device_memory)
     dt = _dtype(dtype)
     if samples < 1 or seq_len < 2 or steps < 1:
@@ -224,7 +319,7 @@ def plan_build(config: Mapping[str, Any], device_memory: int | str, *, samples: 
     if ranks != 1 or shard:
         # issue 12: per-rank peaks (weights/accumulators divided by ranks when sharded) go here
         raise NestpruneError("plans for several GPUs (ranks, sharding) are not implemented yet")
-    if batch_size != "auto" and (not isinstance(batch_size, int) or batch_size < 1):
+    if batch_size != "auto" and (not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1):
         raise NestpruneError(f"batch size must be 'auto' or a positive integer, not {batch_size!r}")
     if accumulator == "auto":
         modes = AUTO_ACCUMULATORS if dt != torch.float32 else ("fp32",)
@@ -234,29 +329,37 @@ def plan_build(config: Mapping[str, Any], device_memory: int | str, *, samples: 
     model = meta_model(config, dt)
     names = grad_param_names(config, gqa_mode)
     usable = int(device_memory * (1.0 - headroom))
+    limit = max(1, min(samples, max_micro_batch or samples))
     cache: dict[tuple[str, int], PeakEstimate] = {}
 
     def estimate(mode: str, b: int) -> PeakEstimate:
-        if (mode, b) not in cache:
+        if (mode, b) not in cache:  # one micro-batch: every micro-batch of a step peaks alike
             cache[mode, b] = predict_peak(config, dtype=dt, micro_batch=b, seq_len=seq_len, step_fn=step_fn,
                                           params_requiring_grad=names, accumulator=mode, model=model,
-                                          micro_batches=min(2, math.ceil(samples / b)))
+                                          micro_batches=1, gqa_mode=gqa_mode)
         return cache[mode, b]
 
     chosen: PeakEstimate | None = None
     for mode in modes:
         if batch_size == "auto":
-            b = _largest_fitting(lambda b, mode=mode: estimate(mode, b).peak_bytes, usable, samples)
-            chosen = estimate(mode, b or 1)
+            if estimate(mode, limit).peak_bytes <= usable:  # the cap fits: no search
+                chosen = estimate(mode, limit)
+            else:
+                b = _largest_fitting(lambda b, mode=mode: estimate(mode, b).peak_bytes, usable, limit)
+                chosen = estimate(mode, b or 1)
         else:
             chosen = estimate(mode, batch_size)
         if chosen.peak_bytes <= usable:
             break
     assert chosen is not None
+    costs = step_costs(config, steps=steps, r_max=r_max, max_sparsity=max_sparsity, skip_first_frac=skip_first_frac,
+                       skip_last=skip_last, gqa_mode=gqa_mode, compact=compact)
     return BuildPlan(
         peak_bytes=chosen.peak_bytes, fits=chosen.peak_bytes <= usable, micro_batch=chosen.micro_batch,
         accumulator=chosen.accumulator, breakdown=chosen.breakdown, device_memory=device_memory, headroom=headroom,
         dtype=str(dt).removeprefix("torch."), samples=samples, seq_len=seq_len, steps=steps,
         host_bytes=chosen.host_bytes, model_type=arch.model_type,
-        parameters=sum(p.numel() for p in model.parameters()), throughput=throughput, ranks=ranks, shard=shard,
+        parameters=sum(p.numel() for p in model.parameters()), throughput=throughput,
+        throughput_source=throughput_source or ("given" if throughput else "none"), steps_run=len(costs),
+        step_cost=sum(costs) / len(costs), ranks=ranks, shard=shard,
     )

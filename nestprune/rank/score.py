@@ -16,36 +16,45 @@ from nestprune.arch import Structures, TensorSlice
 
 
 def per_unit(s: TensorSlice, metric: torch.Tensor, units: int, width: int) -> torch.Tensor:
-    """Sum an (out, in) per-weight metric into one value per unit of the slice's index space. (units,)"""
-    if s.axis == 0:
-        return metric.reshape(units, width, -1).sum(dim=(1, 2))
-    return metric.sum(dim=0).reshape(units, width).sum(dim=1)
+    """Sum an (out, in) per-weight metric into one value per unit of the slice's index space. (units,)
+
+    Each unit's values are summed as one contiguous block (columns through a transposed copy), so a unit's
+    sum does not depend on how many other units the tensor holds: a compacted layer scores its units
+    bit-identically to the full-width one (a column sum over a wider tensor takes other vector lanes)."""
+    if s.axis == 1:
+        metric = metric.t().contiguous()  # (in, out) -> (out, in): the unit's columns become rows
+    return metric.reshape(units, width, -1).sum(dim=(1, 2))
 
 
 def fold_attention(st: Structures, s: TensorSlice, per: torch.Tensor) -> torch.Tensor:
     """Per-unit values of a q/kv slice -> per attention structure (query heads fold into their KV group)."""
     if s.space == "q" and st.attention_kind == "group":
-        return per.reshape(st.arch.num_kv_heads, st.arch.group_size).sum(1)  # (groups, heads/group) -> (groups,)
+        return per.reshape(-1, st.arch.group_size).sum(1)  # (groups, heads/group) -> (groups,)
     return per  # q under head kind; kv under MHA (head h = kv head h) or group kind (group g = kv head g)
 
 
-def aggregate(st: Structures, metric: Callable[[TensorSlice], torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+def aggregate(st: Structures, metric: Callable[[TensorSlice], torch.Tensor],
+              counts: Mapping[str, int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Sum a per-weight metric over the weights each structure owns: (attention units,), (channels,) fp64.
 
     ``metric(slice)`` gives the (out, in) metric of the whole weight tensor ``slice.name`` of the layer; it is
-    called once per tensor and cut into its segments (a fused tensor: one per segment it holds).
+    called once per tensor and cut into its segments (a fused tensor: one per segment it holds). ``counts``:
+    units per index space of the tensors (default the base model's; a compacted layer's: then the values
+    are per unit present, in its order).
     """
     arch = st.arch
-    attn = torch.zeros(st.attention_units, dtype=torch.float64)
-    mlp = torch.zeros(arch.intermediate_size, dtype=torch.float64)
+    counts = counts or arch.counts()
+    units = counts["kv"] if st.attention_kind == "group" else counts["q"]
+    attn = torch.zeros(units, dtype=torch.float64)
+    mlp = torch.zeros(counts["mlp"], dtype=torch.float64)
     scored = st.scored_slices()
     for name in dict.fromkeys(s.name for s in scored):
         segments = [s for s in scored if s.name == name]
         whole = metric(segments[0])  # (out, in) of the whole tensor
         for s in segments:
-            start, length = arch.segment_span(s)
+            start, length = arch.segment_span(s, counts)
             seg = whole.narrow(s.axis, start, length)  # this segment's rows (axis 0) or columns (axis 1)
-            per = per_unit(s, seg, arch.space_size(s.space), arch.space_width(s.space)).double().cpu()
+            per = per_unit(s, seg, counts[s.space], arch.space_width(s.space)).double().cpu()
             if s.space == "mlp":
                 mlp += per
             else:
@@ -54,17 +63,24 @@ def aggregate(st: Structures, metric: Callable[[TensorSlice], torch.Tensor]) -> 
     return attn, mlp
 
 
+def weight_times_grad(w: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """|W ⊙ G| in fp32 on W's device, with one fp32 temporary (W is widened inside the product; a gradient
+    accumulated elsewhere, e.g. in host memory, is brought over first)."""
+    return torch.mul(w, g.to(w.device, torch.float32)).abs_()
+
+
 def layer_scores(
     st: Structures,
     weights: Mapping[str, torch.Tensor],
     grads: Mapping[str, torch.Tensor],
+    counts: Mapping[str, int] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Raw GISP scores of one layer: (attention units,), (mlp channels,) in float64.
 
     ``weights``/``grads`` are keyed by the slice name inside the layer (e.g. "mlp.up_proj.weight");
-    ``grads`` holds the objective's mean gradient.
+    ``grads`` holds the objective's mean gradient. ``counts``: see :func:`aggregate`.
     """
-    return aggregate(st, lambda s: (weights[s.name].float() * grads[s.name].float()).abs())
+    return aggregate(st, lambda s: weight_times_grad(weights[s.name], grads[s.name]), counts)
 
 
 def normalise(st: Structures, attn: torch.Tensor, mlp: torch.Tensor,
