@@ -29,9 +29,9 @@ import os
 import struct
 from collections.abc import Callable, Mapping
 from contextlib import ExitStack
-from functools import partial
 from dataclasses import dataclass
 from enum import StrEnum
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -202,8 +202,8 @@ def hash_spans(spans: list[TensorSpan], block_bytes: int = BLOCK_BYTES, threads:
     page cache (no copy into buffers), one block per job on ``threads`` threads — XXH3 releases the GIL — with
     the blocks ahead asked of the disk while the current ones are hashed (a cold file is read in parallel).
     With ``into``, blocks already there (not None) are not read again."""
+    from nestprune.io.buffers import mapped
     from nestprune.io.parallel import run_jobs
-    from nestprune.io.weights import mapped
 
     order = sorted(spans, key=lambda s: (str(s.file), s.start))  # sequential reads, file by file
     out: dict[str, list[bytes | None]] = {}

@@ -7,11 +7,7 @@ indices) along ``axis``, or whole when ``index`` is None. Implementations: local
 
 from __future__ import annotations
 
-import contextlib
 import json
-import mmap
-import os
-from collections.abc import Iterator
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Protocol
@@ -39,39 +35,7 @@ def row_runs(index: np.ndarray) -> list[tuple[int, int]]:
     breaks = np.flatnonzero(np.diff(index) != 1) + 1
     starts = np.concatenate([[0], breaks])
     ends = np.concatenate([breaks, [len(index)]])
-    return [(int(index[s]), int(index[e - 1]) + 1) for s, e in zip(starts, ends, strict=True)]
-
-
-@contextlib.contextmanager
-def mapped(fd: int, offset: int, length: int, *, ahead: int = 0) -> Iterator[memoryview]:
-    """A read-only view of ``length`` bytes of ``fd`` at ``offset``, straight on the page cache (no copy), mapped
-    and populated for the ``with`` block only, so a reader's mappings never outlive it and the process's resident
-    memory stays bounded by what its readers hold at once. ``ahead``: bytes after the view to ask the kernel to
-    start reading now (``POSIX_FADV_WILLNEED``), so a cold file is read ahead while this view is used. A file
-    shorter than ``offset + length`` is an error (one line)."""
-    if ahead > 0 and hasattr(os, "posix_fadvise"):
-        os.posix_fadvise(fd, offset + length, ahead, os.POSIX_FADV_WILLNEED)
-    if length == 0:
-        yield memoryview(b"")
-        return
-    start = offset - offset % mmap.ALLOCATIONGRANULARITY
-    flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
-    try:
-        m = mmap.mmap(fd, length + offset - start, flags=flags, prot=mmap.PROT_READ, offset=start)
-    except ValueError:  # the file is shorter than the mapping asked for
-        raise NestpruneError("a base weight file ended early while being read; was it modified?") from None
-    view = memoryview(m)
-    try:
-        part = view[offset - start: offset - start + length]
-        try:
-            if len(part) < length:
-                raise NestpruneError("a base weight file ended early while being read; was it modified?")
-            yield part
-        finally:
-            part.release()
-    finally:
-        view.release()
-        m.close()
+    return list(zip(index[starts].tolist(), (index[ends - 1] + 1).tolist(), strict=True))
 
 
 class TensorSource(Protocol):

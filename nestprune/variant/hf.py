@@ -26,14 +26,14 @@ Output directory (written atomically: ``nestprune.io.atomic.output_dir``)::
 
 from __future__ import annotations
 
-import bisect
+import errno
 import json
 import os
 import shutil
 import struct
 import threading
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -44,8 +44,9 @@ import xxhash
 
 from nestprune.errors import NestpruneError
 from nestprune.io import atomic
+from nestprune.io.buffers import mapped, scratch
 from nestprune.io.parallel import default_workers, run_jobs
-from nestprune.io.weights import DTYPE_NAMES, SafetensorsSource, TensorSource, mapped, row_runs, weight_files
+from nestprune.io.weights import DTYPE_NAMES, SafetensorsSource, TensorSource, row_runs, weight_files
 from nestprune.schemas.variant import VARIANT_MANIFEST_NAME, VariantManifest
 from nestprune.variant.contents import (
     DEFAULT_SHARD_BYTES,
@@ -61,11 +62,10 @@ if TYPE_CHECKING:
     from nestprune.io.fingerprint import ContentCheck
 
 INDEX_NAME = "model.safetensors.index.json"
-BLOCK_BYTES = 16 << 20  # what one write job reads (and holds, twice at most) at a time
-COALESCE_GAP = 256 << 10  # read across holes this small between kept rows rather than issue another read
-KERNEL_COPY_MIN = 1 << 20  # a run of kept bytes at least this long is copied in the kernel
+BLOCK_BYTES = 16 << 20  # source bytes one write job reads (maps) at a time; its buffer is at most as large
 PARALLEL_MIN_BYTES = 64 << 20  # below this many bytes of tensors the writer uses one thread
 IOV_MAX = 1024  # buffers per pwritev (Linux's limit)
+WRITE_CHUNK = 1 << 20  # bytes per write call: larger writes are several times slower on some virtual machines
 
 
 def plan_shards(plans: list[TensorPlan], shard_bytes: int) -> list[list[TensorPlan]]:
@@ -100,19 +100,22 @@ def safetensors_header(plans: list[TensorPlan]) -> bytes:
 
 
 class FileSpans:
-    """Where each tensor of local safetensors files lies, so that a tensor is written with few large reads and
-    writes instead of one call per row run (``jobs``). A tensor is cut into jobs of about ``BLOCK_BYTES`` of its
-    *source* bytes; a job maps its block (``weights.mapped``: no copy), hands the block's digest to the content
-    check when there is one (``fingerprint.ContentCheck``: the base is then read once, for the check and the
-    variant together), and writes the kept bytes of the block: runs of kept rows straight from the mapping with
-    one ``pwritev`` (the kernel copies each kept byte once), column slices (o_proj, down_proj) gathered by numpy
-    into a reused buffer, whole heads at a time where the kept columns allow. Without a check, long runs are
-    copied in the kernel (``os.copy_file_range``) and holes of more than ``COALESCE_GAP`` are not mapped. Every
-    job holds about ``BLOCK_BYTES`` at most. The bytes are the same as through ``take``."""
+    """Where each tensor of local safetensors files lies, so that a tensor is written with few system calls and
+    one copy of each kept byte (``jobs``). A tensor is cut into jobs of about ``block_bytes`` of its *source*
+    bytes (whole blocks of the content check's hash when there is one). A job of a tensor cut along rows (or
+    kept whole) hands the digest of its block to the content check when there is one — hashed from a mapping of
+    the page cache, no copy — and copies each run of kept rows with ``os.copy_file_range``: the kernel moves the
+    bytes from the base's page cache to the output's, once, with no user buffer. A job of a tensor cut along
+    columns (o_proj, down_proj) maps its block of rows, hashes it, gathers the kept columns with numpy into a
+    reused buffer — whole heads at a time where the kept columns allow — and writes them with one ``pwrite``.
+    Buffers are on small pages (``weights.small_pages``: writes from transparent huge pages are several times
+    slower on some virtual machines). A job holds one mapped block and one buffer of at most ``block_bytes``,
+    whatever the model. The bytes are the same as through ``take``."""
 
-    def __init__(self, files: list[Path], check: ContentCheck | None = None):
+    def __init__(self, files: list[Path], check: ContentCheck | None = None, block_bytes: int | None = None):
         self.fds: list[int] = []
         self.check = check
+        self.block_bytes = block_bytes or BLOCK_BYTES
         self.where: dict[str, tuple[int, str, tuple[int, ...], int]] = {}  # name -> (fd, dtype, shape, offset)
         try:
             for f in files:
@@ -160,15 +163,13 @@ class FileSpans:
     def jobs(self, p: TensorPlan) -> list[Job] | None:
         """Jobs that each read one block of ``p``'s source bytes and write its kept part, or None (use ``take``)."""
         pieces = self.spans(p)
-        cols = self.columns(p) if pieces is None else None
-        if pieces is None and cols is None:
+        if pieces is None and self.columns(p) is None:
             return None
         fd, dtype, shape, start = self.where[p.name]
         size = int(np.prod(shape, dtype=np.int64)) * p.dtype.itemsize
         check = self.check if self.check is not None and self.check.wants(p.name) else None
         hashed = check.block_bytes if check is not None else 0
-        step = hashed * max(1, BLOCK_BYTES // hashed) if hashed else BLOCK_BYTES  # whole hash blocks per job
-        blocks = [(a, min(size, a + step)) for a in range(0, size, step)] or [(0, 0)]
+        blocks = job_blocks(size, self.block_bytes, hashed)
         digest = partial(_digest, check, p.name, hashed) if check is not None else None
         if pieces is not None:
             return piece_jobs(fd, start, blocks, pieces, digest)
@@ -179,6 +180,14 @@ Job = Callable[["Sink"], int]  # writes part of one tensor's bytes; returns how 
 Digest = Callable[[int, memoryview], None]  # (offset in the tensor, a view of whole hash blocks from there)
 
 
+def job_blocks(size: int, block_bytes: int, hashed: int = 0) -> list[tuple[int, int]]:
+    """[a, b) byte ranges of a ``size``-byte tensor, one per job: ``block_bytes`` long, or — with a content check
+    whose hash blocks are ``hashed`` bytes — as many whole hash blocks as fit (at least one), so that each hash
+    block is read by one job. An empty tensor has one empty block (its digest is still handed in)."""
+    step = hashed * max(1, block_bytes // hashed) if hashed else max(1, block_bytes)
+    return [(a, min(size, a + step)) for a in range(0, size, step)] or [(0, 0)]
+
+
 def _digest(check: ContentCheck, name: str, block_bytes: int, at: int, view: memoryview) -> None:
     for k in range(0, max(1, len(view)), block_bytes):
         check.add(name, (at + k) // block_bytes, xxhash.xxh3_128_digest(view[k: k + block_bytes]))
@@ -186,22 +195,27 @@ def _digest(check: ContentCheck, name: str, block_bytes: int, at: int, view: mem
 
 @dataclass(frozen=True)
 class Sink:
-    """One tensor's place in an output file: ``write`` / ``copy`` at offsets relative to its first byte."""
+    """One tensor's place in an output file: ``write`` / ``copy`` at offsets relative to its first byte. Writes
+    to one file take turns (``lock``, one per file): the file system lets one writer in at a time anyway, and
+    threads waiting here sleep where the kernel's lock would spin (CPU time for nothing)."""
 
     fd: int
     offset: int
+    lock: Any = field(default_factory=threading.Lock, compare=False)
 
     def write(self, at: int, data: bytes | bytearray | memoryview | np.ndarray | list[memoryview]) -> int:
         if isinstance(data, list):
-            write_all((self.fd, self.offset + at), data)
-            return sum(len(b) for b in data)
+            with self.lock:
+                return write_vector(self.fd, self.offset + at, data)
         view = memoryview(data).cast("B") if not isinstance(data, np.ndarray) else memoryview(
             np.ascontiguousarray(data).reshape(-1).view(np.uint8))
-        write_all((self.fd, self.offset + at), view)
+        with self.lock:
+            write_all((self.fd, self.offset + at), view)
         return len(view)
 
     def copy(self, src: int, src_offset: int, length: int, at: int) -> int:
-        copy_range(src, self.fd, src_offset, length, self.offset + at)
+        with self.lock:
+            copy_range(src, self.fd, src_offset, length, self.offset + at)
         return length
 
 
@@ -209,73 +223,38 @@ def piece_jobs(fd: int, start: int, blocks: list[tuple[int, int]], pieces: list[
                digest: Digest | None) -> list[Job]:
     """Jobs writing ``pieces`` (source fd, offset, length; ascending, contiguous in the output, in order) of the
     tensor at ``start`` of ``fd``, one per source block [a, b) (offsets in the tensor): the parts of the pieces
-    that lie in the block."""
-    lo = [off - start for _, off, _ in pieces]  # each piece's offsets in the tensor
-    hi = [x + n for x, (_, _, n) in zip(lo, pieces, strict=True)]
-    out = np.r_[0, np.cumsum([n for _, _, n in pieces], dtype=np.int64)[:-1]].tolist()  # and in the output
+    that lie in the block. Without a digest, a block with nothing kept has no job."""
+    lo = np.array([off - start for _, off, _ in pieces], dtype=np.int64)  # each piece's offsets in the tensor
+    hi = lo + np.array([n for _, _, n in pieces], dtype=np.int64)
+    out = np.concatenate([[0], np.cumsum(hi - lo)[:-1]]).astype(np.int64)  # and in the output
     jobs: list[Job] = []
     for a, b in blocks:
-        first, last = bisect.bisect_right(hi, a), bisect.bisect_left(lo, b)  # the pieces that overlap [a, b)
-        parts = [(max(lo[i], a), min(hi[i], b), out[i] + max(lo[i], a) - lo[i]) for i in range(first, last)]
+        first, last = np.searchsorted(hi, a, side="right"), np.searchsorted(lo, b, side="left")  # overlap [a, b)
+        x = np.maximum(lo[first:last], a)
+        parts = tuple(zip(x.tolist(), np.minimum(hi[first:last], b).tolist(), (out[first:last] + x - lo[first:last]).tolist(),
+                          strict=True))
         if digest is None and not parts:
             continue
-        jobs.append(partial(_piece_job, fd, start, a, b, tuple(parts), digest))
+        jobs.append(partial(_piece_job, fd, start, a, b, parts, digest))
     return jobs or [lambda sink: 0]
 
 
 def _piece_job(fd: int, start: int, a: int, b: int, parts: tuple[tuple[int, int, int], ...],
                digest: Digest | None, sink: Sink) -> int:
-    """Write ``parts`` ((from, to) in the tensor, output offset; contiguous in the output) of block [a, b)."""
-    if digest is None:  # no check: map only what is kept, long runs copied in the kernel
-        return sum(_copy_parts(fd, start, group, sink) for group in _groups(parts))
-    with mapped(fd, start + a, b - a, ahead=b - a) as view:
-        digest(a, view)
-        if not parts:
-            return 0
-        pieces = [view[x - a: y - a] for x, y, _ in parts]
+    """Hash block [a, b) of the tensor when there is a digest, then copy ``parts`` ((from, to) in the tensor,
+    output offset) in the kernel."""
+    if digest is None and not parts:
+        return 0
+    lo, hi = (a, b) if digest is not None else (parts[0][0], parts[-1][1])
+    with mapped(fd, start + lo, hi - lo, ahead=b - a if digest is not None else 0) as view:
+        if digest is not None:
+            digest(a, view)
+        pieces = [view[x - lo: y - lo] for x, y, _ in parts]
         try:
-            return sink.write(parts[0][2], pieces)
+            return sink.write(parts[0][2], pieces) if pieces else 0
         finally:
             for v in pieces:
                 v.release()
-
-
-def _groups(parts: tuple[tuple[int, int, int], ...]) -> list[list[tuple[int, int, int]]]:
-    """``parts`` grouped while the holes between them stay under ``COALESCE_GAP``; a part of at least
-    ``KERNEL_COPY_MIN`` bytes is a group of its own."""
-    groups: list[list[tuple[int, int, int]]] = []
-    for x, y, at in parts:
-        big = y - x >= KERNEL_COPY_MIN
-        if groups and not big and groups[-1][-1][1] - groups[-1][-1][0] < KERNEL_COPY_MIN \
-                and x - groups[-1][-1][1] <= COALESCE_GAP:
-            groups[-1].append((x, y, at))
-        else:
-            groups.append([(x, y, at)])
-    return groups
-
-
-def _copy_parts(fd: int, start: int, group: list[tuple[int, int, int]], sink: Sink) -> int:
-    x0, y1, at = group[0][0], group[-1][1], group[0][2]
-    if len(group) == 1 and y1 - x0 >= KERNEL_COPY_MIN:
-        return sink.copy(fd, start + x0, y1 - x0, at)
-    with mapped(fd, start + x0, y1 - x0) as view:
-        pieces = [view[x - x0: y - x0] for x, y, _ in group]
-        try:
-            return sink.write(at, pieces)
-        finally:
-            for v in pieces:
-                v.release()
-
-
-_SCRATCH = threading.local()
-
-
-def scratch(n: int) -> memoryview:
-    """A reusable buffer of ``n`` bytes for this thread: no fresh pages to fault in and zero for every block."""
-    buf = getattr(_SCRATCH, "buf", None)
-    if buf is None or len(buf) < n:
-        buf = _SCRATCH.buf = bytearray(max(n, min(2 * len(buf or b""), 2 * BLOCK_BYTES)))
-    return memoryview(buf)[:n]
 
 
 def unit_of(index: np.ndarray, width: int) -> int:
@@ -290,7 +269,8 @@ def unit_of(index: np.ndarray, width: int) -> int:
 def column_jobs(fd: int, start: int, shape: tuple[int, ...], index: np.ndarray, itemsize: int,
                 blocks: list[tuple[int, int]], digest: Digest | None) -> list[Job]:
     """Jobs gathering the ``index`` columns of a (rows, cols) tensor at ``start`` of ``fd``, one per source block
-    [a, b) (offsets in the tensor): the rows that begin in the block."""
+    [a, b) (offsets in the tensor): the rows that begin in the block. Without a digest, a block where no row
+    begins has no job."""
     rows, cols = shape
     if rows * cols == 0 or len(index) == 0:
         return [partial(_column_job, fd, start, cols, itemsize, 1, index, a, b, 0, 0, digest)
@@ -298,18 +278,19 @@ def column_jobs(fd: int, start: int, shape: tuple[int, ...], index: np.ndarray, 
     u = unit_of(index, cols)
     units = np.asarray(index[::u] // u, dtype=np.int64)
     row = cols * itemsize
-    return [partial(_column_job, fd, start, cols, itemsize, u, units, a, b, -(-a // row), min(rows, -(-b // row)),
-                    digest) for a, b in blocks]
+    jobs = []
+    for a, b in blocks:
+        r0, r1 = -(-a // row), min(rows, -(-b // row))
+        if digest is not None or r0 < r1:
+            jobs.append(partial(_column_job, fd, start, cols, itemsize, u, units, a, b, r0, r1, digest))
+    return jobs or [lambda sink: 0]
 
 
 def _column_job(fd: int, start: int, cols: int, itemsize: int, u: int, units: np.ndarray, a: int, b: int,
                 r0: int, r1: int, digest: Digest | None, sink: Sink) -> int:
+    """Hash block [a, b) of the tensor when there is a digest; gather and write the kept columns of rows [r0, r1)."""
     row = cols * itemsize
     lo, hi = (a, max(b, r1 * row)) if digest is not None else (r0 * row, r1 * row)
-    if hi <= lo:
-        if digest is not None:
-            digest(a, memoryview(b""))
-        return 0
     with mapped(fd, start + lo, hi - lo, ahead=b - a if digest is not None else 0) as data:
         if digest is not None:
             digest(a, data[: b - a])
@@ -323,49 +304,78 @@ def _column_job(fd: int, start: int, cols: int, itemsize: int, u: int, units: np
     return sink.write(r0 * len(units) * u * itemsize, out)
 
 
-def write_all(fd: int | tuple[int, int], data: memoryview | list[memoryview]) -> None:
+def write_all(fd: int | tuple[int, int], data: memoryview) -> None:
     """Write all of ``data`` to ``fd`` at its file position, or — ``fd`` given as (fd, offset) — at that offset
-    (``pwrite``: what parallel jobs use, each on its own part of the file). ``data`` may be a list of buffers,
-    written in order with ``pwritev`` (at an offset only)."""
+    (``pwrite``: what parallel jobs use, each on its own part of the file), ``WRITE_CHUNK`` bytes per call."""
     if isinstance(fd, tuple):
         fd, offset = fd
-        if isinstance(data, list):
-            for k in range(0, len(data), IOV_MAX):
-                batch = data[k: k + IOV_MAX]
-                want = sum(len(b) for b in batch)
-                n = os.pwritev(fd, batch, offset)
-                if n < want:  # a partial vector write (rare): finish it piece by piece
-                    skip = n
-                    for b in batch:
-                        if skip >= len(b):
-                            skip -= len(b)
-                            continue
-                        write_all((fd, offset + n), b[skip:])
-                        n += len(b) - skip
-                        skip = 0
-                offset += want
-            return
         while len(data):
-            n = os.pwrite(fd, data, offset)
+            n = os.pwrite(fd, data[:WRITE_CHUNK], offset)
             data, offset = data[n:], offset + n
         return
     while len(data):
-        data = data[os.write(fd, data):]  # type: ignore[index]
+        data = data[os.write(fd, data[:WRITE_CHUNK]):]  # type: ignore[index]
+
+
+def write_vector(fd: int, offset: int, pieces: list[memoryview]) -> int:
+    """Write ``pieces`` one after another at ``offset`` of ``fd`` with few ``pwritev`` calls, each of at most
+    ``IOV_MAX`` buffers and about ``WRITE_CHUNK`` bytes (a piece larger than that goes alone, in chunks);
+    returns the bytes written."""
+    total = 0
+    batch: list[memoryview] = []
+    size = 0
+    for piece in [*pieces, None]:
+        if piece is not None and len(batch) < IOV_MAX and size + len(piece) <= WRITE_CHUNK:
+            batch.append(piece)
+            size += len(piece)
+            continue
+        if batch:
+            n = os.pwritev(fd, batch, offset)
+            if n < size:  # a partial vector write (rare): the rest piece by piece
+                for b in batch:
+                    skip = min(len(b), max(0, n))
+                    n -= skip
+                    write_all((fd, offset + skip), b[skip:])
+                    offset += len(b)
+            else:
+                offset += size
+            total += size
+        batch, size = [], 0
+        if piece is None:
+            break
+        if len(piece) > WRITE_CHUNK:
+            write_all((fd, offset), piece)
+            offset += len(piece)
+            total += len(piece)
+        else:
+            batch, size = [piece], len(piece)
+    return total
+
+
+_NO_KERNEL_COPY = {errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL, errno.EBADF}
+_kernel_copy = True  # until copy_file_range says it cannot copy between these files
 
 
 def copy_range(src: int, dst: int, offset: int, length: int, dst_offset: int) -> None:
-    """Copy ``length`` bytes of ``src`` from ``offset`` to ``dst`` at ``dst_offset``, in the kernel where it can."""
+    """Copy ``length`` bytes of ``src`` from ``offset`` to ``dst`` at ``dst_offset``: in the kernel where it can
+    (``os.copy_file_range``), else through a buffer (remembered: one failed call, not one per run)."""
+    global _kernel_copy
     while length:
-        try:
-            n = os.copy_file_range(src, dst, length, offset, dst_offset)
-        except OSError:  # not supported here (old kernel, some file systems): copy through memory
-            n = 0
-        if n == 0:
-            data = os.pread(src, min(length, BLOCK_BYTES), offset)
-            if not data:
+        n = 0
+        if _kernel_copy:
+            try:
+                n = os.copy_file_range(src, dst, length, offset, dst_offset)
+            except OSError as e:
+                if e.errno not in _NO_KERNEL_COPY and e.errno is not None:
+                    raise  # a full disk, an I/O error: the caller's error
+                _kernel_copy = False
+        if n == 0:  # not in the kernel, or the file ended: read it here (an empty read is the error)
+            buf = scratch(min(length, BLOCK_BYTES))
+            got = os.preadv(src, [buf], offset)
+            if got == 0:
                 raise NestpruneError("a base weight file ended early while being read; was it modified?")
-            write_all((dst, dst_offset), memoryview(data))
-            n = len(data)
+            write_all((dst, dst_offset), buf[:got])
+            n = got
         offset += n
         dst_offset += n
         length -= n
@@ -397,11 +407,11 @@ def write_shard(path: Path, plans: list[TensorPlan], source: TensorSource, done:
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o666)
     try:
         write_all(fd, memoryview(header))
-        offset, left, work = len(header), {}, []
+        offset, left, work, lock = len(header), {}, [], threading.Lock()
         for p in ordered:
             jobs = tensor_jobs(p, source, spans)
             left[p.name] = [len(jobs), p.nbytes, 0]
-            work += [partial(_run, job, Sink(fd, offset), p.name) for job in jobs]
+            work += [partial(_run, job, Sink(fd, offset, lock), p.name) for job in jobs]
             offset += p.nbytes
         os.ftruncate(fd, offset)
         for name, n in run_jobs(work, workers):
