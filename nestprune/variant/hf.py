@@ -7,14 +7,20 @@ written as independent *jobs* (each a disjoint byte range, ``pwrite`` at its off
 pool of threads (``nestprune.io.parallel``). Given the same spec, tensors, aux files and manifest it writes
 byte-identical files whatever the source, the number of threads or the order jobs finish in.
 
-With local safetensors (``FileSpans``) each job maps one block of a base tensor (no copy), writes the kept
-rows of the block from the mapping with one ``pwritev`` (one kernel copy per kept byte, no call per run) or
-gathers its kept columns (o_proj, down_proj) with numpy, whole heads at a time where the kept columns allow —
-and, when the source carries a content check of the base (``source.content_check``, set by ``materialize``),
-hashes the block while it holds it, so the default check costs no second read of the base; ``write_hf``
-finishes the check before it publishes. A registry source supplies its own jobs (``RegistrySource.copy_jobs``)
-and its check of whole tensors is fed from the bytes written; any other source goes through ``take``.
-Memory: a few blocks of ``BLOCK_BYTES`` per thread, whatever the model.
+With local safetensors (``FileSpans``) each job maps one block of a base tensor (the page cache, no copy) and
+writes the kept rows of the block straight from the mapping with ``pwritev`` (one kernel copy per kept byte, one
+call per ~1 MiB of rows), or gathers its kept columns (o_proj, down_proj) with numpy into a reused buffer, whole
+heads at a time where the kept columns allow — and, when the source carries a content check of the base
+(``source.content_check``, set by ``materialize``), hashes the block while it holds it, so the default check
+costs no second read of the base; ``write_hf`` finishes the check before it publishes. A registry source
+supplies its own jobs (``RegistrySource.copy_jobs``) and its check of whole tensors is fed from the bytes
+written; any other source goes through ``take``. Memory: one mapped block and one buffer of at most
+``BLOCK_BYTES`` (or one hash block of the check, if larger) per thread, whatever the model.
+
+Measured on the project's machines (bench/results/materialize.md): writes of more than ~1 MiB per call, and
+writes from buffers on transparent huge pages, cost several times the CPU of small writes from small pages, so
+every write is cut into ``WRITE_CHUNK`` calls and buffers are on small pages (``nestprune.io.buffers``); writes
+to one file take turns on a lock (the kernel's own lock spins).
 
 Output directory (written atomically: ``nestprune.io.atomic.output_dir``)::
 
@@ -26,7 +32,6 @@ Output directory (written atomically: ``nestprune.io.atomic.output_dir``)::
 
 from __future__ import annotations
 
-import errno
 import json
 import os
 import shutil
@@ -101,16 +106,14 @@ def safetensors_header(plans: list[TensorPlan]) -> bytes:
 
 class FileSpans:
     """Where each tensor of local safetensors files lies, so that a tensor is written with few system calls and
-    one copy of each kept byte (``jobs``). A tensor is cut into jobs of about ``block_bytes`` of its *source*
-    bytes (whole blocks of the content check's hash when there is one). A job of a tensor cut along rows (or
-    kept whole) hands the digest of its block to the content check when there is one — hashed from a mapping of
-    the page cache, no copy — and copies each run of kept rows with ``os.copy_file_range``: the kernel moves the
-    bytes from the base's page cache to the output's, once, with no user buffer. A job of a tensor cut along
-    columns (o_proj, down_proj) maps its block of rows, hashes it, gathers the kept columns with numpy into a
-    reused buffer — whole heads at a time where the kept columns allow — and writes them with one ``pwrite``.
-    Buffers are on small pages (``weights.small_pages``: writes from transparent huge pages are several times
-    slower on some virtual machines). A job holds one mapped block and one buffer of at most ``block_bytes``,
-    whatever the model. The bytes are the same as through ``take``."""
+    one copy of each kept byte (``jobs``). A tensor is cut into jobs of ``block_bytes`` of its *source* bytes
+    (``job_blocks``: whole hash blocks of the content check when there is one). A job maps its block (the page
+    cache, no copy), hands the block's digests to the content check when there is one, and writes its kept bytes:
+    runs of kept rows straight from the mapping (``pwritev``), or — a tensor cut along columns (o_proj,
+    down_proj) — the kept columns of the rows that begin in the block, gathered by numpy into a reused buffer
+    (whole heads at a time where the kept columns allow). A job holds one mapping of about ``block_bytes`` (plus
+    the rest of its last row) and one buffer of at most that, whatever the model. The bytes are the same as
+    through ``take``."""
 
     def __init__(self, files: list[Path], check: ContentCheck | None = None, block_bytes: int | None = None):
         self.fds: list[int] = []
@@ -195,7 +198,7 @@ def _digest(check: ContentCheck, name: str, block_bytes: int, at: int, view: mem
 
 @dataclass(frozen=True)
 class Sink:
-    """One tensor's place in an output file: ``write`` / ``copy`` at offsets relative to its first byte. Writes
+    """One tensor's place in an output file: ``write`` at offsets relative to its first byte. Writes
     to one file take turns (``lock``, one per file): the file system lets one writer in at a time anyway, and
     threads waiting here sleep where the kernel's lock would spin (CPU time for nothing)."""
 
@@ -213,11 +216,6 @@ class Sink:
             write_all((self.fd, self.offset + at), view)
         return len(view)
 
-    def copy(self, src: int, src_offset: int, length: int, at: int) -> int:
-        with self.lock:
-            copy_range(src, self.fd, src_offset, length, self.offset + at)
-        return length
-
 
 def piece_jobs(fd: int, start: int, blocks: list[tuple[int, int]], pieces: list[tuple[int, int, int]],
                digest: Digest | None) -> list[Job]:
@@ -231,8 +229,8 @@ def piece_jobs(fd: int, start: int, blocks: list[tuple[int, int]], pieces: list[
     for a, b in blocks:
         first, last = np.searchsorted(hi, a, side="right"), np.searchsorted(lo, b, side="left")  # overlap [a, b)
         x = np.maximum(lo[first:last], a)
-        parts = tuple(zip(x.tolist(), np.minimum(hi[first:last], b).tolist(), (out[first:last] + x - lo[first:last]).tolist(),
-                          strict=True))
+        y, at = np.minimum(hi[first:last], b), out[first:last] + x - lo[first:last]
+        parts = tuple(zip(x.tolist(), y.tolist(), at.tolist(), strict=True))
         if digest is None and not parts:
             continue
         jobs.append(partial(_piece_job, fd, start, a, b, parts, digest))
@@ -241,8 +239,8 @@ def piece_jobs(fd: int, start: int, blocks: list[tuple[int, int]], pieces: list[
 
 def _piece_job(fd: int, start: int, a: int, b: int, parts: tuple[tuple[int, int, int], ...],
                digest: Digest | None, sink: Sink) -> int:
-    """Hash block [a, b) of the tensor when there is a digest, then copy ``parts`` ((from, to) in the tensor,
-    output offset) in the kernel."""
+    """Hash block [a, b) of the tensor when there is a digest, then write ``parts`` ((from, to) in the tensor,
+    output offset; contiguous in the output) straight from the mapping."""
     if digest is None and not parts:
         return 0
     lo, hi = (a, b) if digest is not None else (parts[0][0], parts[-1][1])
@@ -352,35 +350,6 @@ def write_vector(fd: int, offset: int, pieces: list[memoryview]) -> int:
     return total
 
 
-_NO_KERNEL_COPY = {errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL, errno.EBADF}
-_kernel_copy = True  # until copy_file_range says it cannot copy between these files
-
-
-def copy_range(src: int, dst: int, offset: int, length: int, dst_offset: int) -> None:
-    """Copy ``length`` bytes of ``src`` from ``offset`` to ``dst`` at ``dst_offset``: in the kernel where it can
-    (``os.copy_file_range``), else through a buffer (remembered: one failed call, not one per run)."""
-    global _kernel_copy
-    while length:
-        n = 0
-        if _kernel_copy:
-            try:
-                n = os.copy_file_range(src, dst, length, offset, dst_offset)
-            except OSError as e:
-                if e.errno not in _NO_KERNEL_COPY and e.errno is not None:
-                    raise  # a full disk, an I/O error: the caller's error
-                _kernel_copy = False
-        if n == 0:  # not in the kernel, or the file ended: read it here (an empty read is the error)
-            buf = scratch(min(length, BLOCK_BYTES))
-            got = os.preadv(src, [buf], offset)
-            if got == 0:
-                raise NestpruneError("a base weight file ended early while being read; was it modified?")
-            write_all((dst, dst_offset), buf[:got])
-            n = got
-        offset += n
-        dst_offset += n
-        length -= n
-
-
 def take_job(source: TensorSource, p: TensorPlan) -> Job:
     def job(sink: Sink) -> int:
         t = take(source, p).contiguous().reshape(-1).view(torch.uint8)  # (nbytes,)
@@ -428,8 +397,9 @@ def write_shard(path: Path, plans: list[TensorPlan], source: TensorSource, done:
             at = len(header)
             for p in ordered:
                 if p.index is None and check.wants(p.name):
-                    with mapped(fd, at, p.nbytes) as view:
-                        check.add_bytes(p.name, view)
+                    for a, b in job_blocks(p.nbytes, BLOCK_BYTES, check.block_bytes):  # block by block: bounded
+                        with mapped(fd, at + a, b - a) as view:
+                            _digest(check, p.name, check.block_bytes, a, view)
                 at += p.nbytes
     finally:
         os.close(fd)
