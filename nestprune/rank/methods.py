@@ -126,6 +126,7 @@ class RankJob:
     compact: bool = True
     compact_policy: Any = None
     accumulator: str = "fp32"
+    group: Any = None  # the ranks of a build over several processes (``distributed.Group``); None: one process
 
     def prunable_layers(self) -> list[int]:
         return prunable_layers(self.structures.arch, self.skip_first_frac, self.skip_last)
