@@ -1,0 +1,287 @@
+"""A build over several processes (``nestprune.rank.distributed``): two gloo ranks on the CPU rank exactly what
+one process ranks, data parallel and ``--shard`` (FSDP2); failures end every rank; per-GPU plans for N GPUs.
+
+The launches (torchrun, 2 ranks) are few and each runs several builds: one worker launch for the library
+cases, and two of the command line (a sharded build, and a rank that fails)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from nestprune.artifact import read_artifact, read_manifest
+from nestprune.build import BuildConfig, build_artifact
+from nestprune.errors import NestpruneError
+from nestprune.rank import distributed as D
+from nestprune.rank.score import per_unit
+
+HERE = Path(__file__).parent
+SMALL = dict(samples=4, seq_len=16, batch_size=2, steps=4, device="cpu")  # one micro-batch per rank and step
+UNEVEN = dict(samples=6, seq_len=16, batch_size=2, steps=4, device="cpu")  # 3 micro-batches: 2 + 1
+
+
+def torchrun(args: list[str], cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", D.TIMEOUT_ENV: "120", "PYTHONPATH": str(HERE)}
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                           *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def one_process(model_dir: Path, data: Path, out: Path, **options) -> Path:
+    """The reference: the same build in this process, one thread (as each torchrun rank runs)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return build_artifact(model_dir, data, out, BuildConfig(**options))
+    finally:
+        torch.set_num_threads(threads)
+
+
+def same_order(a, b) -> bool:
+    return all((getattr(a, f) == getattr(b, f)).all() for f in ("layer", "kind", "index", "step"))
+
+
+# ---------------------------------------------------------------------------------------------
+# Two ranks == one process (one launch, many builds)
+# ---------------------------------------------------------------------------------------------
+
+CASES = {
+    # name: (family, model overrides, options, expectation)
+    "dp": ("llama-gqa", {}, SMALL, "sha"),
+    "dp-no-compact": ("llama-gqa", {}, {**SMALL, "no_compact": True}, "sha"),
+    "dp-uneven": ("qwen2", {}, {**UNEVEN, "gqa_mode": "group"}, "close"),
+    "shard": ("llama-gqa", {}, {**SMALL, "shard": True}, "sha"),
+    "shard-fused": ("phi3", {}, {**SMALL, "shard": True}, "sha"),
+    "shard-group-uneven": ("qwen2", {}, {**UNEVEN, "gqa_mode": "group", "shard": True}, "close"),
+    # 3 heads of 8 rows on 2 ranks: a head's rows are cut by the shard boundary (summed in two parts)
+    "shard-cut-head": ("llama", {"hidden_size": 24, "num_attention_heads": 3, "num_key_value_heads": 3},
+                       {**SMALL, "shard": True}, "close"),
+    "failing": ("llama", {}, SMALL, "fails"),
+    "differs": ("llama", {}, SMALL, "differs"),
+}
+
+
+@pytest.fixture(scope="module")
+def launched(tmp_path_factory, tokenizer):
+    """Every case of CASES built by 2 gloo ranks in one torchrun launch, and by one process."""
+    from conftest import SAMPLE_TEXT, make_tiny_model, save_tiny_model
+
+    root = tmp_path_factory.mktemp("dist")
+    data = root / "calib.txt"
+    data.write_text(SAMPLE_TEXT)
+    models, cases = {}, []
+    for name, (family, overrides, options, expect) in CASES.items():
+        key = (family, tuple(sorted(overrides.items())))
+        if key not in models:
+            model = make_tiny_model(family, vocab_size=len(tokenizer), **overrides)
+            models[key] = save_tiny_model(model, tokenizer, root / f"model-{len(models)}")
+        case = {"name": name, "model": str(models[key]), "data": str(data), "options": options}
+        if expect in ("fails", "differs"):
+            case["objective"] = {"fails": "failing", "differs": "differs"}[expect]
+        cases.append(case)
+    spec = root / "spec.json"
+    spec.write_text(json.dumps({"cases": cases}))
+    out = root / "out"
+    out.mkdir()
+    res = torchrun([str(HERE / "distributed_worker.py"), str(spec), str(out)], cwd=root)
+    assert res.returncode == 0, res.stderr[-3000:]
+    ranks = [{r["name"]: r for r in json.loads((out / f"rank{i}.json").read_text())} for i in (0, 1)]
+    return root, {c["name"]: c for c in cases}, ranks
+
+
+@pytest.mark.parametrize("name", [n for n, c in CASES.items() if c[3] in ("sha", "close")])
+def test_two_ranks_rank_what_one_process_ranks(launched, name):
+    root, cases, ranks = launched
+    case, expect = cases[name], CASES[name][3]
+    assert ranks[0][name]["ok"] and ranks[1][name]["ok"], (ranks[0][name], ranks[1][name])
+    options = {k: v for k, v in case["options"].items() if k != "shard"}  # the reference: one process, and
+    if case["options"].get("shard"):  # --shard builds without compaction: the --no-compact path
+        options["no_compact"] = True
+    ref = one_process(Path(case["model"]), Path(case["data"]), root / f"ref-{name}", **options)
+    m2, r2 = read_artifact(root / "out" / name)
+    m1, r1 = read_artifact(ref)
+    assert ranks[0][name]["sha256"] == m2.ranking.sha256
+    if expect == "sha":  # the same additions: the same bits
+        assert m2.ranking.sha256 == m1.ranking.sha256
+    else:  # the same sums grouped differently: rounding apart, the same removals
+        assert same_order(r1, r2)
+        np.testing.assert_allclose(r2.score, r1.score, rtol=1e-5, atol=0)
+    assert [s.structures_removed for s in m2.trajectory] == [s.structures_removed for s in m1.trajectory]
+    assert [s.loss for s in m2.trajectory] == pytest.approx([s.loss for s in m1.trajectory], rel=1e-6)
+    assert m2.schedule.batch_size == m1.schedule.batch_size
+
+
+def test_a_failing_rank_ends_every_rank_with_its_message(launched):
+    root, _, ranks = launched
+    r0, r1 = ranks[0]["failing"], ranks[1]["failing"]
+    assert r1 == {**r1, "ok": False, "error": "RuntimeError", "message": "boom on rank 1"}
+    assert r0["ok"] is False and r0["error"] == "PeerFailed" and r0["code"] == 1
+    assert r0["message"] == "rank 1: RuntimeError: boom on rank 1"
+    assert not (root / "out" / "failing").exists()
+    # inputs that differ between ranks are refused on every rank before the model is loaded
+    for r in (ranks[0]["differs"], ranks[1]["differs"]):
+        assert r["ok"] is False and r["error"] == "Disagreement" and r["code"] == 1
+        assert "the ranks disagree on the inputs" in r["message"] and "rank 1 differs from rank 0" in r["message"]
+    assert not (root / "out" / "differs").exists()
+    # and the launch went on: the builds after a failure ran (CASES order), their groups intact
+    assert list(ranks[0]) == list(CASES)
+
+
+# ---------------------------------------------------------------------------------------------
+# The command line under torchrun
+# ---------------------------------------------------------------------------------------------
+
+
+def test_torchrun_command_line_shard_build(tiny_model_dir, sample_text_file, tmp_path):
+    model_dir = tiny_model_dir("qwen3")
+    opts = ["--samples", "4", "--seq-len", "16", "--batch-size", "2", "--steps", "3", "--device", "cpu"]
+    res = torchrun(["-m", "nestprune", "build", str(model_dir), "--data", str(sample_text_file), "--out",
+                    str(tmp_path / "two"), "--shard", *opts], cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    out = res.stdout + res.stderr
+    assert out.count("wrote ") == 1 and out.count("memory plan:") == 1  # rank 0 alone prints
+    ref = one_process(model_dir, sample_text_file, tmp_path / "one", samples=4, seq_len=16, batch_size=2, steps=3,
+                      device="cpu")
+    assert read_manifest(tmp_path / "two").ranking.sha256 == read_manifest(ref).ranking.sha256
+
+
+def test_torchrun_command_line_failure_is_one_line_and_every_rank_fails(tiny_model_dir, sample_text_file, tmp_path):
+    model_dir = tiny_model_dir("llama")
+    res = torchrun(["-m", "nestprune", "build", str(model_dir), "--data", str(sample_text_file), "--out",
+                    str(tmp_path / "x"), "--objective-fn", f"{HERE / 'distributed_worker.py'}:failing",
+                    "--samples", "4", "--seq-len", "16", "--batch-size", "2", "--steps", "3", "--device", "cpu"],
+                   cwd=tmp_path)
+    assert res.returncode != 0
+    lines = [line for line in (res.stdout + res.stderr).splitlines() if line.startswith("error:")]
+    assert lines == ["error: rank 1: RuntimeError: boom on rank 1"]
+    # rank 0, which did not fail itself, fails too (torchrun's summary of failed ranks; its status is rank 1's,
+    # unless torchrun, seeing rank 1 gone, terminated it first)
+    assert "rank      : 0 (local_rank: 0)" in res.stderr and "rank      : 1 (local_rank: 1)" in res.stderr
+    assert not (tmp_path / "x").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# The pieces, in one process
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("world", [1, 2, 3, 5])
+def test_split_is_a_contiguous_balanced_partition(world):
+    for n in range(0, 13):
+        shares = [D.Group(rank=r, world=world).split(n) for r in range(world)]
+        assert [i for s in shares for i in s] == list(range(n))
+        assert max(map(len, shares)) - min(map(len, shares)) <= 1
+        assert max(map(len, shares)) == math.ceil(n / world)
+
+
+class _Batches:
+    name = "counting"
+
+    def __init__(self, n: int):
+        self.n = n
+
+    def batches(self, batch_size: int):
+        for i in range(self.n):
+            yield {"input_ids": torch.full((batch_size, 3), i)}
+
+    def loss(self, model, batch):
+        return batch["input_ids"].float().sum() + 1.0
+
+    def provenance(self):
+        return {}
+
+
+def test_share_runs_this_ranks_micro_batches_and_pads_under_shard():
+    obj = _Batches(5)
+    assert D.SINGLE.share(obj) is obj
+    seen = [[int(b["input_ids"][0, 0]) for b in D.Group(rank=r, world=2).share(obj).batches(2)] for r in (0, 1)]
+    assert seen == [[0, 1, 2], [3, 4]]
+    padded = [list(D.Group(rank=r, world=2, shard=True).share(obj).batches(2)) for r in (0, 1)]
+    assert [len(p) for p in padded] == [3, 3]  # every rank in every forward/backward
+    filler = padded[1][-1]
+    share = D.Group(rank=1, world=2, shard=True).share(obj)
+    assert D.PAD in filler and float(share.loss(None, filler)) == 0.0
+    assert float(share.loss(None, padded[1][0])) == float(obj.loss(None, padded[1][0])) != 0.0
+    few = [list(D.Group(rank=r, world=4, shard=True).share(_Batches(2)).batches(1)) for r in range(4)]
+    assert [len(p) for p in few] == [1, 1, 1, 1] and all(D.PAD in p[0] for p in few[2:])
+
+
+def test_unit_sums_of_shard_pieces_add_up_to_the_whole():
+    """Per-unit sums of the pieces a segment is cut into (shard boundaries anywhere) are the whole segment's:
+    to the bit where the cuts fall between units."""
+    from nestprune.arch import TensorSlice
+
+    torch.manual_seed(0)
+    for axis in (0, 1):
+        s = TensorSlice("x.weight", "q", axis)
+        units, width = 5, 4
+        metric = torch.rand((units * width, 7) if axis == 0 else (7, units * width))
+        whole = per_unit(s, metric, units, width).double()
+        for cuts in ([0, 20], [0, 8, 20], [0, 3, 9, 10, 17, 20], [0, 1, 2, 19, 20]):
+            out = torch.zeros(units, dtype=torch.float64)
+            for a, b in zip(cuts, cuts[1:], strict=False):
+                D._unit_sums(s, metric.narrow(axis, a, b - a), a, width, out)
+            if all(c % width == 0 for c in cuts):
+                assert torch.equal(out, whole)
+            else:
+                torch.testing.assert_close(out, whole, rtol=1e-6, atol=0)
+
+
+def test_shard_range_is_torch_chunk():
+    for length in (1, 5, 7, 8, 48):
+        for world in (1, 2, 3, 4, 6):
+            pieces = torch.arange(length).chunk(world)
+            for r in range(world):
+                lo, hi = D.shard_range(length, D.Group(rank=r, world=world))
+                expect = pieces[r].tolist() if r < len(pieces) else []
+                assert list(range(lo, hi)) == expect
+
+
+def test_launch_environment_is_read_and_checked():
+    assert D.launch_env({}) is None
+    env = {"RANK": "3", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "4"}
+    assert D.launch_env(env) == D.Launch(rank=3, world=8, local_rank=1, local_world=4)
+    assert D.launch_env({"RANK": "0", "WORLD_SIZE": "1"}) == D.Launch(0, 1, 0, 1)
+    for bad, match in [({"RANK": "x", "WORLD_SIZE": "2"}, "must be integers"), ({"WORLD_SIZE": "2"}, "incomplete"),
+                       ({"RANK": "2", "WORLD_SIZE": "2"}, "inconsistent"),
+                       ({**env, "LOCAL_RANK": "4"}, "inconsistent")]:
+        with pytest.raises(NestpruneError, match=match):
+            D.launch_env(bad)
+    assert D.timeout_seconds({}) == D.DEFAULT_TIMEOUT and D.timeout_seconds({D.TIMEOUT_ENV: "60"}) == 60.0
+    for bad in ("0", "-1", "soon"):
+        with pytest.raises(NestpruneError, match=D.TIMEOUT_ENV):
+            D.timeout_seconds({D.TIMEOUT_ENV: bad})
+    cpu = torch.device("cpu")
+    assert D.rank_device(cpu, D.Launch(1, 2, 1, 2)) == cpu and D.rank_device(cpu, None) == cpu
+
+
+def test_single_process_group_does_nothing():
+    g = D.SINGLE
+    assert g.main and g.world == 1 and g.split(3) == range(3)
+    grads = {"w": torch.ones(3)}
+    assert g.reduce(2.5, grads) == 2.5 and torch.equal(grads["w"], torch.ones(3))
+    g.agree("anything", b"x")
+    g.agree_step(0, np.zeros(2), np.zeros(2), np.array([1]))
+    with g.guard():
+        pass
+    assert list(g.stagger()) == [None]
+
+
+def test_build_refuses_shard_where_it_cannot_work(tiny_model_dir, sample_text_file, tmp_path, monkeypatch):
+    model_dir = tiny_model_dir("llama")
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
+        monkeypatch.delenv(k, raising=False)
+    for options, match in [(dict(shard=True), "launch the build with torchrun"),
+                           (dict(shard=True, method="magnitude"), "--shard is for the gradient methods"),
+                           (dict(shard=True, accumulator="bf16-stochastic"), "accumulates the gradient shards")]:
+        method = options.pop("method", "gisp")
+        with pytest.raises(NestpruneError, match=match):
+            build_artifact(model_dir, sample_text_file, tmp_path / "a", BuildConfig(method, **SMALL, **options))
+        assert not (tmp_path / "a").exists()
