@@ -285,3 +285,117 @@ def test_build_refuses_shard_where_it_cannot_work(tiny_model_dir, sample_text_fi
         with pytest.raises(NestpruneError, match=match):
             build_artifact(model_dir, sample_text_file, tmp_path / "a", BuildConfig(method, **SMALL, **options))
         assert not (tmp_path / "a").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-GPU plans for N GPUs
+# ---------------------------------------------------------------------------------------------
+
+# Llama-3-70B's layer shapes (8192 wide, 64 heads in 8 KV groups, 28672 channels, 128256 tokens), 8 layers
+# instead of 80 to keep the meta runs short: the per-GPU arithmetic is the same
+LLAMA70_SHAPE = dict(model_type="llama", vocab_size=128256, hidden_size=8192, intermediate_size=28672,
+                     num_hidden_layers=8, num_attention_heads=64, num_key_value_heads=8, max_position_embeddings=8192,
+                     rms_norm_eps=1e-5, tie_word_embeddings=False)
+GiB = 1 << 30
+
+
+@pytest.fixture(scope="module")
+def estimator():
+    from nestprune.rank.plan import Estimator
+
+    return Estimator(LLAMA70_SHAPE, torch.bfloat16, 256)
+
+
+def test_data_parallel_plan_is_one_gpus_with_a_share_of_the_windows(estimator):
+    from nestprune.rank.plan import plan_build
+
+    kw = dict(seq_len=256, dtype="bfloat16", steps=28, accumulator="fp32", throughput=1000.0, estimator=estimator)
+    one = plan_build(LLAMA70_SHAPE, "1TiB", samples=64, **kw)
+    for n in (2, 4, 8):
+        p = plan_build(LLAMA70_SHAPE, "1TiB", samples=64, ranks=n, **kw)
+        alone = plan_build(LLAMA70_SHAPE, "1TiB", samples=math.ceil(64 / n), **kw)  # one GPU, its share
+        assert (p.peak_bytes, p.breakdown, p.micro_batch) == (alone.peak_bytes, alone.breakdown, alone.micro_batch)
+        assert p.breakdown.weights == one.breakdown.weights  # every rank holds the whole model ...
+        assert p.breakdown.accumulators == one.breakdown.accumulators  # ... and every accumulator
+        assert p.breakdown.activations < one.breakdown.activations  # of a smaller micro-batch (its share)
+        assert p.samples_per_rank == math.ceil(64 / n) and p.micro_batches_per_step == 1
+        assert p.projected_seconds_dense == pytest.approx(one.projected_seconds_dense / n)  # ideal scaling
+        assert "data parallel" in p.summary() and "ideal scaling" in p.summary()
+
+
+def test_sharded_plan_divides_weights_and_accumulators_over_the_gpus(estimator):
+    from nestprune.rank.memory import ShardSizes
+    from nestprune.rank.plan import plan_build
+
+    kw = dict(samples=64, seq_len=256, dtype="bfloat16", steps=28, batch_size=1, estimator=estimator)
+    single = plan_build(LLAMA70_SHAPE, "1TiB", accumulator="fp32", **kw)
+    sizes = ShardSizes.of(estimator.model, LLAMA70_SHAPE)
+    layer = 2 * 8192 * 8192 + 2 * 1024 * 8192 + 3 * 8192 * 28672 + 2 * 8192  # q, o + k, v + MLP + norms
+    assert sizes.largest_layer == layer and sizes.layers == 8 * layer
+    assert sizes.scored == 8 * (2 * 8192 * 8192 + 3 * 8192 * 28672)  # query mode: q, o, gate, up, down
+    peaks = []
+    for n in (1, 2, 4, 8, 16):
+        p = plan_build(LLAMA70_SHAPE, "1TiB", ranks=n, shard=True, **kw)
+        b = p.breakdown
+        rest = single.breakdown.weights - 2 * sizes.layers  # embeddings, output layer, final norm: whole, bf16
+        assert b.weights == rest + -(-4 * sizes.layers // n) + 2 * 2 * sizes.largest_layer
+        assert b.accumulators == -(-4 * sizes.scored // n) + 6 * sizes.scored_largest_layer
+        assert (b.activations, b.logits, b.workspace) == (single.breakdown.activations, single.breakdown.logits,
+                                                          single.breakdown.workspace)
+        assert p.peak_bytes == b.total and p.accumulator == "fp32" and p.step_cost == 1.0  # no compaction
+        peaks.append(p.peak_bytes)
+    assert all(a > b for a, b in zip(peaks, peaks[1:], strict=False))
+    # the sharded master copy costs more than the whole bf16 model on one GPU; from 2 GPUs on it saves
+    assert peaks[0] > single.peak_bytes > peaks[1]
+
+
+def test_scaling_table_says_how_many_gpus_a_model_needs(estimator):
+    from nestprune.rank.plan import BuildPlan, plan_build, scaling_summary, scaling_table
+
+    ranks = (1, 2, 4, 8, 16, 32, 64)
+    rows = scaling_table(estimator, "16GiB", ranks=ranks)
+    dp = [r for r in rows if not r.shard]
+    sharded = [r for r in rows if r.shard]
+    assert tuple(r.ranks for r in dp) == tuple(r.ranks for r in sharded) == ranks
+    assert len({r.peak_bytes for r in dp}) == 1 and not any(r.fits for r in dp)  # 16.7 GiB of bf16 weights alone
+    assert dp[0].accumulator == "fp32-host"  # the least memory, as nothing fits
+    assert all(a.peak_bytes > b.peak_bytes for a, b in zip(sharded, sharded[1:], strict=False))
+    need = min(r.ranks for r in sharded if r.fits)
+    assert need > 8 and not any(r.fits for r in sharded if r.ranks < need)
+    text = scaling_summary(rows, int(16 * GiB * 0.9))
+    assert f"needs --shard over at least {need} GPUs" in text and "data parallel" in text
+    assert "fits" in scaling_summary(scaling_table(estimator, "1TiB", ranks=(1, 2)), GiB << 10)
+    p = plan_build(LLAMA70_SHAPE, "16GiB", samples=64, seq_len=256, dtype="bfloat16", steps=28, ranks=need, shard=True,
+                   estimator=estimator, scaling=rows)
+    assert p.fits and f"{need} GPUs (--shard), per GPU" in p.summary() and "GPU count" in p.summary()
+    d = json.loads(p.to_json())
+    assert d["ranks"] == need and d["shard"] is True and d["samples_per_rank"] == math.ceil(64 / need)
+    assert [(r["ranks"], r["shard"]) for r in d["scaling"]] == [(r.ranks, r.shard) for r in rows]
+    assert BuildPlan.from_json(p.to_json()) == p
+
+
+def test_plan_for_n_gpus_on_the_command_line(tiny_model_dir, tmp_path):
+    from typer.testing import CliRunner
+
+    from nestprune.cli.main import app
+
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    (bare / "config.json").write_text((tiny_model_dir("llama-gqa") / "config.json").read_text())
+    runner = CliRunner()
+    base = ["build", str(bare), "--plan", "--device-memory", "2GiB", "--samples", "64", "--seq-len", "32"]
+    res = runner.invoke(app, [*base, "--json", "--nproc", "4", "--shard"])
+    assert res.exit_code == 0, res.output
+    d = json.loads(res.output)
+    assert d["ranks"] == 4 and d["shard"] is True and d["samples_per_rank"] == 16 and d["micro_batch"] <= 16
+    assert {r["ranks"] for r in d["scaling"]} == {1, 2, 4, 8, 16, 32, 64}
+    one = json.loads(runner.invoke(app, [*base, "--json"]).output)
+    assert one["ranks"] == 1 and one["shard"] is False and one["samples_per_rank"] == 64
+    res = runner.invoke(app, [*base, "--nproc", "3"])
+    assert res.exit_code == 0 and "3 GPUs (data parallel), per GPU" in res.output and "GPU count" in res.output
+    for bad, match in [(["--nproc", "0"], "--nproc"), (["--nproc", "2", "--shard", "--accumulator", "fp32-host"],
+                                                  "accumulates fp32 gradient shards")]:
+        res = runner.invoke(app, [*base, *bad])
+        assert res.exit_code == 2 and match in res.output, res.output
+    res = runner.invoke(app, ["build", str(bare), "--nproc", "2"])
+    assert res.exit_code == 2 and "--nproc goes with --plan" in res.output

@@ -478,15 +478,15 @@ def scaling_summary(rows: tuple[RankPeak, ...], usable: int) -> str:
     cell = {(r.ranks, r.shard): r for r in rows}
     width = max(len(f"{n}") for n in counts) + 6
     lines = [f"per-GPU peak at micro-batch 1 by GPU count ({format_bytes(usable)} usable):",
-             "  GPUs         " + "".join(f"{n:>{width}}" for n in counts)]
+             ("  GPUs         " + "".join(f"{n:>{width - 1}} " for n in counts)).rstrip()]
     for shard, label in ((False, "data parallel"), (True, "--shard      ")):
         lines.append(f"  {label}" + "".join(f"{cell[n, shard].peak_bytes / GiB:>{width - 1}.1f}"
-                                            + ("" if cell[n, shard].fits else "!") if (n, shard) in cell else ""
-                                            for n in counts))
+                                            + (" " if cell[n, shard].fits else "!") if (n, shard) in cell
+                                            else " " * width for n in counts).rstrip())
     least = [r.ranks for r in rows if r.fits]
     shard_least = [r.ranks for r in rows if r.fits and r.shard]
     if any(r.fits and not r.shard for r in rows):
-        lines.append("  ('!': does not fit) one GPU holds the build; more GPUs, data parallel, shorten it")
+        lines.append("  ('!': does not fit) one GPU fits the build; more GPUs, data parallel, shorten it")
     elif shard_least:
         lines.append(f"  ('!': does not fit) the build needs --shard over at least {min(shard_least)} GPUs")
     elif not least:
