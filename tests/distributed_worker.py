@@ -56,6 +56,18 @@ def failing(tokenizer, data_path, options):
                                      int(options.get("seq_len", 16))))
 
 
+def command_line(argv: list[str]) -> dict:
+    import contextlib
+    import io
+
+    from nestprune.cli.main import app
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = app(args=argv, prog_name="nestprune", standalone_mode=False)
+    return {"code": code, "stdout": out.getvalue(), "stderr": err.getvalue()}
+
+
 def main(spec_path: str, out_dir: str) -> None:
     import torch.distributed as dist
 
@@ -70,6 +82,9 @@ def main(spec_path: str, out_dir: str) -> None:
     dist.init_process_group("gloo")  # once for every case: build_artifact uses the group that is open
     results = []
     for case in spec["cases"]:
+        if "argv" in case:  # the command line, in this process: its status and what this rank printed
+            results.append({"name": case["name"], **command_line(case["argv"])})
+            continue
         model_dir, data = Path(case["model"]), Path(case["data"])
         objective = None
         if case.get("objective"):

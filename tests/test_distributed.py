@@ -1,8 +1,8 @@
 """A build over several processes (``nestprune.rank.distributed``): two gloo ranks on the CPU rank exactly what
 one process ranks, data parallel and ``--shard`` (FSDP2); failures end every rank; per-GPU plans for N GPUs.
 
-The launches (torchrun, 2 ranks) are few and each runs several builds: one worker launch for the library
-cases, and two of the command line (a sharded build, and a rank that fails)."""
+Launches are slow (two Python processes start and meet), so there is one: a torchrun launch of 2 ranks
+(``distributed_worker.py``) that runs every build below, the library's and the command line's, in turn."""
 
 from __future__ import annotations
 
@@ -68,28 +68,41 @@ CASES = {
 }
 
 
+CLI_OPTIONS = ["--samples", "4", "--seq-len", "16", "--batch-size", "2", "--steps", "3", "--device", "cpu"]
+
+
 @pytest.fixture(scope="module")
 def launched(tmp_path_factory, tokenizer):
-    """Every case of CASES built by 2 gloo ranks in one torchrun launch, and by one process."""
+    """Every case of CASES built by 2 gloo ranks in one torchrun launch, then the command line twice (a sharded
+    build, a failing rank), each rank's status and output recorded."""
     from conftest import SAMPLE_TEXT, make_tiny_model, save_tiny_model
 
     root = tmp_path_factory.mktemp("dist")
     data = root / "calib.txt"
     data.write_text(SAMPLE_TEXT)
+    out = root / "out"
+    out.mkdir()
     models, cases = {}, []
-    for name, (family, overrides, options, expect) in CASES.items():
+
+    def model(family: str, overrides: dict) -> Path:
         key = (family, tuple(sorted(overrides.items())))
         if key not in models:
-            model = make_tiny_model(family, vocab_size=len(tokenizer), **overrides)
-            models[key] = save_tiny_model(model, tokenizer, root / f"model-{len(models)}")
-        case = {"name": name, "model": str(models[key]), "data": str(data), "options": options}
+            made = make_tiny_model(family, vocab_size=len(tokenizer), **overrides)
+            models[key] = save_tiny_model(made, tokenizer, root / f"model-{len(models)}")
+        return models[key]
+
+    for name, (family, overrides, options, expect) in CASES.items():
+        case = {"name": name, "model": str(model(family, overrides)), "data": str(data), "options": options}
         if expect in ("fails", "differs"):
             case["objective"] = {"fails": "failing", "differs": "differs"}[expect]
         cases.append(case)
+    build = ["build", "--data", str(data), *CLI_OPTIONS]
+    cases.append({"name": "cli-shard", "model": str(model("qwen3", {})),
+                  "argv": [*build, str(model("qwen3", {})), "--out", str(out / "cli-shard"), "--shard"]})
+    cases.append({"name": "cli-failing", "argv": [*build, str(model("llama", {})), "--out", str(out / "cli-failing"),
+                                                  "--objective-fn", f"{HERE / 'distributed_worker.py'}:failing"]})
     spec = root / "spec.json"
     spec.write_text(json.dumps({"cases": cases}))
-    out = root / "out"
-    out.mkdir()
     res = torchrun([str(HERE / "distributed_worker.py"), str(spec), str(out)], cwd=root)
     assert res.returncode == 0, res.stderr[-3000:]
     ranks = [{r["name"]: r for r in json.loads((out / f"rank{i}.json").read_text())} for i in (0, 1)]
@@ -130,41 +143,30 @@ def test_a_failing_rank_ends_every_rank_with_its_message(launched):
         assert r["ok"] is False and r["error"] == "Disagreement" and r["code"] == 1
         assert "the ranks disagree on the inputs" in r["message"] and "rank 1 differs from rank 0" in r["message"]
     assert not (root / "out" / "differs").exists()
-    # and the launch went on: the builds after a failure ran (CASES order), their groups intact
-    assert list(ranks[0]) == list(CASES)
+    # and the launch went on: the builds after a failure ran, their groups intact
+    assert list(ranks[0]) == [*CASES, "cli-shard", "cli-failing"]
 
 
-# ---------------------------------------------------------------------------------------------
-# The command line under torchrun
-# ---------------------------------------------------------------------------------------------
+def test_command_line_under_torchrun_rank_0_alone_prints(launched):
+    root, cases, ranks = launched
+    r0, r1 = ranks[0]["cli-shard"], ranks[1]["cli-shard"]
+    assert r0["code"] == 0 and r1["code"] == 0, (r0, r1)
+    assert r0["stderr"].count("wrote ") == 1 and r0["stderr"].count("memory plan:") == 1
+    assert r1["stdout"] == r1["stderr"] == ""  # the other ranks stay quiet
+    model_dir = Path(cases["cli-shard"]["model"])
+    ref = one_process(model_dir, root / "calib.txt", root / "ref-cli", samples=4, seq_len=16, batch_size=2, steps=3,
+                      device="cpu", no_compact=True)
+    assert read_manifest(root / "out" / "cli-shard").ranking.sha256 == read_manifest(ref).ranking.sha256
 
 
-def test_torchrun_command_line_shard_build(tiny_model_dir, sample_text_file, tmp_path):
-    model_dir = tiny_model_dir("qwen3")
-    opts = ["--samples", "4", "--seq-len", "16", "--batch-size", "2", "--steps", "3", "--device", "cpu"]
-    res = torchrun(["-m", "nestprune", "build", str(model_dir), "--data", str(sample_text_file), "--out",
-                    str(tmp_path / "two"), "--shard", *opts], cwd=tmp_path)
-    assert res.returncode == 0, res.stderr[-3000:]
-    out = res.stdout + res.stderr
-    assert out.count("wrote ") == 1 and out.count("memory plan:") == 1  # rank 0 alone prints
-    ref = one_process(model_dir, sample_text_file, tmp_path / "one", samples=4, seq_len=16, batch_size=2, steps=3,
-                      device="cpu")
-    assert read_manifest(tmp_path / "two").ranking.sha256 == read_manifest(ref).ranking.sha256
-
-
-def test_torchrun_command_line_failure_is_one_line_and_every_rank_fails(tiny_model_dir, sample_text_file, tmp_path):
-    model_dir = tiny_model_dir("llama")
-    res = torchrun(["-m", "nestprune", "build", str(model_dir), "--data", str(sample_text_file), "--out",
-                    str(tmp_path / "x"), "--objective-fn", f"{HERE / 'distributed_worker.py'}:failing",
-                    "--samples", "4", "--seq-len", "16", "--batch-size", "2", "--steps", "3", "--device", "cpu"],
-                   cwd=tmp_path)
-    assert res.returncode != 0
-    lines = [line for line in (res.stdout + res.stderr).splitlines() if line.startswith("error:")]
-    assert lines == ["error: rank 1: RuntimeError: boom on rank 1"]
-    # rank 0, which did not fail itself, fails too (torchrun's summary of failed ranks; its status is rank 1's,
-    # unless torchrun, seeing rank 1 gone, terminated it first)
-    assert "rank      : 0 (local_rank: 0)" in res.stderr and "rank      : 1 (local_rank: 1)" in res.stderr
-    assert not (tmp_path / "x").exists()
+def test_command_line_failure_is_one_line_and_every_rank_fails(launched):
+    root, _, ranks = launched
+    r0, r1 = ranks[0]["cli-failing"], ranks[1]["cli-failing"]
+    assert r0["code"] == r1["code"] == 1  # an internal error on rank 1: its status, on every rank
+    lines = [line for r in (r0, r1) for line in (r["stdout"] + r["stderr"]).splitlines() if line.startswith("error:")]
+    assert lines == ["error: rank 1: RuntimeError: boom on rank 1"]  # printed by rank 0 alone
+    assert r1["stdout"] == r1["stderr"] == ""
+    assert not (root / "out" / "cli-failing").exists()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -278,12 +280,13 @@ def test_build_refuses_shard_where_it_cannot_work(tiny_model_dir, sample_text_fi
     model_dir = tiny_model_dir("llama")
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
         monkeypatch.delenv(k, raising=False)
-    for options, match in [(dict(shard=True), "launch the build with torchrun"),
-                           (dict(shard=True, method="magnitude"), "--shard is for the gradient methods"),
-                           (dict(shard=True, accumulator="bf16-stochastic"), "accumulates the gradient shards")]:
-        method = options.pop("method", "gisp")
+    plain = dict(samples=4, seq_len=16, device="cpu")
+    for method, options, match in [("gisp", dict(SMALL, shard=True), "launch the build with torchrun"),
+                                   ("magnitude", dict(plain, shard=True), "--shard is for the gradient methods"),
+                                   ("gisp", dict(SMALL, shard=True, accumulator="bf16-stochastic"),
+                                    "accumulates the gradient shards")]:
         with pytest.raises(NestpruneError, match=match):
-            build_artifact(model_dir, sample_text_file, tmp_path / "a", BuildConfig(method, **SMALL, **options))
+            build_artifact(model_dir, sample_text_file, tmp_path / "a", BuildConfig(method, **options))
         assert not (tmp_path / "a").exists()
 
 

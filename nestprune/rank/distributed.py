@@ -299,7 +299,9 @@ class Group:
         except (PeerFailed, Disagreement):
             raise  # every rank knows already
         except Exception as e:
-            if self.world > 1:
+            if isinstance(e, getattr(dist, "DistError", ())):  # the group itself failed (a timeout): telling fails too
+                e.unreported = True  # type: ignore[attr-defined]
+            elif self.world > 1:
                 try:
                     self.exchange(_exit_code(e), _message(e).encode(), timeout=self.timeout)
                 except Exception:
