@@ -46,7 +46,13 @@ from nestprune.config import params, record
 from nestprune.errors import NestpruneError, validation_message
 from nestprune.io import atomic
 from nestprune.schemas.artifact import ConfigRecord
-from nestprune.schemas.resume import RESUME_KIND, RESUME_SCHEMA_VERSIONS, ResumeCheckpoint, RngStates, RunInputs
+from nestprune.schemas.resume import (
+    RESUME_KIND,
+    RESUME_SCHEMA_VERSIONS,
+    ResumeCheckpoint,
+    RngStates,
+    RunInputs,
+)
 
 if TYPE_CHECKING:
     import torch

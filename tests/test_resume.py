@@ -31,7 +31,7 @@ from nestprune.io import atomic
 from nestprune.resume import CHECKPOINT_JSON, load_checkpoint, read_doc, resume_dir
 
 runner = CliRunner()
-STEPS, SAMPLES, BATCH = 6, 8, 2  # 4 micro-batches per step
+STEPS, SAMPLES, BATCH = 4, 4, 2  # 2 micro-batches per step; compaction cuts the MLPs at steps 1, 2 and 3
 BATCHES_PER_STEP = SAMPLES // BATCH
 
 
@@ -93,7 +93,7 @@ torch.set_num_threads(int(sys.argv[2]))  # as the test process: the same sums
 
 
 def arm(point, signum):
-    # stop this process with ``signum`` at ``point``: "step:N" (the 3rd micro-batch of step N), "ckpt-write:N"
+    # stop this process with ``signum`` at ``point``: "step:N" (the 2nd micro-batch of step N), "ckpt-write:N"
     # (the arrays of the N-th checkpoint written to their temporary, not yet renamed), "ckpt-commit:N" (the N-th
     # checkpoint.json the same), "artifact-write" (the artifact's temporary holds some of its arrays)
     kind, _, n = point.partition(":")
@@ -109,7 +109,7 @@ def arm(point, signum):
 
         def loss(self, model, batch):
             seen["count"] += 1
-            if seen["count"] == n * int(sys.argv[3]) + 3:
+            if seen["count"] == n * int(sys.argv[3]) + 2:
                 fire()
             return real(self, model, batch)
 
@@ -178,24 +178,38 @@ def entries(folder: Path) -> list[str]:
     return sorted(os.listdir(folder)) if folder.exists() else []
 
 
-# (point, checkpoint steps left by the kill: the last complete one)
-KILLS = {
-    "compact": [("step:3", 3), ("ckpt-write:2", 1), ("ckpt-commit:1", None), ("ckpt-commit:4", 3),
-                ("artifact-write", STEPS)],
-    "no-compact": [("step:2", 2), ("ckpt-commit:3", 2), ("artifact-write", STEPS)],
+# mode -> (point, signal, the checkpoint's steps the stop leaves: the last complete one)
+STOPS = {
+    "compact": [("step:2", signal.SIGKILL, 2), ("ckpt-write:1", signal.SIGKILL, None),
+                ("ckpt-commit:3", signal.SIGKILL, 2), ("artifact-write", signal.SIGKILL, STEPS)],
+    "no-compact": [("step:1", signal.SIGKILL, 1), ("ckpt-write:2", signal.SIGKILL, 1),
+                   ("artifact-write", signal.SIGKILL, STEPS)],
+    "signals": [("step:3", signal.SIGTERM, 3), ("step:2", signal.SIGINT, 2),
+                ("ckpt-write:3", signal.SIGTERM, 2),  # its half-written temporary goes, the second checkpoint stays
+                ("step:0", signal.SIGINT, None)],  # before the first step completes: nothing at all is left
 }
 
 
-@pytest.mark.parametrize("mode", ["compact", "no-compact"])
-def test_sigkill_at_any_point_then_resume_gives_the_uninterrupted_ranking(inputs, reference, tmp_path, mode):
+@pytest.fixture(scope="module")
+def stopped(inputs, tmp_path_factory):
+    """Every stopped build, in one helper process: mode -> [(point, signal, kept, out, args, result)]."""
     base, data = inputs
-    extra = ("--no-compact",) if mode == "no-compact" else ()
-    kills = KILLS[mode]
-    specs = [{"args": build_args(base, data, tmp_path / f"k{i}" / "art", *extra), "point": point,
-              "signal": int(signal.SIGKILL), "log": str(tmp_path / f"k{i}.log")} for i, (point, _) in enumerate(kills)]
-    results = run_stopped(specs)
-    for i, ((point, kept), res) in enumerate(zip(kills, results, strict=True)):
-        out = tmp_path / f"k{i}" / "art"
+    root = tmp_path_factory.mktemp("resume-stopped")
+    cases, specs = {}, []
+    for mode, stops in STOPS.items():
+        extra = ("--no-compact",) if mode == "no-compact" else ()
+        for i, (point, signum, kept) in enumerate(stops):
+            out = root / f"{mode}-{i}" / "art"
+            args = build_args(base, data, out, *extra)
+            specs.append({"args": args, "point": point, "signal": int(signum), "log": str(root / f"{mode}-{i}.log")})
+            cases.setdefault(mode, []).append([point, signum, kept, out, args])
+    results = iter(run_stopped(specs))
+    return {mode: [(*case, next(results)) for case in mode_cases] for mode, mode_cases in cases.items()}
+
+
+@pytest.mark.parametrize("mode", ["compact", "no-compact"])
+def test_sigkill_at_any_point_then_resume_gives_the_uninterrupted_ranking(inputs, reference, stopped, mode):
+    for point, _, kept, out, args, res in stopped[mode]:
         folder = resume_dir(out)
         assert res["signal"] == signal.SIGKILL, (point, res)
         assert not out.exists(), point  # never a half artifact at --out
@@ -211,7 +225,7 @@ def test_sigkill_at_any_point_then_resume_gives_the_uninterrupted_ranking(inputs
             assert int(state.pruned.sum()) == saved.doc.trajectory[-1].structures_removed
         if point.startswith("artifact-write"):
             assert any(n.startswith(".art.nestprune-tmp.") for n in entries(out.parent)), entries(out.parent)
-        r = build(build_args(base, data, out, *extra, "--resume"))
+        r = build([*args, "--resume"])
         assert r.exit_code == 0, (point, r.output)
         said = "resuming from the checkpoint" if kept else "no checkpoint of"
         assert said in r.output, (point, r.output)
@@ -225,20 +239,10 @@ def test_sigkill_at_any_point_then_resume_gives_the_uninterrupted_ranking(inputs
 # ---------------------------------------------------------------------------------------------
 
 
-def test_sigterm_and_sigint_keep_the_checkpoint_and_say_how_to_resume(inputs, reference, tmp_path):
-    base, data = inputs
-    cases = [("step:3", signal.SIGTERM, 143, "terminated", ["checkpoint.json", "state-000003.safetensors"]),
-             ("step:2", signal.SIGINT, 130, "interrupted", ["checkpoint.json", "state-000002.safetensors"]),
-             # during the third checkpoint's write: its half-written temporary goes, the second stays
-             ("ckpt-write:3", signal.SIGTERM, 143, "terminated", ["checkpoint.json", "state-000002.safetensors"]),
-             # before the first step completes: no checkpoint, nothing at all left
-             ("step:0", signal.SIGINT, 130, "interrupted", None)]
-    specs = [{"args": build_args(base, data, tmp_path / f"s{i}" / "art"), "point": point, "signal": int(signum),
-              "log": str(tmp_path / f"s{i}.log")} for i, (point, signum, *_) in enumerate(cases)]
-    results = run_stopped(specs)
-    for i, ((point, _, code, word, kept), res) in enumerate(zip(cases, results, strict=True)):
-        out = tmp_path / f"s{i}" / "art"
+def test_sigterm_and_sigint_keep_the_checkpoint_and_say_how_to_resume(reference, stopped):
+    for point, signum, kept, out, args, res in stopped["signals"]:
         folder = resume_dir(out)
+        code, word = (143, "terminated") if signum == signal.SIGTERM else (130, "interrupted")
         assert res["code"] == code, (point, res)
         lines = [line for line in res["log"].splitlines() if line.startswith(word)]
         assert len(lines) == 1 and "Traceback" not in res["log"], res["log"]
@@ -246,12 +250,13 @@ def test_sigterm_and_sigint_keep_the_checkpoint_and_say_how_to_resume(inputs, re
             assert lines[0] == f"{word}: nothing was written"
             assert entries(out.parent) == []
             continue
-        assert entries(folder) == kept, point  # no half-written temporary, the last complete checkpoint
-        assert entries(out.parent) == [folder.name]  # no artifact, no temporary, no lock
-        steps = int(kept[1][len("state-"):-len(".safetensors")])
-        assert f"the checkpoint after {steps} of {STEPS} step(s) is kept in {folder}" in lines[0]
+        # no half-written temporary: the last complete checkpoint; beside --out no artifact, temporary or lock
+        assert entries(folder) == ["checkpoint.json", f"state-{kept:06d}.safetensors"], point
+        assert entries(out.parent) == [folder.name]
+        assert lines[0].startswith(f"{word}: the artifact was not written; the checkpoint after {kept} of {STEPS} "
+                                   f"step(s) is kept in {folder}. Resume with: "), lines[0]
         hint = lines[0].split("Resume with: ", 1)[1]
-        assert shlex.split(hint) == ["nestprune", *specs[i]["args"], "--resume"]
+        assert shlex.split(hint) == ["nestprune", *args, "--resume"]
         r = build(shlex.split(hint)[1:])  # the command it prints continues the build
         assert r.exit_code == 0, r.output
         assert sha(out) == reference["compact"]
@@ -310,7 +315,7 @@ def test_a_resume_with_other_inputs_is_refused_naming_what_differs(inputs, inter
         (build_args(base, data, out, "--seed", "3"), "--seed (0 in the checkpoint, 3 now)"),
         (build_args(base, data, out, "--no-compact"), "--no-compact (false in the checkpoint, true now)"),
         (build_args(base, data, out, "--skip-last", "2"), "--skip-last (1 in the checkpoint, 2 now)"),
-        (build_args(base, data, out, samples=6), "--samples (8 in the checkpoint, 6 now)"),
+        (build_args(base, data, out, samples=6), "--samples (4 in the checkpoint, 6 now)"),
         (build_args(base, data, out, "--method", "gisp-oneshot", steps=None),
          '--method ("gisp" in the checkpoint, "gisp-oneshot" now)'),
         (build_args(base, data, out, "--batch-size", "4"), "the micro-batch (--batch-size) (2 in the checkpoint, 4 now)"),
@@ -331,7 +336,7 @@ def test_a_resume_with_other_inputs_is_refused_naming_what_differs(inputs, inter
     # the same inputs continue it
     r = build([*build_args(base, data, out), "--resume"])
     assert r.exit_code == 0, r.output
-    assert "resuming from the checkpoint" in r.output and "3 of 6 step(s) done" in r.output
+    assert "resuming from the checkpoint" in r.output and f"3 of {STEPS} step(s) done" in r.output
     assert sha(out) == reference["compact"]
     assert entries(out.parent) == sorted(["art", "other.txt", "other-base"])
 
@@ -342,7 +347,7 @@ def test_a_rerun_without_resume_is_refused_in_one_line_and_force_starts_over(inp
     folder = resume_dir(out)
     r = build(build_args(base, data, out))
     assert r.exit_code == 2
-    assert error_of(r) == (f"error: {out} has the checkpoint of an interrupted build (3 of 6 step(s) done) in "
+    assert error_of(r) == (f"error: {out} has the checkpoint of an interrupted build (3 of {STEPS} step(s) done) in "
                            f"{folder}; pass --resume to continue it, or --force to start over")
     assert read_doc(folder).steps_done == 3
     # --force without --resume: the checkpoint is discarded, the build starts over (and ends like the reference)
