@@ -95,19 +95,22 @@ def warn(message: str) -> None:
     console.print(f"[yellow]warning:[/] {escape(message)}", soft_wrap=True)
 
 
-_TEMPORARY = re.compile(r"^\.(?P<name>.+)\.nestprune-(?:lock|tmp|old|scratch)(?:\..*)?$")
+_TEMPORARY = re.compile(r"^\.(?P<name>.+)\.nestprune-(?:lock|tmp|old|scratch|resume)(?:\..*)?$")
 
 
 def user_path(path: object) -> str:
-    """The path to name in a message: the output a nestprune temporary or lock file stands for (the user
-    never named ``.v.nestprune-lock``), else the path itself."""
+    """The path to name in a message: the output a nestprune temporary, lock file or build checkpoint stands
+    for (the user never named ``.v.nestprune-lock``), else the path itself."""
     p = Path(os.fsdecode(path)) if isinstance(path, str | bytes | os.PathLike) else None
     if p is None:
         return str(path)
     for part in (p, *p.parents):
         found = _TEMPORARY.match(part.name)
         if found:
-            return str(part.parent / found.group("name"))
+            name = found.group("name")
+            while inner := _TEMPORARY.match(name):  # the lock of a build's checkpoint folder
+                name = inner.group("name")
+            return str(part.parent / name)
     return str(p)
 
 
