@@ -184,25 +184,19 @@ def input_items(inputs: RunInputs) -> dict[str, _Item]:
 
 
 def differences(saved: dict[str, _Item], now: dict[str, _Item]) -> list[str]:
-    """Each item that differs, in words: ``--r-max (0.7 in the checkpoint, 0.5 now)``. An item only one side
-    has counts where the other side has items of its section (a method's options when both are that method)."""
+    """Each item that differs, in words: ``--r-max (0.7 in the checkpoint, 0.5 now)``; a method or objective
+    that differs is named alone, not each of its options."""
+    whole = {k for k in saved.keys() & now.keys() if "." not in k and saved[k].value != now[k].value}
     out = []
-    changed = {key.split(".")[0] for key in set(saved) | set(now)
-               if key in saved and key in now and saved[key].value != now[key].value and "." not in key}
-    for key in list(saved) + [k for k in now if k not in saved]:
-        if key.split(".")[0] in changed and "." in key:
-            continue  # the method (objective) itself differs: its options are not compared
+    for key in [*saved, *(k for k in now if k not in saved)]:
         a, b = saved.get(key), now.get(key)
-        if a is not None and b is not None and a.value == b.value:
-            continue
-        if a is None and b is None:
+        if (a is not None and b is not None and a.value == b.value) or ("." in key and key.split(".")[0] in whole):
             continue
         item = a or b
         if not item.show:
             out.append(f"{item.label} changed")
         else:
-            was = json.dumps(a.value) if a is not None else "absent"
-            new = json.dumps(b.value) if b is not None else "absent"
+            was, new = (json.dumps(x.value) if x is not None else "absent" for x in (a, b))
             out.append(f"{item.label} ({was} in the checkpoint, {new} now)")
     return out
 

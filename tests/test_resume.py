@@ -47,9 +47,9 @@ def inputs(tmp_path_factory, tokenizer):
 
 
 def build_args(base: Path, data: Path, out: Path, *extra: str, samples: int = SAMPLES,
-               steps: int | None = STEPS) -> list[str]:
+               steps: int | None = STEPS, batch: int | str = BATCH) -> list[str]:
     return ["build", str(base), "--data", str(data), "--out", str(out), "--samples", str(samples), "--seq-len", "16",
-            "--batch-size", str(BATCH), *(["--steps", str(steps)] if steps else []), *extra]
+            "--batch-size", str(batch), *(["--steps", str(steps)] if steps else []), *extra]
 
 
 def build(args: list[str]):
@@ -268,7 +268,7 @@ def test_sigterm_and_sigint_keep_the_checkpoint_and_say_how_to_resume(reference,
 # ---------------------------------------------------------------------------------------------
 
 
-def interrupt_at_step(monkeypatch, step: int) -> None:
+def interrupt_at_step(monkeypatch, step: int, batches_per_step: int = BATCHES_PER_STEP) -> None:
     """The build's next run raises KeyboardInterrupt in step ``step`` (after ``step`` checkpoints)."""
     from nestprune.objectives.lm import LanguageModeling
 
@@ -276,7 +276,7 @@ def interrupt_at_step(monkeypatch, step: int) -> None:
 
     def loss(self, model, batch):
         seen["n"] += 1
-        if seen["n"] == step * BATCHES_PER_STEP + 2:
+        if seen["n"] == (step + 1) * batches_per_step:
             monkeypatch.setattr(LanguageModeling, "loss", real)
             raise KeyboardInterrupt
         return real(self, model, batch)
@@ -390,6 +390,25 @@ def test_a_damaged_checkpoint_is_refused_in_one_line(inputs, interrupted):
     assert entries(out.parent) == ["art"]
 
 
+def test_an_auto_batch_size_resumes_with_the_micro_batch_the_interrupted_run_chose(inputs, tmp_path, monkeypatch):
+    """``--batch-size auto`` picks 4 windows (one micro-batch a step) here; the resumed run's plan would pick 2
+    (a smaller cap): it continues with 4, so its gradient sums, and its ranking, are the uninterrupted run's."""
+    import nestprune.rank.plan as plan_mod
+
+    base, data = inputs
+    assert build(build_args(base, data, tmp_path / "whole", batch="auto")).exit_code == 0
+    out = tmp_path / "art"
+    args = build_args(base, data, out, batch="auto")
+    interrupt_at_step(monkeypatch, 2, batches_per_step=1)
+    assert build(args).exit_code == 130
+    assert read_doc(resume_dir(out)).inputs.run["micro_batch"] == 4
+    monkeypatch.setattr(plan_mod, "CPU_MICRO_BATCH_TOKENS", 32)  # now auto would pick 32 // 16 = 2
+    r = build([*args, "--resume"])
+    assert r.exit_code == 0, r.output
+    assert "micro-batch 4" in r.output and sha(out) == sha(tmp_path / "whole")
+    assert read_manifest(out).schedule.batch_size == 4
+
+
 def test_a_second_build_to_the_same_out_is_refused_at_once(inputs, tmp_path):
     base, data = inputs
     out = tmp_path / "art"
@@ -456,3 +475,68 @@ def test_checkpoint_round_trip_restores_the_state_and_every_generator(tmp_path):
                     tensors=rng_tensors, elapsed=1.5)
     with pytest.raises(NestpruneError, match="removal order does not match"):
         load_checkpoint(folder)
+
+
+def test_replay_rebuilds_the_compacted_layout_step_by_step_and_the_run_continues_exactly(tokenizer, tmp_path):
+    """Compaction's cuts depend on the widths before them (a block is cut only when it shrinks enough): from the
+    base weights, one sync to the saved state would cut other widths and pad with other positions than the run
+    did. ``Workspace.replay`` syncs once per saved step, reaching the run's very layout, and the run resumed
+    from a checkpoint (``StepCheckpoints``) ends with the uninterrupted ranking, every score equal."""
+    from nestprune.arch import Structures, arch_from_config
+    from nestprune.objectives.lm import LanguageModeling
+    from nestprune.rank.calibration import CalibrationSet, sample_windows, tokenize_documents
+    from nestprune.rank.compact import CompactPolicy
+    from nestprune.rank.gisp import Workspace, plan_gisp, run_gisp
+    from nestprune.rank.methods import RankJob, SilentReporter
+    from nestprune.resume import StepCheckpoints
+    from nestprune.schemas.resume import RunInputs
+
+    stream = tokenize_documents(SAMPLE_TEXT.split("\n\n"), tokenizer)
+    objective = LanguageModeling(CalibrationSet(windows=sample_windows(stream, 4, 16, 0), source="mem", sha256="0" * 64,
+                                                seed=0, documents=1, tokens_available=len(stream)))
+    policy = CompactPolicy(channel_multiple=8, min_shrink=0.3)  # cuts whose widths depend on the history
+
+    def fresh():
+        model = make_tiny_model("llama", vocab_size=len(tokenizer), intermediate_size=96)
+        arch = arch_from_config(model.config.to_dict(), set(model.state_dict()))
+        job = RankJob(model=model, structures=Structures(arch), objective=objective, batch_size=2, seed=0,
+                      max_sparsity=None, skip_first_frac=0.1, skip_last=1, compact_policy=policy)
+        return model, plan_gisp(job, r_max=0.9, steps=6, one_shot=False, normalisation="reference")
+
+    inputs = RunInputs(base_config_sha256="a" * 64, base_content_sha256="b" * 64, objective="lm", objective_config=None,
+                       batches_sha256="c" * 64, method={"name": "gisp", "version": 1, "options": {}}, options={},
+                       run={}, versions={})
+    folder = tmp_path / ".art.nestprune-resume"
+    layouts = []
+
+    class UpToStep5(StepCheckpoints):  # the checkpoint a kill in step 5 leaves; the layout after each step
+        def step_done(self, plan, state, work):
+            layouts.append({layer: (lay.attn.copy(), lay.mlp.copy()) for layer, lay in work.layout.items()})
+            if state.t <= 5:
+                super().step_done(plan, state, work)
+
+    model, plan = fresh()
+    whole, _ = run_gisp(model, objective, plan, SilentReporter(), hooks=UpToStep5(folder, tmp_path / "art", inputs))
+    saved = load_checkpoint(folder)
+    assert saved.doc.steps_done == 5 and len(layouts) == 6
+
+    def same(work, layout):
+        return all(np.array_equal(work.layout[k].attn, a) and np.array_equal(work.layout[k].mlp, m)
+                   for k, (a, m) in layout.items())
+
+    model, plan = fresh()
+    once = Workspace(model, plan)
+    once.sync(saved.state())
+    assert not same(once, layouts[4])  # the control: one sync from the base reaches another layout
+    once.restore()
+    model, plan = fresh()
+    replayed = Workspace(model, plan)
+    replayed.replay(saved.state())
+    assert same(replayed, layouts[4])
+    replayed.restore()
+    model, plan = fresh()
+    resumed, state = run_gisp(model, objective, plan, SilentReporter(),
+                              hooks=StepCheckpoints(folder, tmp_path / "art", inputs, saved))
+    assert state.t == 6 and len(state.trajectory) == 6
+    for f in ("layer", "kind", "index", "step", "score", "raw_score"):
+        np.testing.assert_array_equal(getattr(resumed, f), getattr(whole, f))

@@ -15,8 +15,11 @@ What the loop carries from step to step is split in two. :class:`GispState` is t
 structure-table order, what a checkpoint holds. :class:`Workspace` is the working side: the model as
 compaction has cut it, which original structure sits at each position of each layer, and the
 persistent gradient accumulators; it is never saved and is rebuilt from a dense model and a GispState
-(:meth:`Workspace.sync`). What is fixed for the whole run is one :class:`GispPlan`. The math lives in
+(:meth:`Workspace.replay`). What is fixed for the whole run is one :class:`GispPlan`. The math lives in
 the pure modules; this file only sequences it, and is the only place that runs a backward pass.
+
+The loop has two seams for the outside (:class:`StepHooks`; ``nestprune.resume`` implements them): where
+to start (a state restored from a checkpoint), and a call after every completed step (save one).
 """
 
 from __future__ import annotations
@@ -247,9 +250,9 @@ class Workspace:
     """The working side of a run: the model as compaction has cut it, which original structure sits at
     each position of each layer (:class:`LayerLayout`), and the persistent gradient accumulators.
 
-    Never saved: :meth:`sync` brings a (dense or partly cut) model to any :class:`GispState`, so a run
-    resumed from a saved state rebuilds it from the base model. :meth:`restore` puts the model back to
-    full width with every removed structure zeroed (what the zeroing path leaves).
+    Never saved: :meth:`replay` brings the base model to a saved :class:`GispState` the way the run did, so a
+    run resumed from a checkpoint rebuilds it. :meth:`restore` puts the model back to full width with every
+    removed structure zeroed (what the zeroing path leaves).
     """
 
     def __init__(self, model: torch.nn.Module, plan: GispPlan):
