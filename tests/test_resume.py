@@ -162,13 +162,18 @@ print(json.dumps(results))
 """
 
 
-def run_stopped(specs: list[dict]) -> list[dict]:
-    """Run each ``{"args", "point", "signal", "log"}`` in a fork of the helper; what each ended with (and its log)."""
-    proc = subprocess.run([sys.executable, "-c", FORK_SERVER, json.dumps(specs), str(torch.get_num_threads()),
-                           str(BATCHES_PER_STEP)], capture_output=True, text=True, timeout=600,
-                          cwd=Path(__file__).parent)
-    assert proc.returncode == 0, proc.stderr
-    results = json.loads(proc.stdout.strip().splitlines()[-1])
+def start_stopped(specs: list[dict]) -> subprocess.Popen:
+    """Start the helper on ``[{"args", "point", "signal", "log"}]``: it runs each in a fork of itself."""
+    return subprocess.Popen([sys.executable, "-c", FORK_SERVER, json.dumps(specs), str(torch.get_num_threads()),
+                             str(BATCHES_PER_STEP)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            cwd=Path(__file__).parent)
+
+
+def stopped_results(proc: subprocess.Popen, specs: list[dict]) -> list[dict]:
+    """What each stopped build ended with (its signal or exit status, and its log)."""
+    out, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err
+    results = json.loads(out.strip().splitlines()[-1])
     for spec, res in zip(specs, results, strict=True):
         res["log"] = Path(spec["log"]).read_text()
     return results
@@ -191,8 +196,9 @@ STOPS = {
 
 
 @pytest.fixture(scope="module")
-def stopped(inputs, tmp_path_factory):
-    """Every stopped build, in one helper process: mode -> [(point, signal, kept, out, args, result)]."""
+def helper(inputs, tmp_path_factory):
+    """The helper running every stopped build, started at once (it runs while this process builds the
+    reference): (cases, process, specs)."""
     base, data = inputs
     root = tmp_path_factory.mktemp("resume-stopped")
     cases, specs = {}, []
@@ -203,12 +209,23 @@ def stopped(inputs, tmp_path_factory):
             args = build_args(base, data, out, *extra)
             specs.append({"args": args, "point": point, "signal": int(signum), "log": str(root / f"{mode}-{i}.log")})
             cases.setdefault(mode, []).append([point, signum, kept, out, args])
-    results = iter(run_stopped(specs))
+    proc = start_stopped(specs)
+    yield cases, proc, specs
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+
+
+@pytest.fixture(scope="module")
+def stopped(helper):
+    """Every stopped build: mode -> [(point, signal, kept, out, args, result)]."""
+    cases, proc, specs = helper
+    results = iter(stopped_results(proc, specs))
     return {mode: [(*case, next(results)) for case in mode_cases] for mode, mode_cases in cases.items()}
 
 
 @pytest.mark.parametrize("mode", ["compact", "no-compact"])
-def test_sigkill_at_any_point_then_resume_gives_the_uninterrupted_ranking(inputs, reference, stopped, mode):
+def test_sigkill_at_any_point_then_resume_gives_the_uninterrupted_ranking(helper, reference, stopped, mode):
     for point, _, kept, out, args, res in stopped[mode]:
         folder = resume_dir(out)
         assert res["signal"] == signal.SIGKILL, (point, res)
@@ -239,7 +256,7 @@ def test_sigkill_at_any_point_then_resume_gives_the_uninterrupted_ranking(inputs
 # ---------------------------------------------------------------------------------------------
 
 
-def test_sigterm_and_sigint_keep_the_checkpoint_and_say_how_to_resume(reference, stopped):
+def test_sigterm_and_sigint_keep_the_checkpoint_and_say_how_to_resume(helper, reference, stopped):
     for point, signum, kept, out, args, res in stopped["signals"]:
         folder = resume_dir(out)
         code, word = (143, "terminated") if signum == signal.SIGTERM else (130, "interrupted")
