@@ -374,6 +374,7 @@ def save_checkpoint(folder: Path, *, out: Path, inputs: RunInputs, state: GispSt
     arrays.update({k: v.detach().cpu().contiguous() for k, v in tensors.items()})
     data = save(arrays)
     name = f"{STATE_PREFIX}{state.t:06d}{STATE_SUFFIX}"
+    fresh = not (folder / name).exists()
     atomic.write_file(folder / name, data, durable=True)
     doc = ResumeCheckpoint(
         nestprune_version=__version__, created=_dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
@@ -381,7 +382,12 @@ def save_checkpoint(folder: Path, *, out: Path, inputs: RunInputs, state: GispSt
         order_lengths=[len(o) for o in state.order], trajectory=list(state.trajectory), elapsed_seconds=elapsed,
         rng=rng, tensors=name, tensors_sha256=hashlib.sha256(data).hexdigest(),
     )
-    atomic.write_file(folder / CHECKPOINT_JSON, (doc.model_dump_json(indent=1) + "\n").encode(), durable=True)
+    try:
+        atomic.write_file(folder / CHECKPOINT_JSON, (doc.model_dump_json(indent=1) + "\n").encode(), durable=True)
+    except BaseException:  # not committed (an interrupt, a full disk): the new arrays go, the previous stay
+        if fresh:
+            atomic.remove(folder / name)
+        raise
     for old in folder.glob(f"{STATE_PREFIX}*{STATE_SUFFIX}"):
         if old.name != name:
             atomic.remove(old)

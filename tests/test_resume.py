@@ -557,3 +557,44 @@ def test_replay_rebuilds_the_compacted_layout_step_by_step_and_the_run_continues
     assert state.t == 6 and len(state.trajectory) == 6
     for f in ("layer", "kind", "index", "step", "score", "raw_score"):
         np.testing.assert_array_equal(getattr(resumed, f), getattr(whole, f))
+
+
+def test_a_checkpoint_write_that_fails_before_its_commit_leaves_the_previous_one_whole(tmp_path, monkeypatch):
+    """The arrays are written, the document is not (Ctrl-C, a full disk): the new arrays go, the previous
+    checkpoint stays exactly as it was, and nothing else is left in the folder."""
+    from nestprune.rank.gisp import GispState
+    from nestprune.resume import capture_rng, save_checkpoint
+    from nestprune.schemas.artifact import StepRecord
+    from nestprune.schemas.resume import RunInputs
+
+    inputs = RunInputs(base_config_sha256="a" * 64, base_content_sha256="b" * 64, objective="lm", objective_config=None,
+                       batches_sha256="c" * 64, method={"name": "gisp", "version": 1, "options": {}}, options={},
+                       run={}, versions={})
+    state = GispState.start(4)
+    state.last_score, state.last_raw = np.zeros(4), np.zeros(4)
+    rng, rng_tensors = capture_rng(None)
+    folder = tmp_path / ".art.nestprune-resume"
+
+    def step(t: int) -> None:
+        state.order.append(np.array([t]))
+        state.pruned[t] = True
+        state.trajectory.append(StepRecord(step=t, ratio=0.1, structures_removed=t + 1, param_sparsity=0.1, loss=None,
+                                           seconds=0.0))
+        state.t = t + 1
+        save_checkpoint(folder, out=tmp_path / "art", inputs=inputs, state=state, steps_planned=4, rng=rng,
+                        tensors=rng_tensors, elapsed=0.0)
+
+    step(0)
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    real = atomic.write_file
+
+    def interrupted(path, data, **kw):
+        if Path(path).name == CHECKPOINT_JSON:
+            raise KeyboardInterrupt
+        return real(path, data, **kw)
+
+    monkeypatch.setattr(atomic, "write_file", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        step(1)
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
+    assert load_checkpoint(folder).doc.steps_done == 1
