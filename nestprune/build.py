@@ -166,23 +166,30 @@ def load_model(model_dir: Path, device: torch.device, dtype: torch.dtype) -> tor
 # ---------------------------------------------------------------------------------------------
 
 
-def rank_model(model: torch.nn.Module, arch: ArchInfo, objective: Objective, cfg: BuildConfig,
-               reporter: Reporter | None = None, *, micro_batch: int | None = None,
-               accumulator: str | None = None) -> RankResult:
-    """Run ``cfg.method`` on a loaded model (GISP zeroes what it removes, in place).
-
-    ``micro_batch`` / ``accumulator``: what a memory plan chose (:func:`plan_for_build`); without them an
-    ``auto`` batch size is :data:`DEFAULT_MICRO_BATCH` and ``auto`` accumulators are fp32."""
-    from nestprune.arch import Structures
-
+def resolved(cfg: BuildConfig, micro_batch: int | None = None, accumulator: str | None = None) -> tuple[int, str]:
+    """(micro-batch, accumulator) a build runs with: what a memory plan chose (:func:`plan_for_build`), else an
+    ``auto`` batch size is :data:`DEFAULT_MICRO_BATCH` and an ``auto`` accumulator fp32."""
     if micro_batch is None:
         micro_batch = DEFAULT_MICRO_BATCH if cfg.batch_size == "auto" else int(cfg.batch_size)
     if accumulator is None:
         accumulator = "fp32" if cfg.accumulator == "auto" else cfg.accumulator
+    return micro_batch, accumulator
+
+
+def rank_model(model: torch.nn.Module, arch: ArchInfo, objective: Objective, cfg: BuildConfig,
+               reporter: Reporter | None = None, *, micro_batch: int | None = None,
+               accumulator: str | None = None, hooks: Any = None) -> RankResult:
+    """Run ``cfg.method`` on a loaded model (GISP zeroes what it removes, in place).
+
+    ``micro_batch`` / ``accumulator``: see :func:`resolved`. ``hooks``: GISP's ``StepHooks`` (a resume's
+    checkpoints, ``nestprune.resume.StepCheckpoints``); the other methods ignore them."""
+    from nestprune.arch import Structures
+
+    micro_batch, accumulator = resolved(cfg, micro_batch, accumulator)
     job = RankJob(model=model, structures=Structures(arch, cfg.gqa_mode), objective=objective,
                   batch_size=micro_batch, seed=cfg.seed, max_sparsity=cfg.max_sparsity,
                   skip_first_frac=cfg.skip_first_frac, skip_last=cfg.skip_last,
-                  reporter=reporter or SilentReporter(), compact=cfg.compact, accumulator=accumulator)
+                  reporter=reporter or SilentReporter(), compact=cfg.compact, accumulator=accumulator, hooks=hooks)
     return rank(cfg.method, job)
 
 
@@ -320,18 +327,25 @@ def build_artifact(
     objective: Objective | None = None,
     force: bool = False,
     reporter: Reporter | None = None,
+    resume: bool = False,
 ) -> Path:
     """Build the ranking artifact of ``model_dir`` and write it to ``out`` (atomically).
 
     The objective is the one ``config.objective`` describes, on ``data``; an ``objective`` instance
     (any object with name/batches/loss/provenance) overrides it. Everything that can be checked before
-    computing is, in this order: ``--out`` free and writable, the model's family supported and its
-    tensors present, the data readable and long enough (the objective is built), and, for the
-    gradient methods, the memory plan fits the device (else one line: what it needs, what would fit);
-    only then are the weights loaded.
+    computing is, in this order: ``--out`` free and writable, a checkpoint of an interrupted build to
+    ``out`` (``nestprune.resume``: refused without ``resume`` unless ``force``; with ``resume``, its options
+    against these), the model's family supported and its tensors present, the data readable and long enough
+    (the objective is built), for the gradient methods the memory plan fits the device (else one line: what
+    it needs, what would fit), and a checkpoint's base model and calibration batches; only then are the
+    weights loaded.
+
+    GISP saves a checkpoint beside ``out`` after every step and removes it once the artifact is written;
+    ``resume`` continues from it (with none, the build starts from the beginning and says so).
     """
     import torch
 
+    from nestprune import resume as resuming
     from nestprune.artifact import prepare_out, write_artifact
     from nestprune.device import device_name, resolve_device, resolve_dtype
     from nestprune.io.fingerprint import fingerprint
@@ -342,8 +356,15 @@ def build_artifact(
     model_dir, out = Path(model_dir), Path(out)
     prepare_out(out, force, inputs=(model_dir, data))  # before any work: --out may not be an input
     check_writable(out)
+    saved, line = resuming.find(out, resume=resume, force=force)
+    if saved is not None and objective is None:  # the options first: refused before any data or weights are read
+        diffs = resuming.config_differences(saved.doc.inputs, cfg)
+        if diffs:
+            raise resuming.refuse(saved.folder, diffs)
+    if line and hasattr(reporter, "on_note"):
+        reporter.on_note(line)
     arch = read_arch(model_dir)
-    started = time.perf_counter()
+    started = time.perf_counter() - (saved.doc.elapsed_seconds if saved is not None else 0.0)
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
     tokenizer = load_tokenizer(model_dir)
@@ -354,27 +375,44 @@ def build_artifact(
         raise NestpruneError(f"objective {objective!r} does not implement batches/loss/provenance")
     micro_batch, accumulator = None, None
     if cfg.method.name in GRADIENT_METHODS:
-        plan = plan_for_build(cfg, read_config(model_dir), device, dtype, objective)
+        # a resumed 'auto' batch size or accumulator continues with what the interrupted run chose: the same sums
+        plan_cfg = resuming.continued_config(cfg, saved) if saved is not None else cfg
+        plan = plan_for_build(plan_cfg, read_config(model_dir), device, dtype, objective)
         if hasattr(reporter, "on_plan"):
             reporter.on_plan(plan)
         if not plan.fits:
             raise NestpruneError(f"the build {plan.verdict()}; try --batch-size 1, --accumulator bf16-stochastic "
                                  "or fp32-host, a shorter --seq-len, or a larger device")
         micro_batch, accumulator = plan.micro_batch, plan.accumulator
+    micro_batch, accumulator = resolved(cfg, micro_batch, accumulator)
     fp = fingerprint(model_dir)
-    torch.manual_seed(cfg.seed)
-    model = load_model(model_dir, device, dtype)
-    total_params = sum(p.numel() for p in model.parameters())
-    result = rank_model(model, arch, objective, cfg, reporter, micro_batch=micro_batch, accumulator=accumulator)
-    del model
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-    used = micro_batch if micro_batch is not None else (DEFAULT_MICRO_BATCH if cfg.batch_size == "auto"
-                                                        else int(cfg.batch_size))
-    manifest = _manifest(cfg, arch, result, fp, objective, objective_config, total_params,
-                         dtype=str(dtype).removeprefix("torch."), device=device_name(device),
-                         seconds=time.perf_counter() - started, batch_size=used)
-    return write_artifact(out, manifest, result.ranking, force=force, inputs=(data,))
+    inputs = resuming.run_inputs(cfg, base=fp, objective=objective, objective_config=objective_config,
+                                 micro_batch=micro_batch, accumulator=accumulator, device=device, dtype=dtype)
+    if saved is not None:
+        diffs = resuming.differences(resuming.input_items(saved.doc.inputs), resuming.input_items(inputs))
+        if diffs:
+            raise resuming.refuse(saved.folder, diffs)
+    folder = resuming.resume_dir(out)
+    windows = getattr(getattr(objective, "calib", None), "windows", None)
+    hooks = resuming.StepCheckpoints(folder, out, inputs, saved, started=started,
+                                     tensors={"calibration.windows": windows} if windows is not None else None)
+    with resuming.build_lock(out):
+        if saved is None:
+            resuming.discard(folder)  # --force without --resume; or what a kill before the first step left
+        torch.manual_seed(cfg.seed)
+        model = load_model(model_dir, device, dtype)
+        total_params = sum(p.numel() for p in model.parameters())
+        result = rank_model(model, arch, objective, cfg, reporter, micro_batch=micro_batch, accumulator=accumulator,
+                            hooks=hooks)
+        del model
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        manifest = _manifest(cfg, arch, result, fp, objective, objective_config, total_params,
+                             dtype=str(dtype).removeprefix("torch."), device=device_name(device),
+                             seconds=time.perf_counter() - started, batch_size=micro_batch)
+        path = write_artifact(out, manifest, result.ranking, force=force, inputs=(data,))
+        resuming.discard(folder)  # the artifact is complete
+    return path
 
 
 def _manifest(cfg: BuildConfig, arch: ArchInfo, result: RankResult, fp: Any, objective: Objective,
