@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import shlex
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     Progress,
@@ -17,12 +19,13 @@ from rich.progress import (
 )
 
 from nestprune.build import BuildConfig
-from nestprune.cli.common import console, friendly
+from nestprune.cli.common import Terminated, console, friendly, invocation
 from nestprune.cli.options import config_options
 from nestprune.config import params
 from nestprune.errors import NestpruneError
 from nestprune.objectives import OBJECTIVES
 from nestprune.rank.methods import RANKERS
+from nestprune.resume import interrupted_note
 from nestprune.schemas.artifact import StepRecord
 
 
@@ -59,6 +62,9 @@ class RichReporter:
     def on_plan(self, plan: Any) -> None:
         self.progress.console.print(f"[dim]memory plan: {plan.verdict()}[/]")
 
+    def on_note(self, text: str) -> None:
+        self.progress.console.print(escape(text), soft_wrap=True)
+
     def on_step(self, record: StepRecord, steps_planned: int) -> None:
         self._start()
         loss = f"{record.loss:.4f}" if record.loss is not None else "-"
@@ -76,7 +82,11 @@ def build(
     method: Annotated[str, typer.Option(help=" | ".join(RANKERS.names()))] = "gisp",
     objective: Annotated[str | None, typer.Option(help=" | ".join(OBJECTIVES.names()) + " (default lm; custom "
                                                    "with --objective-fn)", show_default=False)] = None,
-    force: Annotated[bool, typer.Option("--force", help="replace an existing --out")] = False,
+    force: Annotated[bool, typer.Option("--force", help="replace an existing --out; without --resume, discard the "
+                                        "checkpoint of an interrupted build and start over")] = False,
+    resume: Annotated[bool, typer.Option("--resume", help="continue the interrupted build to --out from its last "
+                                         "complete step (its checkpoint beside --out); with none, start from the "
+                                         "beginning")] = False,
     plan: Annotated[bool, typer.Option("--plan", help="only print the memory plan (from config.json alone: no "
                                        "weights, no data, no --out needed) and exit")] = False,
     json_out: Annotated[bool, typer.Option("--json", help="with --plan: print it as one JSON object")] = False,
@@ -96,15 +106,15 @@ def build(
     prints and writes the artifact, the other ranks stay quiet.
     """
     try:
-        _build(model_dir, data, out, method, objective, force, plan, json_out, throughput, nproc, options)
+        _build(model_dir, data, out, method, objective, force, resume, plan, json_out, throughput, nproc, options)
     except BaseException as e:
         if getattr(e, "unreported", False):  # a rank that failed alone and could not tell rank 0: it speaks
             console.quiet = False
         raise
 
 
-def _build(model_dir: Path, data: Path | None, out: Path, method: str, objective: str | None, force: bool, plan: bool,
-           json_out: bool, throughput: float | None, nproc: int | None, options: dict[str, Any]) -> None:
+def _build(model_dir: Path, data: Path | None, out: Path, method: str, objective: str | None, force: bool, resume: bool,
+           plan: bool, json_out: bool, throughput: float | None, nproc: int | None, options: dict[str, Any]) -> None:
     from transformers.utils import logging as hf_logging
 
     from nestprune.artifact import read_manifest
@@ -123,6 +133,8 @@ def _build(model_dir: Path, data: Path | None, out: Path, method: str, objective
         raise NestpruneError("--throughput goes with --plan")
     if nproc is not None and not plan:
         raise NestpruneError("--nproc goes with --plan (a build runs on the ranks torchrun starts)")
+    if resume and plan:
+        raise NestpruneError("--resume goes without --plan")
     if plan:
         p = plan_only(model_dir, cfg, throughput, nproc)
         if main:
@@ -130,8 +142,14 @@ def _build(model_dir: Path, data: Path | None, out: Path, method: str, objective
         if not p.fits:
             raise typer.Exit(1)
         return
-    with RichReporter(console) as reporter:
-        path = build_artifact(model_dir, data, out, cfg, force=force, reporter=reporter)
+    try:
+        with RichReporter(console) as reporter:
+            path = build_artifact(model_dir, data, out, cfg, force=force, reporter=reporter, resume=resume)
+    except (KeyboardInterrupt, Terminated) as e:  # say what is kept, and the command that continues the build
+        kept = interrupted_note(out)
+        if kept:
+            e.add_note(f"the artifact was not written; {kept}. Resume with: {resume_command()}")
+        raise
     if not main:
         return
     m = read_manifest(path)
@@ -140,6 +158,12 @@ def _build(model_dir: Path, data: Path | None, out: Path, method: str, objective
         f"over {m.schedule.steps_run} step(s), up to {m.ranking.max_sparsity:.1%} parameter sparsity "
         f"({m.total_seconds:.1f}s on {m.device})"
     )
+
+
+def resume_command() -> str:
+    """The command line that continues this build: the one given, with ``--resume``."""
+    args = invocation()
+    return shlex.join(["nestprune", *args, *([] if "--resume" in args else ["--resume"])])
 
 
 def register(app: typer.Typer) -> None:

@@ -90,11 +90,14 @@ def main(spec_path: str, out_dir: str) -> None:
         if case.get("objective"):
             inner = _calibration(load_tokenizer(model_dir), data, case["options"]["samples"],
                                  case["options"]["seq_len"])
-            objective = {"failing": FailsOnRank1, "differs": DiffersByRank}[case["objective"]](inner)
+            objective = {"failing": FailsOnRank1, "differs": DiffersByRank, "plain": lambda x: x}[case["objective"]](inner)
+        from nestprune.resume import resume_dir
+
+        kept = (resume_dir(out / case.get("out", case["name"])) / "checkpoint.json").exists()
         try:
-            path = build_artifact(model_dir, data, out / case["name"], BuildConfig(**case["options"]),
-                                  objective=objective)
-            results.append({"name": case["name"], "ok": True,
+            path = build_artifact(model_dir, data, out / case.get("out", case["name"]), BuildConfig(**case["options"]),
+                                  objective=objective, resume=case.get("resume", False))
+            results.append({"name": case["name"], "ok": True, "checkpoint_before": kept,
                             "sha256": read_manifest(path).ranking.sha256 if rank == 0 else None})
         except Exception as e:
             results.append({"name": case["name"], "ok": False, "error": type(e).__name__, "message": str(e),

@@ -96,6 +96,12 @@ def launched(tmp_path_factory, tokenizer):
         if expect in ("fails", "differs"):
             case["objective"] = {"fails": "failing", "differs": "differs"}[expect]
         cases.append(case)
+    # a build that fails at its second step, then resumed from the checkpoint rank 0 wrote after its first
+    llama = str(model("llama-gqa", {}))
+    cases.append({"name": "interrupted", "model": llama, "data": str(data), "options": SMALL, "objective": "failing",
+                  "out": "resumed"})
+    cases.append({"name": "resumed", "model": llama, "data": str(data), "options": SMALL, "objective": "plain",
+                  "resume": True})
     build = ["build", "--data", str(data), *CLI_OPTIONS]
     cases.append({"name": "cli-shard", "model": str(model("qwen3", {})),
                   "argv": [*build, str(model("qwen3", {})), "--out", str(out / "cli-shard"), "--shard"]})
@@ -144,7 +150,20 @@ def test_a_failing_rank_ends_every_rank_with_its_message(launched):
         assert "the ranks disagree on the inputs" in r["message"] and "rank 1 differs from rank 0" in r["message"]
     assert not (root / "out" / "differs").exists()
     # and the launch went on: the builds after a failure ran, their groups intact
-    assert list(ranks[0]) == [*CASES, "cli-shard", "cli-failing"]
+    assert list(ranks[0]) == [*CASES, "interrupted", "resumed", "cli-shard", "cli-failing"]
+
+
+def test_a_distributed_build_resumes_from_rank_0s_checkpoint(launched):
+    from nestprune.resume import resume_dir
+
+    root, cases, ranks = launched
+    assert ranks[0]["interrupted"]["error"] == "PeerFailed" and ranks[1]["interrupted"]["error"] == "RuntimeError"
+    assert ranks[0]["resumed"]["ok"] and ranks[1]["resumed"]["ok"], (ranks[0]["resumed"], ranks[1]["resumed"])
+    assert ranks[0]["resumed"]["checkpoint_before"]  # the failed build kept its checkpoint after step 0
+    out = root / "out" / "resumed"
+    assert not resume_dir(out).exists()  # removed once the artifact is complete
+    ref = one_process(Path(cases["resumed"]["model"]), root / "calib.txt", root / "ref-resumed", **SMALL)
+    assert read_manifest(out).ranking.sha256 == read_manifest(ref).ranking.sha256
 
 
 def test_command_line_under_torchrun_rank_0_alone_prints(launched):

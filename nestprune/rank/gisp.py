@@ -15,8 +15,11 @@ What the loop carries from step to step is split in two. :class:`GispState` is t
 structure-table order, what a checkpoint holds. :class:`Workspace` is the working side: the model as
 compaction has cut it, which original structure sits at each position of each layer, and the
 persistent gradient accumulators; it is never saved and is rebuilt from a dense model and a GispState
-(:meth:`Workspace.sync`). What is fixed for the whole run is one :class:`GispPlan`. The math lives in
+(:meth:`Workspace.replay`). What is fixed for the whole run is one :class:`GispPlan`. The math lives in
 the pure modules; this file only sequences it, and is the only place that runs a backward pass.
+
+The loop has two seams for the outside (:class:`StepHooks`; ``nestprune.resume`` implements them): where
+to start (a state restored from a checkpoint), and a call after every completed step (save one).
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -262,9 +266,9 @@ class Workspace:
     """The working side of a run: the model as compaction has cut it, which original structure sits at
     each position of each layer (:class:`LayerLayout`), and the persistent gradient accumulators.
 
-    Never saved: :meth:`sync` brings a (dense or partly cut) model to any :class:`GispState`, so a run
-    resumed from a saved state rebuilds it from the base model. :meth:`restore` puts the model back to
-    full width with every removed structure zeroed (what the zeroing path leaves).
+    Never saved: :meth:`replay` brings the base model to a saved :class:`GispState` the way the run did, so a
+    run resumed from a checkpoint rebuilds it. :meth:`restore` puts the model back to full width with every
+    removed structure zeroed (what the zeroing path leaves).
 
     ``group``: the ranks of a distributed build (``distributed.py``); each runs its share of the micro-batches,
     and the step's sums meet in :meth:`accumulate` (data parallel: the gradients are all-reduced) or, under
@@ -339,6 +343,17 @@ class Workspace:
                                          np.arange(len(lay.attn)) if keep_a is None else keep_a,
                                          np.arange(len(lay.mlp)) if keep_m is None else keep_m, self.config)
 
+    def replay(self, state: GispState) -> None:
+        """Bring the working model to a saved ``state`` the way the run reached it: one :meth:`sync` per completed
+        step, so that compaction cuts the same blocks to the same widths with the same padding (a block's new
+        width depends on its width before), and the resumed run computes exactly what the uninterrupted one did."""
+        partial = GispState.start(len(state.pruned))
+        for newly in state.order:
+            partial.pruned[newly] = True
+            self.sync(partial)
+        if not np.array_equal(partial.pruned, state.pruned):
+            raise ValueError("internal: the state's removal order does not match its removed structures")
+
     def widths(self) -> dict[str, int]:
         """Attention units and MLP channels present in the working model (summed over layers)."""
         return {"attention": sum(len(v.attn) for v in self.layout.values()),
@@ -393,18 +408,38 @@ def run_step(work: Workspace, objective: Objective, plan: GispPlan, state: GispS
     return ratio
 
 
+class StepHooks(Protocol):
+    """What a run tells the outside, at two seams (``rank/checkpoint.py``'s checkpoints implement them)."""
+
+    def restore(self, plan: GispPlan, work: Workspace) -> GispState | None:
+        """A saved state to continue from (None: start afresh); may also restore random number generators."""
+
+    def step_done(self, plan: GispPlan, state: GispState, work: Workspace) -> None:
+        """Called after every completed step, the workspace synced to ``state``."""
+
+
+def done(plan: GispPlan, state: GispState) -> bool:
+    """Has the run reached its end (after step ``state.t - 1``)? Never before its first step."""
+    return state.t > 0 and finished(plan, state, plan.ratio(state.t - 1))
+
+
 def run_gisp(model: torch.nn.Module, objective: Objective, plan: GispPlan, reporter: Reporter,
-             state: GispState | None = None, group: Group | None = None) -> tuple[Ranking, GispState]:
-    """Run GISP on ``model`` from ``state`` (a fresh one by default) to the end of the plan. The model is
-    changed in place and handed back at full width with every removed structure zeroed."""
-    state = state or GispState.start(len(plan.table))
+             state: GispState | None = None, hooks: StepHooks | None = None,
+             group: Group | None = None) -> tuple[Ranking, GispState]:
+    """Run GISP on ``model`` from ``state`` (else the one ``hooks.restore`` gives, else a fresh one) to the end
+    of the plan, calling ``hooks.step_done`` after each step. The model is changed in place and handed back
+    at full width with every removed structure zeroed. ``group``: the ranks of a distributed build (each
+    calls this; ``hooks`` must then restore the same state on every rank)."""
     work = Workspace(model, plan, group or SINGLE)
     try:
-        work.sync(state)
-        while True:
-            ratio = run_step(work, objective, plan, state, reporter)
-            if finished(plan, state, ratio):
-                break
+        if state is None and hooks is not None:
+            state = hooks.restore(plan, work)
+        state = state or GispState.start(len(plan.table))
+        work.replay(state)
+        while not done(plan, state):
+            run_step(work, objective, plan, state, reporter)
+            if hooks is not None:
+                hooks.step_done(plan, state, work)
     finally:
         work.restore()
     return finish_ranking(plan, state), state
@@ -438,7 +473,7 @@ def finish_ranking(plan: GispPlan, state: GispState) -> Ranking:
 def rank_gisp(cfg: GispConfig, job: RankJob) -> RankResult:
     """``--method gisp``: the iterative schedule."""
     plan = plan_gisp(job, r_max=cfg.r_max, steps=cfg.steps, one_shot=False, normalisation=cfg.normalisation)
-    ranking, state = run_gisp(job.model, job.objective, plan, job.reporter, group=job.group)
+    ranking, state = run_gisp(job.model, job.objective, plan, job.reporter, hooks=job.hooks, group=job.group)
     return RankResult(ranking=ranking, trajectory=state.trajectory, steps_planned=plan.steps_planned,
                       iterative=True, r_max=cfg.r_max, ratio_step=plan.delta, normalisation=cfg.normalisation)
 
@@ -446,6 +481,6 @@ def rank_gisp(cfg: GispConfig, job: RankJob) -> RankResult:
 def rank_gisp_oneshot(cfg: GispOneShotConfig, job: RankJob) -> RankResult:
     """``--method gisp-oneshot``: one step on the dense model."""
     plan = plan_gisp(job, r_max=cfg.r_max, steps=None, one_shot=True, normalisation=cfg.normalisation)
-    ranking, state = run_gisp(job.model, job.objective, plan, job.reporter, group=job.group)
+    ranking, state = run_gisp(job.model, job.objective, plan, job.reporter, hooks=job.hooks, group=job.group)
     return RankResult(ranking=ranking, trajectory=state.trajectory, steps_planned=plan.steps_planned,
                       iterative=False, r_max=cfg.r_max, ratio_step=0.0, normalisation=cfg.normalisation)
