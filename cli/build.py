@@ -93,29 +93,52 @@ def build(
     throughput: Annotated[float | None, typer.Option(help="with --plan: build-step tokens/s on the device, for the "
                                                      "projected time (default: measured when a GPU is present)",
                                                      show_default=False)] = None,
+    nproc: Annotated[int | None, typer.Option("--nproc", min=1, help="with --plan: plan per GPU for a build over N "
+                                              "GPUs (torchrun ranks; with --shard: sharded) (default: WORLD_SIZE "
+                                              "under torchrun, else 1)", show_default=False)] = None,
     **options: Any,
 ) -> None:
     """Rank every attention head and MLP channel of MODEL_DIR by GISP and write one artifact.
 
     Every later size variant (`nestprune materialize`, `nestprune pull`) is derived from it.
     An option that the chosen --method or --objective does not take is refused.
+    Under torchrun (`torchrun --nproc-per-node N -m nestprune build ...`) the ranks share the work; rank 0
+    prints and writes the artifact, the other ranks stay quiet.
     """
+    try:
+        _build(model_dir, data, out, method, objective, force, resume, plan, json_out, throughput, nproc, options)
+    except BaseException as e:
+        if getattr(e, "unreported", False):  # a rank that failed alone and could not tell rank 0: it speaks
+            console.quiet = False
+        raise
+
+
+def _build(model_dir: Path, data: Path | None, out: Path, method: str, objective: str | None, force: bool, resume: bool,
+           plan: bool, json_out: bool, throughput: float | None, nproc: int | None, options: dict[str, Any]) -> None:
     from transformers.utils import logging as hf_logging
 
     from nestprune.artifact import read_manifest
     from nestprune.build import build_artifact, plan_only
+    from nestprune.rank.distributed import launch_env
 
+    where = launch_env()
+    main = where is None or where.rank == 0
+    if not main:
+        console.quiet = True  # only rank 0 prints: progress, the result, the one error line
     hf_logging.disable_progress_bar()
     cfg = BuildConfig(method, objective, **options)
     if json_out and not plan:
         raise NestpruneError("--json goes with --plan")
     if throughput is not None and not plan:
         raise NestpruneError("--throughput goes with --plan")
+    if nproc is not None and not plan:
+        raise NestpruneError("--nproc goes with --plan (a build runs on the ranks torchrun starts)")
     if resume and plan:
         raise NestpruneError("--resume goes without --plan")
     if plan:
-        p = plan_only(model_dir, cfg, throughput)
-        print(p.to_json()) if json_out else console.print(p.summary(), highlight=False)
+        p = plan_only(model_dir, cfg, throughput, nproc)
+        if main:
+            print(p.to_json()) if json_out else console.print(p.summary(), highlight=False)
         if not p.fits:
             raise typer.Exit(1)
         return
@@ -127,6 +150,8 @@ def build(
         if kept:
             e.add_note(f"the artifact was not written; {kept}. Resume with: {resume_command()}")
         raise
+    if not main:
+        return
     m = read_manifest(path)
     console.print(
         f"wrote [bold]{path}[/]: {m.ranking.num_structures} structures ranked, {m.ranking.num_removed} removed "

@@ -68,7 +68,8 @@ STATE_PREFIX, STATE_SUFFIX = "state-", ".safetensors"
 RESOLVED_OPTIONS = {"device": "device", "dtype": "dtype", "batch_size": "micro_batch", "device_memory": "micro_batch",
                     "accumulator": "accumulator"}
 RUN_LABELS = {"device": "the device type (--device)", "dtype": "the dtype (--dtype)",
-              "micro_batch": "the micro-batch (--batch-size)", "accumulator": "the accumulator (--accumulator)"}
+              "micro_batch": "the micro-batch (--batch-size)", "accumulator": "the accumulator (--accumulator)",
+              "ranks": "the number of ranks (torchrun)"}
 STATE_ARRAYS = ("pruned", "step", "score", "raw", "last_score", "last_raw")
 
 
