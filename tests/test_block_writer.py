@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from conftest import SAMPLE_TEXT, make_tiny_model, save_tiny_model
 from safetensors.torch import load_file
+from test_materialize import DictSource  # every tensor through take(): the reference bytes
 
 from nestprune.artifact import read_artifact
 from nestprune.build import BuildConfig, build_artifact
@@ -47,26 +48,6 @@ def small(tmp_path_factory, tokenizer):
 
 def digests(d: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(d.iterdir())}
-
-
-class DictSource:
-    """Every tensor in memory, through ``take`` only (no fast path, no check): the reference bytes."""
-
-    def __init__(self, tensors):
-        self.tensors = tensors
-
-    def names(self):
-        return list(self.tensors)
-
-    def shape(self, name):
-        return tuple(self.tensors[name].shape)
-
-    def dtype(self, name):
-        return self.tensors[name].dtype
-
-    def take(self, name, axis=0, index=None):
-        t = self.tensors[name]
-        return t if index is None else t.index_select(axis, index).contiguous()
 
 
 def reference(base: Path, art: Path, out: Path, sparsity: float, layout: str) -> Path:
