@@ -355,11 +355,11 @@ def build_artifact(
     micro_batch, accumulator = None, None
     if cfg.method.name in GRADIENT_METHODS:
         plan = plan_for_build(cfg, read_config(model_dir), device, dtype, objective)
-        if hasattr(reporter, "on_plan"):
-            reporter.on_plan(plan)
         if not plan.fits:
             raise NestpruneError(f"the build {plan.verdict()}; try --batch-size 1, --accumulator bf16-stochastic "
                                  "or fp32-host, a shorter --seq-len, or a larger device")
+        if hasattr(reporter, "on_plan"):
+            reporter.on_plan(plan)
         micro_batch, accumulator = plan.micro_batch, plan.accumulator
     fp = fingerprint(model_dir)
     torch.manual_seed(cfg.seed)
