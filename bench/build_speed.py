@@ -53,6 +53,8 @@ import _common as c  # noqa: E402
 
 app = typer.Typer(add_completion=False)
 FAMILIES = ("llama-mha", "llama-gqa")
+CPU_STAGES = ("speed", "step", "accumulators", "plan", "rss")
+PROXY_STAGES = ("speed", "step", "accumulators", "plan")  # per proxy, on the calibration windows of ``setup``
 MiB, GiB = 1 << 20, 1 << 30
 
 
@@ -292,7 +294,7 @@ def stage_plan(model_dir: Path, micro: int, seq_len: int) -> dict:
 
 
 RSS_CHILD = textwrap.dedent("""
-    import json, resource, runpy, sys
+    import json, runpy, sys
     what = sys.argv[1]
     if what == "baseline":
         import torch, transformers, nestprune.build, nestprune.rank.gisp  # noqa: F401
@@ -314,7 +316,11 @@ RSS_CHILD = textwrap.dedent("""
         except SystemExit as e:
             if e.code:
                 raise
-    print(json.dumps({"maxrss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+    # VmHWM: this process image's own peak (ru_maxrss would also count the parent's peak: at exec the
+    # kernel carries the old address space's high-water mark over, and a vfork child's is the parent's)
+    with open("/proc/self/status") as f:
+        hwm = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+    print(json.dumps({"maxrss": hwm}))
 """)
 
 
@@ -328,7 +334,7 @@ def _child_peak(args: list[str]) -> tuple[int, float]:
     return json.loads(proc.stdout.strip().splitlines()[-1])["maxrss"], time.perf_counter() - t0
 
 
-def stage_rss(model_dir: Path, work: Path, corpus: Path) -> dict:
+def stage_rss(model_dir: Path, work: Path, corpus: Path, samples: int) -> dict:
     import torch
 
     from nestprune.build import BuildConfig, plan_for_build, read_config
@@ -338,12 +344,13 @@ def stage_rss(model_dir: Path, work: Path, corpus: Path) -> dict:
     old, old_s = _child_peak(["old-tokenise", str(train), str(model_dir)])
     peak, build_s = _child_peak(["build", "build", str(model_dir), "--data", str(train), "--out",
                                  str(work / "rss.nestprune"), "--force", "--method", "gisp-oneshot", "--samples",
-                                 "2000", "--seq-len", "256", "--batch-size", "8", "--device", "cpu"])
-    cfg = BuildConfig("gisp-oneshot", samples=2000, seq_len=256, batch_size=8, device="cpu")
+                                 str(samples), "--seq-len", "256", "--batch-size", "8", "--device", "cpu"])
+    cfg = BuildConfig("gisp-oneshot", samples=samples, seq_len=256, batch_size=8, device="cpu")
     plan = plan_for_build(cfg, read_config(model_dir), torch.device("cpu"), torch.float32)
-    return {"baseline_process": base, "old_tokenise_peak": old, "old_tokenise_seconds": round(old_s, 1),
-            "build_peak": peak, "build_seconds": round(build_s, 1), "plan_peak": plan.peak_bytes,
-            "weights": plan.breakdown.weights, "over_plan_and_libraries": peak - base - plan.peak_bytes}
+    return {"samples": samples, "baseline_process": base, "old_tokenise_peak": old,
+            "old_tokenise_seconds": round(old_s, 1), "build_peak": peak, "build_seconds": round(build_s, 1),
+            "plan_peak": plan.peak_bytes, "weights": plan.breakdown.weights,
+            "over_plan_and_libraries": peak - base - plan.peak_bytes}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -493,20 +500,38 @@ def gpu_shape(name: str, config: dict, device, seq_len: int, samples: int, measu
 # reports
 
 
+def merge_runs(old: dict, new: dict, todo: set[str]) -> dict:
+    """``new``'s stages over ``old``'s results; every stage stays attributed to the run that measured it."""
+    out = dict(old)
+    for key in PROXY_STAGES:
+        if key in todo:
+            out[key] = new[key]
+    if todo & set(PROXY_STAGES):
+        out["setup"], out["proxies"] = new["setup"], new["proxies"]
+    if "rss" in todo:
+        out["rss"], out["corpus_tokens"] = new["rss"], new["corpus_tokens"]
+    out["work_bound_7b"] = new["work_bound_7b"]
+    runs = [dict(r, stages=[x for x in r["stages"] if x not in todo]) for r in old.get("runs", [])]
+    out["runs"] = [r for r in runs if r["stages"]] + new["runs"]
+    return out
+
+
 def fmt_bytes(n: float) -> str:
     return f"{n / MiB:,.0f} MiB" if n < 10 * GiB else f"{n / GiB:.1f} GiB"
 
 
 def write_cpu_report(res: dict, path: Path) -> None:
-    inv, setup = res["invocation"], res["setup"]
-    lines = [
-        "# Build speed and memory (CPU)", "",
-        f"Command: `{inv['command']}`  ",
-        f"Device: {inv['device']}; {setup.get('threads', '?')} torch thread(s)  ",
-        f"Finished: {inv['finished']}, {inv['seconds']:.0f} s; load average at start {inv['load_average_start']}, "
-        f"at end {inv['load_average_end']} (cores shared with other work: wall seconds are noisy; CPU seconds are "
-        "the process's own CPU time, which other processes barely change with one torch thread; every ratio is "
-        "measured side by side in this run, the builds interleaved)", "",
+    setup = res["setup"]
+    lines = ["# Build speed and memory (CPU)", ""]
+    for inv in res["runs"]:
+        lines += [f"Command: `{inv['command']}` — stages {', '.join(inv['stages'])}  ",
+                  f"Device: {inv['device']}; {setup.get('threads', '?')} torch thread(s)  ",
+                  f"Finished: {inv['finished']}, {inv['seconds']:.0f} s; load average at start "
+                  f"{inv['load_average_start']}, at end {inv['load_average_end']}", ""]
+    lines += [
+        "Cores shared with other work: wall seconds are noisy; CPU seconds are the process's own CPU time, which "
+        "other processes change much less with one torch thread; every ratio is measured side by side within one "
+        "run, the builds interleaved.", "",
         f"Proxies: {', '.join(f'{k} ({v})' for k, v in res['proxies'].items())}; calibration "
         f"{setup['samples']} windows × {setup['seq_len']} tokens from the shared train split, "
         f"micro-batch {setup['micro_batch']}; GISP to 50% parameter sparsity (r_max 0.7, default steps).", "",
@@ -575,7 +600,8 @@ def write_cpu_report(res: dict, path: Path) -> None:
     if res.get("rss"):
         r = res["rss"]
         lines += ["## Peak RSS of a build on the shared corpus", "",
-                  f"`nestprune build` (gisp-oneshot, 2000 × 256-token windows, micro-batch 8, CPU) on the whole "
+                  f"`nestprune build` (gisp-oneshot, {r.get('samples', 2000)} × 256-token windows, micro-batch 8, CPU) "
+                  f"on the whole "
                   f"train split ({res['corpus_tokens']:,} tokens with the proxy's tokenizer), in a child process:", "",
                   "| | peak RSS |", "|---|---|",
                   f"| process with torch + transformers + nestprune imported | {fmt_bytes(r['baseline_process'])} |",
@@ -635,7 +661,7 @@ def main(
     workdir: c.Workdir = None,
     results_dir: c.ResultsDir = c.RESULTS_DIR,
     families: c.Families = ",".join(FAMILIES),
-    stages: c.Stages = "speed,step,accumulators,plan,rss",
+    stages: c.Stages = ",".join(CPU_STAGES),
     samples: Annotated[int, typer.Option(help="calibration windows (cpu)")] = 64,
     seq_len: Annotated[int, typer.Option(help="tokens per window")] = 128,
     repeats: Annotated[int, typer.Option(help="repeats of each timed build / step")] = 2,
@@ -645,6 +671,9 @@ def main(
                                               "the work on a shared machine")] = 1,
     gpu_memory: Annotated[str, typer.Option(help="gpu: the card the plan is made for (micro-batch, accumulators; "
                                                  "the 13B target is 80 GB); 'device' for the whole device")] = "80GB",
+    rss_samples: Annotated[int, typer.Option(help="rss: 256-token calibration windows of the measured build")] = 2000,
+    update: Annotated[bool, typer.Option(help="cpu: keep the other stages' results in the results file (each "
+                                              "attributed to its own run); replace only the stages run now")] = False,
 ) -> None:
     import torch
 
@@ -716,7 +745,7 @@ def main(
         from nestprune.rank.calibration import stream_windows  # noqa: F401 (the code measured)
 
         res["corpus_tokens"] = None
-        res["rss"] = stage_rss(work / "proxies" / fams[0], work, corpus)
+        res["rss"] = stage_rss(work / "proxies" / fams[0], work, corpus, rss_samples)
         from nestprune.artifact import read_manifest
 
         res["corpus_tokens"] = read_manifest(work / "rss.nestprune").objective.provenance["tokens_available"]
@@ -724,9 +753,14 @@ def main(
     res["work_bound_7b"] = work_bound_of_shape(GPU_SHAPES["Llama-2-7B"])
     import plan_validation as pv
 
-    res["invocation"] = c.invocation("bench/build_speed.py", pv.machine(False), started, load0)
+    inv = dict(c.invocation("bench/build_speed.py", pv.machine(False), started, load0),
+               stages=[x for x in CPU_STAGES if x in todo])
+    path = results_dir / "build_speed.json"
+    res["runs"] = [inv]
+    if update and path.exists():
+        res = merge_runs(json.loads(path.read_text()), res, todo)
     results_dir.mkdir(parents=True, exist_ok=True)
-    (results_dir / "build_speed.json").write_text(json.dumps(res, indent=1, default=str) + "\n")
+    path.write_text(json.dumps(res, indent=1, default=str) + "\n")
     write_cpu_report(res, results_dir / "build_speed.md")
     c.console.print(f"wrote {results_dir / 'build_speed.md'}")
 

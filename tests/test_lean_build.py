@@ -153,8 +153,17 @@ def test_fp32_weights_accumulate_in_a_persistent_grad():
 # streamed calibration
 
 
-def test_streamed_windows_are_the_in_memory_windows(tokenizer, tmp_path):
+@pytest.mark.parametrize("docs_per_batch,chars_per_batch,sizes", [
+    (256, 1 << 18, [3]), (2, 1 << 18, [2, 1]), (256, 5, [2, 1]), (3, 1, [1, 1, 1])])
+def test_streamed_windows_are_the_in_memory_windows(tokenizer, tmp_path, monkeypatch, docs_per_batch,
+                                                    chars_per_batch, sizes):
+    """Whatever the tokeniser's batches (by documents, by characters, one document each)."""
+    import nestprune.rank.calibration as cal
+
+    monkeypatch.setattr(cal, "DOCS_PER_BATCH", docs_per_batch)
+    monkeypatch.setattr(cal, "CHARS_PER_BATCH", chars_per_batch)
     docs = [f"document {i} " + " ".join(SAMPLE_TEXT.split()[i : i + 3 + (i * 7) % 40]) for i in range(90)]
+    assert [len(b) for b in cal._batches(iter(["ab", "cde", "f"]))] == sizes
     path = tmp_path / "c.txt"
     path.write_text(f"\n{DOC_SEPARATOR}\n".join(docs) + "\n")
     stream = tokenize_documents(read_documents(path), tokenizer)
