@@ -64,6 +64,20 @@ def terminate_cleanly() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
+_INVOCATION: list[str] = []
+
+
+def set_invocation(args: list[str]) -> None:
+    """Record the arguments the command line was given (``nestprune.cli.main`` does), for messages that
+    repeat the command (``build``'s resume hint)."""
+    _INVOCATION[:] = args
+
+
+def invocation() -> list[str]:
+    """The arguments after ``nestprune`` of the running command."""
+    return list(_INVOCATION) if _INVOCATION else sys.argv[1:]
+
+
 def error_line(message: object) -> str:
     """The one line of a failure: ``error: <message>`` with newlines folded (the message is plain text)."""
     text = " ".join(str(message).split())
@@ -81,19 +95,22 @@ def warn(message: str) -> None:
     console.print(f"[yellow]warning:[/] {escape(message)}", soft_wrap=True)
 
 
-_TEMPORARY = re.compile(r"^\.(?P<name>.+)\.nestprune-(?:lock|tmp|old|scratch)(?:\..*)?$")
+_TEMPORARY = re.compile(r"^\.(?P<name>.+)\.nestprune-(?:lock|tmp|old|scratch|resume)(?:\..*)?$")
 
 
 def user_path(path: object) -> str:
-    """The path to name in a message: the output a nestprune temporary or lock file stands for (the user
-    never named ``.v.nestprune-lock``), else the path itself."""
+    """The path to name in a message: the output a nestprune temporary, lock file or build checkpoint stands
+    for (the user never named ``.v.nestprune-lock``), else the path itself."""
     p = Path(os.fsdecode(path)) if isinstance(path, str | bytes | os.PathLike) else None
     if p is None:
         return str(path)
     for part in (p, *p.parents):
         found = _TEMPORARY.match(part.name)
         if found:
-            return str(part.parent / found.group("name"))
+            name = found.group("name")
+            while inner := _TEMPORARY.match(name):  # the lock of a build's checkpoint folder
+                name = inner.group("name")
+            return str(part.parent / name)
     return str(p)
 
 
@@ -126,7 +143,9 @@ def friendly(fn: Callable[..., Any]) -> Callable[..., Any]:
         except (KeyboardInterrupt, Terminated) as e:
             atomic.cleanup()
             what, code = ("terminated", 143) if isinstance(e, Terminated) else ("interrupted", 130)
-            console.print(f"[bold red]{what}:[/] nothing was written")
+            # a command may say what it keeps (a build: its checkpoint, and how to resume) in a note
+            said = " ".join(getattr(e, "__notes__", ())) or "nothing was written"
+            console.print(f"[bold red]{what}:[/] {escape(said)}", soft_wrap=True)
             raise typer.Exit(code) from None
         except OSError as e:
             atomic.cleanup()

@@ -16,7 +16,7 @@ import typer
 from typer.core import TyperGroup
 
 from nestprune import __version__
-from nestprune.cli.common import click_impl, report
+from nestprune.cli.common import click_impl, report, set_invocation
 from nestprune.errors import EXIT_FAULT, EXIT_USAGE
 
 _exceptions = click_impl.exceptions
@@ -37,6 +37,7 @@ class NestpruneGroup(TyperGroup):
 
     def main(self, args: Sequence[str] | None = None, prog_name: str | None = None, complete_var: str | None = None,
              standalone_mode: bool = True, **extra: Any) -> Any:
+        set_invocation(list(args) if args is not None else sys.argv[1:])
         try:
             rv = super().main(args=args, prog_name=prog_name, complete_var=complete_var, standalone_mode=False,
                               **extra)

@@ -70,6 +70,9 @@ class BuildConfig:
                                    "| fp32-host")
     device_memory: str | None = option(None, help="device memory to plan for, e.g. 80GiB (default: the GPU's; on a "
                                                   "CPU the available host memory)")
+    shard: bool = option(False, flag="--shard",
+                         help="under torchrun: shard the decoder layers over the ranks (FSDP2) for a model that does "
+                              "not fit one device (builds without compaction)")
 
     def __init__(self, method: str | Any = "gisp", objective: str | Any | None = None, **options: Any):
         shared = {p.key: p for p in params(BuildConfig)}
@@ -166,23 +169,33 @@ def load_model(model_dir: Path, device: torch.device, dtype: torch.dtype) -> tor
 # ---------------------------------------------------------------------------------------------
 
 
-def rank_model(model: torch.nn.Module, arch: ArchInfo, objective: Objective, cfg: BuildConfig,
-               reporter: Reporter | None = None, *, micro_batch: int | None = None,
-               accumulator: str | None = None) -> RankResult:
-    """Run ``cfg.method`` on a loaded model (GISP zeroes what it removes, in place).
-
-    ``micro_batch`` / ``accumulator``: what a memory plan chose (:func:`plan_for_build`); without them an
-    ``auto`` batch size is :data:`DEFAULT_MICRO_BATCH` and ``auto`` accumulators are fp32."""
-    from nestprune.arch import Structures
-
+def resolved(cfg: BuildConfig, micro_batch: int | None = None, accumulator: str | None = None) -> tuple[int, str]:
+    """(micro-batch, accumulator) a build runs with: what a memory plan chose (:func:`plan_for_build`), else an
+    ``auto`` batch size is :data:`DEFAULT_MICRO_BATCH` and an ``auto`` accumulator fp32."""
     if micro_batch is None:
         micro_batch = DEFAULT_MICRO_BATCH if cfg.batch_size == "auto" else int(cfg.batch_size)
     if accumulator is None:
         accumulator = "fp32" if cfg.accumulator == "auto" else cfg.accumulator
+    return micro_batch, accumulator
+
+
+def rank_model(model: torch.nn.Module, arch: ArchInfo, objective: Objective, cfg: BuildConfig,
+               reporter: Reporter | None = None, *, micro_batch: int | None = None,
+               accumulator: str | None = None, hooks: Any = None, group: Any = None) -> RankResult:
+    """Run ``cfg.method`` on a loaded model (GISP zeroes what it removes, in place).
+
+    ``micro_batch`` / ``accumulator``: see :func:`resolved`. ``hooks``: GISP's ``StepHooks`` (a resume's
+    checkpoints, ``nestprune.resume.StepCheckpoints``); the other methods ignore them. ``group``: the ranks
+    of a distributed build (``distributed.Group``; None: this process alone); under ``--shard`` the model is
+    sharded and builds without compaction."""
+    from nestprune.arch import Structures
+
+    micro_batch, accumulator = resolved(cfg, micro_batch, accumulator)
     job = RankJob(model=model, structures=Structures(arch, cfg.gqa_mode), objective=objective,
                   batch_size=micro_batch, seed=cfg.seed, max_sparsity=cfg.max_sparsity,
                   skip_first_frac=cfg.skip_first_frac, skip_last=cfg.skip_last,
-                  reporter=reporter or SilentReporter(), compact=cfg.compact, accumulator=accumulator)
+                  reporter=reporter or SilentReporter(), accumulator=accumulator, hooks=hooks, group=group,
+                  compact=cfg.compact and not (group is not None and group.shard))
     return rank(cfg.method, job)
 
 
@@ -234,13 +247,18 @@ def plan_device(cfg: BuildConfig) -> torch.device:
 
 def plan_for_build(cfg: BuildConfig, config: dict, device: torch.device, dtype: torch.dtype,
                    objective: Objective | None = None, throughput: float | None = None,
-                   measure: bool = False):
-    """The memory plan of this build (``nestprune.rank.plan``): from config.json alone, on the meta device."""
+                   measure: bool = False, ranks: int = 1, shard: bool = False, local_ranks: int = 1,
+                   scaling: bool = False):
+    """The memory plan of this build (``nestprune.rank.plan``): from config.json alone, on the meta device;
+    per GPU for a build over ``ranks`` GPUs (``shard``: FSDP2), ``local_ranks`` of them sharing this
+    machine's memory on a CPU. ``scaling``: with the table of per-GPU peaks for 1, 2, 4, 8, … GPUs."""
     from nestprune.rank.plan import (
         CPU_MICRO_BATCH_TOKENS,
+        Estimator,
         available_host_memory,
         detect_device_memory,
         plan_build,
+        scaling_table,
     )
 
     samples, seq_len = objective_shape(cfg, objective)
@@ -248,14 +266,18 @@ def plan_for_build(cfg: BuildConfig, config: dict, device: torch.device, dtype: 
     if cfg.device_memory is not None:
         memory: int | str = cfg.device_memory
     elif device.type == "cuda":
-        memory = detect_device_memory() or 0
+        memory = detect_device_memory(device) or 0
     else:
-        memory = available_host_memory()
+        memory = max(1, available_host_memory() // max(1, local_ranks))
+    estimator = Estimator(config, dtype, seq_len, cfg.gqa_mode)
     kw = dict(samples=samples, seq_len=seq_len, dtype=dtype, steps=steps, r_max=r_max,
               batch_size=cfg.batch_size, accumulator=cfg.accumulator, gqa_mode=cfg.gqa_mode,
               max_sparsity=cfg.max_sparsity, skip_first_frac=cfg.skip_first_frac, skip_last=cfg.skip_last,
-              compact=cfg.compact and cfg.method.name == "gisp",
+              compact=cfg.compact and cfg.method.name == "gisp", ranks=ranks, shard=shard, estimator=estimator,
               max_micro_batch=None if device.type == "cuda" else max(1, CPU_MICRO_BATCH_TOKENS // seq_len))
+    if scaling:
+        kw["scaling"] = scaling_table(estimator, memory, accumulator=cfg.accumulator,
+                                      ranks=tuple(sorted({1, 2, 4, 8, 16, 32, 64, ranks})))
     plan = plan_build(config, memory, throughput=throughput, **kw)
     if measure and throughput is None and plan.fits and device.type == "cuda" and torch_cuda_available():
         from nestprune.rank.plan import measure_device_throughput
@@ -295,12 +317,20 @@ def read_config(model_dir: Path) -> dict:
         raise NestpruneError(f"{model_dir}/config.json is not valid JSON ({e})") from None
 
 
-def plan_only(model_dir: Path, cfg: BuildConfig, throughput: float | None = None):
-    """``nestprune build MODEL --plan``: the plan from config.json alone (no weights, no data)."""
+def plan_only(model_dir: Path, cfg: BuildConfig, throughput: float | None = None, ranks: int | None = None):
+    """``nestprune build MODEL --plan``: the plan from config.json alone (no weights, no data), per GPU for a
+    build over ``ranks`` GPUs (default: torchrun's WORLD_SIZE, else 1; ``cfg.shard``: sharded), with the
+    table of per-GPU peaks for other GPU counts."""
     from nestprune.arch import arch_from_config
     from nestprune.device import resolve_dtype
+    from nestprune.rank.distributed import launch_env
 
     cfg.validate()
+    where = launch_env()
+    if ranks is None:
+        ranks = where.world if where is not None else 1
+    if ranks < 1:
+        raise NestpruneError(f"--nproc must be a positive number of GPUs, not {ranks}")
     config = read_config(Path(model_dir))
     arch_from_config(config)  # a supported family
     if cfg.method.name not in GRADIENT_METHODS:
@@ -308,7 +338,7 @@ def plan_only(model_dir: Path, cfg: BuildConfig, throughput: float | None = None
                              "gisp-oneshot")
     device = plan_device(cfg)
     return plan_for_build(cfg, config, device, resolve_dtype(cfg.dtype, device), throughput=throughput,
-                          measure=True)
+                          measure=True, ranks=ranks, shard=cfg.shard, scaling=True)
 
 
 def build_artifact(
@@ -320,31 +350,73 @@ def build_artifact(
     objective: Objective | None = None,
     force: bool = False,
     reporter: Reporter | None = None,
+    resume: bool = False,
 ) -> Path:
     """Build the ranking artifact of ``model_dir`` and write it to ``out`` (atomically).
 
     The objective is the one ``config.objective`` describes, on ``data``; an ``objective`` instance
     (any object with name/batches/loss/provenance) overrides it. Everything that can be checked before
-    computing is, in this order: ``--out`` free and writable, the model's family supported and its
-    tensors present, the data readable and long enough (the objective is built), and, for the
-    gradient methods, the memory plan fits the device (else one line: what it needs, what would fit);
-    only then are the weights loaded.
-    """
-    import torch
+    computing is, in this order: ``--out`` free and writable, a checkpoint of an interrupted build to
+    ``out`` (``nestprune.resume``: refused without ``resume`` unless ``force``; with ``resume``, its options
+    against these), the model's family supported and its tensors present, the data readable and long enough
+    (the objective is built), for the gradient methods the memory plan fits the device (else one line: what
+    it needs, what would fit), and a checkpoint's base model and calibration batches; only then are the
+    weights loaded.
 
-    from nestprune.artifact import prepare_out, write_artifact
-    from nestprune.device import device_name, resolve_device, resolve_dtype
-    from nestprune.io.fingerprint import fingerprint
-    from nestprune.objectives.base import Objective as ObjectiveProtocol
+    GISP saves a checkpoint beside ``out`` after every step and removes it once the artifact is written;
+    ``resume`` continues from it (with none, the build starts from the beginning and says so).
+
+    Launched by torchrun (``nestprune.rank.distributed``), every rank runs this: the ranks share each step's
+    micro-batches, meet once per step, and agree on every removal; rank 0 alone checks and writes ``out`` and
+    the checkpoints, and reports progress (the other ranks read a checkpoint they resume from at the same
+    path); a failure on any rank ends every rank with its message and status.
+    """
+    from nestprune.device import resolve_device
+    from nestprune.rank import distributed
 
     cfg = config or BuildConfig()
     cfg.validate()
-    model_dir, out = Path(model_dir), Path(out)
-    prepare_out(out, force, inputs=(model_dir, data))  # before any work: --out may not be an input
-    check_writable(out)
+    where = distributed.launch_env()
+    if cfg.shard and cfg.method.name not in GRADIENT_METHODS:
+        raise NestpruneError(f"--shard is for the gradient methods ({', '.join(GRADIENT_METHODS)}), not "
+                             f"--method {cfg.method.name}")
+    if cfg.shard and cfg.accumulator not in ("auto", "fp32"):
+        raise NestpruneError("--shard accumulates the gradient shards in fp32 (FSDP); --accumulator "
+                             f"{cfg.accumulator} does not apply")
+    device = distributed.rank_device(resolve_device(cfg.device), where)
+    with distributed.launch(device, where, shard=cfg.shard) as group, group.guard():
+        return _build(Path(model_dir), data, Path(out), cfg, device, group, objective=objective, force=force,
+                      reporter=reporter if group.main else None, resume=resume)
+
+
+def _build(model_dir: Path, data: Path | None, out: Path, cfg: BuildConfig, device: torch.device, group: Any, *,
+           objective: Objective | None, force: bool, reporter: Reporter | None, resume: bool) -> Path:
+    """:func:`build_artifact` on one rank of ``group``."""
+    import contextlib
+
+    import torch
+
+    from nestprune import resume as resuming
+    from nestprune.artifact import prepare_out, write_artifact
+    from nestprune.device import device_name, resolve_dtype
+    from nestprune.io.fingerprint import fingerprint
+    from nestprune.objectives.base import Objective as ObjectiveProtocol
+
+    folder = resuming.resume_dir(out)
+    if group.main:
+        prepare_out(out, force, inputs=(model_dir, data))  # before any work: --out may not be an input
+        check_writable(out)
+        saved, line = resuming.find(out, resume=resume, force=force)
+        if saved is not None and objective is None:  # the options first: refused before any data or weights are read
+            diffs = resuming.config_differences(saved.doc.inputs, cfg)
+            if diffs:
+                raise resuming.refuse(saved.folder, diffs)
+        if line and hasattr(reporter, "on_note"):
+            reporter.on_note(line)
+    else:  # the others read the checkpoint rank 0 resumes from (the ranks check that it is the same one)
+        saved = resuming.load_checkpoint(folder) if resume else None
     arch = read_arch(model_dir)
-    started = time.perf_counter()
-    device = resolve_device(cfg.device)
+    started = time.perf_counter() - (saved.doc.elapsed_seconds if saved is not None else 0.0)
     dtype = resolve_dtype(cfg.dtype, device)
     tokenizer = load_tokenizer(model_dir)
     objective_config = None
@@ -354,27 +426,92 @@ def build_artifact(
         raise NestpruneError(f"objective {objective!r} does not implement batches/loss/provenance")
     micro_batch, accumulator = None, None
     if cfg.method.name in GRADIENT_METHODS:
-        plan = plan_for_build(cfg, read_config(model_dir), device, dtype, objective)
+        # a resumed 'auto' batch size or accumulator continues with what the interrupted run chose: the same sums
+        plan_cfg = resuming.continued_config(cfg, saved) if saved is not None else cfg
+        plan = plan_for_build(plan_cfg, read_config(model_dir), device, dtype, objective, ranks=group.world,
+                              shard=group.shard, local_ranks=group.local_world)
         if not plan.fits:
             raise NestpruneError(f"the build {plan.verdict()}; try --batch-size 1, --accumulator bf16-stochastic "
-                                 "or fp32-host, a shorter --seq-len, or a larger device")
+                                 "or fp32-host, a shorter --seq-len, "
+                                 + ("more ranks" if group.shard else "--shard over several GPUs") + " or a larger device")
         if hasattr(reporter, "on_plan"):
             reporter.on_plan(plan)
         micro_batch, accumulator = plan.micro_batch, plan.accumulator
-    fp = fingerprint(model_dir)
-    torch.manual_seed(cfg.seed)
-    model = load_model(model_dir, device, dtype)
-    total_params = sum(p.numel() for p in model.parameters())
-    result = rank_model(model, arch, objective, cfg, reporter, micro_batch=micro_batch, accumulator=accumulator)
-    del model
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-    used = micro_batch if micro_batch is not None else (DEFAULT_MICRO_BATCH if cfg.batch_size == "auto"
-                                                        else int(cfg.batch_size))
-    manifest = _manifest(cfg, arch, result, fp, objective, objective_config, total_params,
-                         dtype=str(dtype).removeprefix("torch."), device=device_name(device),
-                         seconds=time.perf_counter() - started, batch_size=used)
-    return write_artifact(out, manifest, result.ranking, force=force, inputs=(data,))
+    micro_batch, accumulator = resolved(cfg, micro_batch, accumulator)
+    group.agree("the inputs (model config, calibration data, options, the memory plan's micro-batch, the checkpoint "
+                "resumed from: readable at the same path by every rank)",
+                _inputs_digest(model_dir, cfg, objective, micro_batch, accumulator, saved))
+    inputs = None
+    if group.main:  # the content fingerprint reads every byte: only for the manifest and the checkpoints
+        fp = fingerprint(model_dir)
+        inputs = resuming.run_inputs(cfg, base=fp, objective=objective, objective_config=objective_config,
+                                     micro_batch=micro_batch, accumulator=accumulator, device=device, dtype=dtype,
+                                     run={"ranks": group.world} if group.world > 1 else None)
+        if saved is not None:
+            diffs = resuming.differences(resuming.input_items(saved.doc.inputs), resuming.input_items(inputs))
+            if diffs:
+                raise resuming.refuse(saved.folder, diffs)
+    group.agree("the checkpoint's inputs")  # rank 0's refusal is every rank's
+    windows = getattr(getattr(objective, "calib", None), "windows", None)
+    hooks = resuming.StepCheckpoints(folder, out, inputs, saved, started=started, writer=group.main,
+                                     tensors={"calibration.windows": windows} if windows is not None else None)
+    with resuming.build_lock(out) if group.main else contextlib.nullcontext():
+        if saved is None and group.main:
+            resuming.discard(folder)  # --force without --resume; or what a kill before the first step left
+        torch.manual_seed(cfg.seed)
+        if group.shard:
+            model = load_sharded(model_dir, arch, dtype, group)
+        else:
+            model = load_model(model_dir, device, dtype)
+        total_params = sum(p.numel() for p in model.parameters())
+        result = rank_model(model, arch, objective, cfg, reporter, micro_batch=micro_batch, hooks=hooks, group=group,
+                            # --shard: FSDP accumulates the gradient shards, in fp32 (distributed.shard_model)
+                            accumulator="grad" if group.shard else accumulator)
+        del model
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        if group.main:
+            manifest = _manifest(cfg, arch, result, fp, objective, objective_config, total_params,
+                                 dtype=str(dtype).removeprefix("torch."), device=device_name(device),
+                                 seconds=time.perf_counter() - started, batch_size=micro_batch)
+            write_artifact(out, manifest, result.ranking, force=force, inputs=(data,))
+            resuming.discard(folder)  # the artifact is complete
+        group.agree("the artifact written")  # the other ranks wait: rank 0's failure is theirs too
+    return out
+
+
+def _inputs_digest(model_dir: Path, cfg: BuildConfig, objective: Objective, micro_batch: int, accumulator: str,
+                   saved: Any) -> bytes:
+    """What every rank must have alike before it loads the model: config.json, the objective (its
+    provenance: data file, windows), the options, the plan's choices, the checkpoint it resumes from."""
+    import hashlib
+
+    from nestprune.config import record
+    from nestprune.io.fingerprint import config_path
+
+    doc = {"config": config_path(model_dir).read_text(), "objective": objective.provenance(),
+           "method": record(cfg.method), "options": {p.field: getattr(cfg, p.field) for p in params(BuildConfig)},
+           "micro_batch": micro_batch, "accumulator": accumulator,
+           "resumed": None if saved is None else saved.doc.model_dump_json()}
+    return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).digest()
+
+
+def load_sharded(model_dir: Path, arch: ArchInfo, dtype: torch.dtype, group: Any) -> torch.nn.Module:
+    """``--shard``: the model with its decoder layers sharded over the ranks (``distributed.shard_model``).
+    The ranks of a node load one after the other (each reads the whole model into host memory before its
+    shards go to its device), so a node holds one host copy at a time."""
+    import torch
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from nestprune.rank.distributed import shard_model
+
+    mesh = init_device_mesh(torch.device(group.device).type, (group.world,))
+    model = None
+    for _ in group.stagger():
+        model = load_model(model_dir, torch.device("cpu"), dtype)
+        shard_model(model, arch, group, dtype, mesh)
+    assert model is not None
+    return model
 
 
 def _manifest(cfg: BuildConfig, arch: ArchInfo, result: RankResult, fp: Any, objective: Objective,

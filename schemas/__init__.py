@@ -4,4 +4,5 @@ Each module here defines ``DOCUMENTS = {"<file stem>": Model}``; ``python -m nes
 ``schemas/<file stem>.schema.json`` for each. Nothing here imports torch or nestprune.
 """
 
-SCHEMA_MODULES = ("nestprune.schemas.artifact", "nestprune.schemas.variant", "nestprune.schemas.registry")
+SCHEMA_MODULES = ("nestprune.schemas.artifact", "nestprune.schemas.variant", "nestprune.schemas.registry",
+                  "nestprune.schemas.resume")

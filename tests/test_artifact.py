@@ -202,7 +202,12 @@ def test_interrupted_build_leaves_nothing(tiny_model_dir, sample_text_file, tmp_
     monkeypatch.setattr(artifact_mod.zarr, "open_group", boom)
     r = _build_cli(tiny_model_dir("llama"), sample_text_file, tmp_path / "art")
     assert r.exit_code == 130 and "interrupted" in r.output
-    assert not (tmp_path / "art").exists() and not list(tmp_path.glob(".art.*"))
+    # nothing half-written: no artifact, no temporary; the build's last complete checkpoint (all 3 steps) is
+    # kept beside --out for --resume (tests/test_resume.py), and the message says so
+    assert not (tmp_path / "art").exists() and [p.name for p in tmp_path.glob(".art.*")] == [".art.nestprune-resume"]
+    assert sorted(p.name for p in (tmp_path / ".art.nestprune-resume").iterdir()) == \
+        ["checkpoint.json", "state-000003.safetensors"]
+    assert "the checkpoint after 3 of 3 step(s) is kept" in " ".join(r.output.split())
 
 
 def test_force_replaces(tiny_model_dir, sample_text_file, tmp_path):

@@ -383,7 +383,8 @@ def test_plan_json_round_trip_summary_and_projected_time():
 def test_plan_rejects_bad_input():
     cfg = tiny_config("llama")
     kw = dict(samples=4, seq_len=16, dtype="float32", steps=2)
-    for bad, match in [({"ranks": 2}, "several GPUs"), ({"shard": True}, "several GPUs"),
+    for bad, match in [({"ranks": 0}, "ranks must be"), ({"ranks": True}, "ranks must be"),
+                       ({"shard": True, "ranks": 2, "accumulator": "bf16-stochastic"}, "sharded build accumulates"),
                        ({"batch_size": 0}, "batch size"), ({"accumulator": "fp8"}, "unknown accumulator"),
                        ({"dtype": "int8"}, "dtype"), ({"samples": 0}, "samples"), ({"headroom": 1.0}, "headroom"),
                        ({"throughput": 0.0}, "throughput")]:

@@ -329,9 +329,11 @@ def scratch_dir(near: Path) -> Iterator[Path]:
             remove(tmp)
 
 
-def write_file(path: Path, data: bytes | bytearray | memoryview) -> None:
+def write_file(path: Path, data: bytes | bytearray | memoryview, *, durable: bool = False) -> None:
     """Write ``data`` to ``path`` atomically (temporary sibling + rename; a reader sees old or new bytes, never
-    part). No lock: for keys whose concurrent writers write the same bytes or where the last writer wins."""
+    part). No lock: for keys whose concurrent writers write the same bytes or where the last writer wins.
+    ``durable``: the bytes reach the disk before the rename, and the rename before this returns (fsync of the
+    file, then of its folder), so that a power cut leaves the old file or the new one, never an empty one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.parent not in _SWEPT:
@@ -340,4 +342,22 @@ def write_file(path: Path, data: bytes | bytearray | memoryview) -> None:
     with tracked(temp_path(path)) as tmp:
         with open(tmp, "xb") as f:
             f.write(data)
+            if durable:
+                f.flush()
+                os.fsync(f.fileno())
         os.replace(tmp, path)
+    if durable:
+        fsync_dir(path.parent)
+
+
+def fsync_dir(directory: Path) -> None:
+    """Make the renames in ``directory`` durable (where the system lets a folder be opened and synced)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:
+        return
+    try:
+        with contextlib.suppress(OSError):
+            os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -15,8 +15,11 @@ What the loop carries from step to step is split in two. :class:`GispState` is t
 structure-table order, what a checkpoint holds. :class:`Workspace` is the working side: the model as
 compaction has cut it, which original structure sits at each position of each layer, and the
 persistent gradient accumulators; it is never saved and is rebuilt from a dense model and a GispState
-(:meth:`Workspace.sync`). What is fixed for the whole run is one :class:`GispPlan`. The math lives in
+(:meth:`Workspace.replay`). What is fixed for the whole run is one :class:`GispPlan`. The math lives in
 the pure modules; this file only sequences it, and is the only place that runs a backward pass.
+
+The loop has two seams for the outside (:class:`StepHooks`; ``nestprune.resume`` implements them): where
+to start (a state restored from a checkpoint), and a call after every completed step (save one).
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -34,6 +38,7 @@ from nestprune.objectives.base import Objective
 from nestprune.rank import attention
 from nestprune.rank.compact import CompactPolicy, LayerLayout, default_policy, select_, zero_positions_
 from nestprune.rank.compact import expand_ as expand_layer_
+from nestprune.rank.distributed import SINGLE, Group, sharded_scores, zero_sharded_
 from nestprune.rank.mask import layer_tensors
 from nestprune.rank.memory import install_accumulators, remove_accumulators, skip_packed_check
 from nestprune.rank.methods import GispConfig, GispOneShotConfig, RankJob, RankResult, Reporter
@@ -186,9 +191,21 @@ def scored_params(model: torch.nn.Module, structures: Structures, layers: list[i
 # ---------------------------------------------------------------------------------------------
 
 
-def score_layers(model: torch.nn.Module, structures: Structures, layers: list[int], grads: dict[str, torch.Tensor],
-                 normalisation: str, layout: dict[int, LayerLayout] | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """(normalised, raw) scores in structure-table order; layers not in ``layers`` get NaN.
+def layer_raw_scores(model: torch.nn.Module, structures: Structures, layer: int, grads: dict[str, torch.Tensor],
+                     layout: dict[int, LayerLayout] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Raw scores of one layer's structures present in the working model, in its positions' order."""
+    arch = structures.arch
+    lay = layout.get(layer) if layout else None
+    counts = lay.counts(structures) if lay is not None else None
+    weights = layer_tensors(model, arch, layer)
+    g = {s.name: grads[arch.layer_key(layer, s.name)] for s in structures.scored_slices()}
+    return layer_scores(structures, weights, g, counts)
+
+
+def score_vectors(structures: Structures, raw_scores: dict[int, tuple[torch.Tensor, torch.Tensor]], normalisation: str,
+                  layout: dict[int, LayerLayout] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(normalised, raw) scores in structure-table order from each scored layer's raw scores; layers not
+    scored get NaN.
 
     ``layout``: which structure sits at each position of a compacted layer's tensors; a structure no
     longer present (removed, cut out) scores exactly 0, as its zeroed weights would."""
@@ -196,12 +213,8 @@ def score_layers(model: torch.nn.Module, structures: Structures, layers: list[in
     n_attn, n_mlp = structures.attention_units, arch.intermediate_size
     norm = np.full(arch.num_layers * (n_attn + n_mlp), np.nan)
     raw = norm.copy()
-    for layer in layers:
+    for layer, (a, m) in raw_scores.items():
         lay = layout.get(layer) if layout else None
-        counts = lay.counts(structures) if lay is not None else None
-        weights = layer_tensors(model, arch, layer)
-        g = {s.name: grads[arch.layer_key(layer, s.name)] for s in structures.scored_slices()}
-        a, m = layer_scores(structures, weights, g, counts)
         na, nm = normalise(structures, a, m, normalisation)
         lo = layer * (n_attn + n_mlp)
         for out, (ta, tm) in ((raw, (a, m)), (norm, (na, nm))):
@@ -212,6 +225,13 @@ def score_layers(model: torch.nn.Module, structures: Structures, layers: list[in
                 full_a[lay.attn], full_m[lay.mlp] = ta.numpy(), tm.numpy()
                 out[lo : lo + n_attn + n_mlp] = np.concatenate([full_a, full_m])
     return norm, raw
+
+
+def score_layers(model: torch.nn.Module, structures: Structures, layers: list[int], grads: dict[str, torch.Tensor],
+                 normalisation: str, layout: dict[int, LayerLayout] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(normalised, raw) scores in structure-table order (:func:`score_vectors`) of ``layers``."""
+    return score_vectors(structures, {layer: layer_raw_scores(model, structures, layer, grads, layout)
+                                      for layer in layers}, normalisation, layout)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -249,13 +269,17 @@ class Workspace:
     """The working side of a run: the model as compaction has cut it, which original structure sits at
     each position of each layer (:class:`LayerLayout`), and the persistent gradient accumulators.
 
-    Never saved: :meth:`sync` brings a (dense or partly cut) model to any :class:`GispState`, so a run
-    resumed from a saved state rebuilds it from the base model. :meth:`restore` puts the model back to
-    full width with every removed structure zeroed (what the zeroing path leaves).
+    Never saved: :meth:`replay` brings the base model to a saved :class:`GispState` the way the run did, so a
+    run resumed from a checkpoint rebuilds it. :meth:`restore` puts the model back to full width with every
+    removed structure zeroed (what the zeroing path leaves).
+
+    ``group``: the ranks of a distributed build (``distributed.py``); each runs its share of the micro-batches,
+    and the step's sums meet in :meth:`accumulate` (data parallel: the gradients are all-reduced) or, under
+    ``--shard`` (no compaction), in :meth:`score` (per-unit partial scores are all-reduced).
     """
 
-    def __init__(self, model: torch.nn.Module, plan: GispPlan):
-        self.model, self.plan = model, plan
+    def __init__(self, model: torch.nn.Module, plan: GispPlan, group: Group = SINGLE):
+        self.model, self.plan, self.group = model, plan, group
         st = plan.structures
         self.layout = {layer: LayerLayout.full(st) for layer in range(st.arch.num_layers)}
         self.buffers: dict[str, torch.Tensor] = {}
@@ -274,12 +298,18 @@ class Workspace:
         params = self.params(layers)
         for name in set(self.buffers) - set(params):  # layers no longer scored (the never-pruned ones after step 0)
             del self.buffers[name]
-        return accumulate_gradients(self.model, objective, params, self.plan.batch_size, on_batch,
-                                    accumulator=self.plan.accumulator, buffers=self.buffers,
-                                    generator=self.generator)
+        loss, grads = accumulate_gradients(self.model, self.group.share(objective), params, self.plan.batch_size,
+                                           on_batch, accumulator=self.plan.accumulator, buffers=self.buffers,
+                                           generator=self.generator)
+        return self.group.reduce(loss, grads), grads  # the ranks' sums, once per step
 
     def score(self, layers: list[int], grads: dict[str, torch.Tensor]) -> tuple[np.ndarray, np.ndarray]:
-        return score_layers(self.model, self.plan.structures, layers, grads, self.plan.normalisation, self.layout)
+        st = self.plan.structures
+        if self.group.shard:
+            raw = sharded_scores(self.model, st, layers, grads, self.group)
+        else:
+            raw = {layer: layer_raw_scores(self.model, st, layer, grads, self.layout) for layer in layers}
+        return score_vectors(st, raw, self.plan.normalisation, self.layout)
 
     def _keep(self, live: np.ndarray, multiple: int, minimum: int = 1) -> np.ndarray | None:
         """Positions to keep when a block is cut (live ones, then removed ones as padding); None: not cut."""
@@ -301,7 +331,10 @@ class Workspace:
             live_a, live_m = ~removed[:n_attn][lay.attn], ~removed[n_attn:][lay.mlp]
             if live_a.all() and live_m.all():
                 continue
-            zero_positions_(self.model, st, layer, lay, live_a, live_m)
+            if self.group.shard:  # compaction is off: zero the removed units in this rank's shards
+                zero_sharded_(self.model, st, layer, live_a, live_m, self.group)
+            else:
+                zero_positions_(self.model, st, layer, lay, live_a, live_m)
             if not self.plan.compact:
                 continue
             keep_a, keep_m = self._keep(live_a, policy.head_multiple), self._keep(live_m, policy.channel_multiple, MIN_CHANNELS)
@@ -312,6 +345,17 @@ class Workspace:
             self.layout[layer] = select_(self.model, st, layer, lay,
                                          np.arange(len(lay.attn)) if keep_a is None else keep_a,
                                          np.arange(len(lay.mlp)) if keep_m is None else keep_m, self.config)
+
+    def replay(self, state: GispState) -> None:
+        """Bring the working model to a saved ``state`` the way the run reached it: one :meth:`sync` per completed
+        step, so that compaction cuts the same blocks to the same widths with the same padding (a block's new
+        width depends on its width before), and the resumed run computes exactly what the uninterrupted one did."""
+        partial = GispState.start(len(state.pruned))
+        for newly in state.order:
+            partial.pruned[newly] = True
+            self.sync(partial)
+        if not np.array_equal(partial.pruned, state.pruned):
+            raise ValueError("internal: the state's removal order does not match its removed structures")
 
     def widths(self) -> dict[str, int]:
         """Attention units and MLP channels present in the working model (summed over layers)."""
@@ -356,7 +400,7 @@ def run_step(work: Workspace, objective: Objective, plan: GispPlan, state: GispS
     loss, grads = work.accumulate(objective, layers, lambda d, tot: reporter.on_batch(t, d, tot))
     norm, raw = work.score(layers, grads)
     del grads
-    select_step(plan, state, norm, raw, ratio)
+    work.group.agree_step(t, norm, raw, select_step(plan, state, norm, raw, ratio))
     work.sync(state)
     rec = StepRecord(step=t, ratio=float(ratio), structures_removed=int(state.pruned.sum()),
                      param_sparsity=sparsity(plan, state), loss=loss if math.isfinite(loss) else None,
@@ -367,18 +411,38 @@ def run_step(work: Workspace, objective: Objective, plan: GispPlan, state: GispS
     return ratio
 
 
+class StepHooks(Protocol):
+    """What a run tells the outside, at two seams (``rank/checkpoint.py``'s checkpoints implement them)."""
+
+    def restore(self, plan: GispPlan, work: Workspace) -> GispState | None:
+        """A saved state to continue from (None: start afresh); may also restore random number generators."""
+
+    def step_done(self, plan: GispPlan, state: GispState, work: Workspace) -> None:
+        """Called after every completed step, the workspace synced to ``state``."""
+
+
+def done(plan: GispPlan, state: GispState) -> bool:
+    """Has the run reached its end (after step ``state.t - 1``)? Never before its first step."""
+    return state.t > 0 and finished(plan, state, plan.ratio(state.t - 1))
+
+
 def run_gisp(model: torch.nn.Module, objective: Objective, plan: GispPlan, reporter: Reporter,
-             state: GispState | None = None) -> tuple[Ranking, GispState]:
-    """Run GISP on ``model`` from ``state`` (a fresh one by default) to the end of the plan. The model is
-    changed in place and handed back at full width with every removed structure zeroed."""
-    state = state or GispState.start(len(plan.table))
-    work = Workspace(model, plan)
+             state: GispState | None = None, hooks: StepHooks | None = None,
+             group: Group | None = None) -> tuple[Ranking, GispState]:
+    """Run GISP on ``model`` from ``state`` (else the one ``hooks.restore`` gives, else a fresh one) to the end
+    of the plan, calling ``hooks.step_done`` after each step. The model is changed in place and handed back
+    at full width with every removed structure zeroed. ``group``: the ranks of a distributed build (each
+    calls this; ``hooks`` must then restore the same state on every rank)."""
+    work = Workspace(model, plan, group or SINGLE)
     try:
-        work.sync(state)
-        while True:
-            ratio = run_step(work, objective, plan, state, reporter)
-            if finished(plan, state, ratio):
-                break
+        if state is None and hooks is not None:
+            state = hooks.restore(plan, work)
+        state = state or GispState.start(len(plan.table))
+        work.replay(state)
+        while not done(plan, state):
+            run_step(work, objective, plan, state, reporter)
+            if hooks is not None:
+                hooks.step_done(plan, state, work)
     finally:
         work.restore()
     return finish_ranking(plan, state), state
@@ -412,7 +476,7 @@ def finish_ranking(plan: GispPlan, state: GispState) -> Ranking:
 def rank_gisp(cfg: GispConfig, job: RankJob) -> RankResult:
     """``--method gisp``: the iterative schedule."""
     plan = plan_gisp(job, r_max=cfg.r_max, steps=cfg.steps, one_shot=False, normalisation=cfg.normalisation)
-    ranking, state = run_gisp(job.model, job.objective, plan, job.reporter)
+    ranking, state = run_gisp(job.model, job.objective, plan, job.reporter, hooks=job.hooks, group=job.group)
     return RankResult(ranking=ranking, trajectory=state.trajectory, steps_planned=plan.steps_planned,
                       iterative=True, r_max=cfg.r_max, ratio_step=plan.delta, normalisation=cfg.normalisation)
 
@@ -420,6 +484,6 @@ def rank_gisp(cfg: GispConfig, job: RankJob) -> RankResult:
 def rank_gisp_oneshot(cfg: GispOneShotConfig, job: RankJob) -> RankResult:
     """``--method gisp-oneshot``: one step on the dense model."""
     plan = plan_gisp(job, r_max=cfg.r_max, steps=None, one_shot=True, normalisation=cfg.normalisation)
-    ranking, state = run_gisp(job.model, job.objective, plan, job.reporter)
+    ranking, state = run_gisp(job.model, job.objective, plan, job.reporter, hooks=job.hooks, group=job.group)
     return RankResult(ranking=ranking, trajectory=state.trajectory, steps_planned=plan.steps_planned,
                       iterative=False, r_max=cfg.r_max, ratio_step=0.0, normalisation=cfg.normalisation)

@@ -571,3 +571,50 @@ def measure_throughput(model: torch.nn.Module, *, micro_batch: int, seq_len: int
     finally:
         remove_accumulators(dict(enumerate(params)), [])
     return repeats * micro_batch * seq_len / seconds
+
+
+# ---------------------------------------------------------------------------------------------
+# Several GPUs: a rank's share of a sharded build
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ShardSizes:
+    """Elements of what ``--shard`` spreads over the ranks (``distributed.shard_model``): every decoder layer's
+    parameters (FSDP2 units), the largest layer, and the scored weights (all of them, and the largest
+    layer's)."""
+
+    layers: int
+    largest_layer: int
+    scored: int
+    scored_largest_layer: int
+
+    @classmethod
+    def of(cls, model: torch.nn.Module, config: Mapping[str, Any], gqa_mode: GqaMode = "query") -> ShardSizes:
+        arch = arch_from_config(config)
+        named = dict(model.named_parameters())
+        blocks = model.get_submodule(arch.fam.layers_path)
+        per_layer = [sum(p.numel() for p in block.parameters()) for block in blocks]
+        scored = [sum(named[n].numel() for n in grad_param_names(config, gqa_mode, [layer]))
+                  for layer in range(arch.num_layers)]
+        return cls(layers=sum(per_layer), largest_layer=max(per_layer), scored=sum(scored),
+                   scored_largest_layer=max(scored))
+
+
+def sharded_breakdown(single: MemoryBreakdown, sizes: ShardSizes, itemsize: int, ranks: int) -> MemoryBreakdown:
+    """One rank's peak under ``--shard`` over ``ranks`` GPUs, from the one-GPU peak ``single`` of the same
+    micro-batch (fp32 accumulators; weights of ``itemsize`` bytes). A model of FSDP2's allocations, not a
+    trace of them:
+
+    * weights: the layers' fp32 master shards (4 bytes / ranks per element) instead of the whole layers,
+      plus the rest of the model whole (embeddings, output layer, final norm), plus two layers gathered
+      whole in the build's dtype (the one computing and the next one);
+    * accumulators: the fp32 gradient shards of the scored weights (4 bytes / ranks), plus one layer's
+      reduce-scatter in flight (its gradient in the build's dtype and its fp32 copy);
+    * activations, logits and workspace: the one-GPU run's (FSDP shards no activation).
+    """
+    weights = (single.weights - sizes.layers * itemsize + -(-sizes.layers * 4 // ranks)
+               + 2 * sizes.largest_layer * itemsize)
+    accumulators = -(-sizes.scored * 4 // ranks) + sizes.scored_largest_layer * (itemsize + 4)
+    return MemoryBreakdown(weights=weights, accumulators=accumulators, activations=single.activations,
+                           logits=single.logits, workspace=single.workspace)

@@ -126,6 +126,10 @@ class RankJob:
     compact: bool = True
     compact_policy: Any = None
     accumulator: str = "fp32"
+    # GISP's seams for resume (``rank/gisp.py``'s StepHooks; ``rank/checkpoint.py``): where to start from, and
+    # a call after every completed step (a checkpoint); None: start afresh, save nothing
+    hooks: Any = None
+    group: Any = None  # the ranks of a build over several processes (``distributed.Group``); None: one process
 
     def prunable_layers(self) -> list[int]:
         return prunable_layers(self.structures.arch, self.skip_first_frac, self.skip_last)

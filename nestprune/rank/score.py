@@ -8,7 +8,7 @@ Block-wise normalisation divides by a constant per block type (arch.ArchInfo.nor
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 
 import torch
 
@@ -33,6 +33,41 @@ def fold_attention(st: Structures, s: TensorSlice, per: torch.Tensor) -> torch.T
     return per  # q under head kind; kv under MHA (head h = kv head h) or group kind (group g = kv head g)
 
 
+def scored_tensors(st: Structures) -> list[tuple[str, list[TensorSlice]]]:
+    """The scored tensors of a layer, each with its scored segments, in the order scores are summed."""
+    scored = st.scored_slices()
+    return [(name, [s for s in scored if s.name == name]) for name in dict.fromkeys(s.name for s in scored)]
+
+
+def segment_values(st: Structures, metric: Callable[[TensorSlice], torch.Tensor],
+                   counts: Mapping[str, int]) -> Iterator[tuple[TensorSlice, torch.Tensor]]:
+    """(segment, its per-unit sums of the metric in fp64 on the CPU) for every scored segment, in
+    :func:`scored_tensors` order. ``metric(slice)`` is called once per tensor, cut into its segments."""
+    arch = st.arch
+    for _, segments in scored_tensors(st):
+        whole = metric(segments[0])  # (out, in) of the whole tensor
+        for s in segments:
+            start, length = arch.segment_span(s, counts)
+            seg = whole.narrow(s.axis, start, length)  # this segment's rows (axis 0) or columns (axis 1)
+            yield s, per_unit(s, seg, counts[s.space], arch.space_width(s.space)).double().cpu()
+        del whole
+
+
+def fold(st: Structures, values: Iterable[tuple[TensorSlice, torch.Tensor]],
+         counts: Mapping[str, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-segment per-unit values (:func:`segment_values`' order) -> per structure: (attention units,),
+    (channels,) fp64, added segment after segment in the order given."""
+    units = counts["kv"] if st.attention_kind == "group" else counts["q"]
+    attn = torch.zeros(units, dtype=torch.float64)
+    mlp = torch.zeros(counts["mlp"], dtype=torch.float64)
+    for s, per in values:
+        if s.space == "mlp":
+            mlp += per
+        else:
+            attn += fold_attention(st, s, per)
+    return attn, mlp
+
+
 def aggregate(st: Structures, metric: Callable[[TensorSlice], torch.Tensor],
               counts: Mapping[str, int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Sum a per-weight metric over the weights each structure owns: (attention units,), (channels,) fp64.
@@ -40,27 +75,11 @@ def aggregate(st: Structures, metric: Callable[[TensorSlice], torch.Tensor],
     ``metric(slice)`` gives the (out, in) metric of the whole weight tensor ``slice.name`` of the layer; it is
     called once per tensor and cut into its segments (a fused tensor: one per segment it holds). ``counts``:
     units per index space of the tensors (default the base model's; a compacted layer's: then the values
-    are per unit present, in its order).
+    are per unit present, in its order). A sharded build (``distributed.py``) computes the same per-segment
+    values from each rank's shard and folds them alike.
     """
-    arch = st.arch
-    counts = counts or arch.counts()
-    units = counts["kv"] if st.attention_kind == "group" else counts["q"]
-    attn = torch.zeros(units, dtype=torch.float64)
-    mlp = torch.zeros(counts["mlp"], dtype=torch.float64)
-    scored = st.scored_slices()
-    for name in dict.fromkeys(s.name for s in scored):
-        segments = [s for s in scored if s.name == name]
-        whole = metric(segments[0])  # (out, in) of the whole tensor
-        for s in segments:
-            start, length = arch.segment_span(s, counts)
-            seg = whole.narrow(s.axis, start, length)  # this segment's rows (axis 0) or columns (axis 1)
-            per = per_unit(s, seg, counts[s.space], arch.space_width(s.space)).double().cpu()
-            if s.space == "mlp":
-                mlp += per
-            else:
-                attn += fold_attention(st, s, per)
-        del whole
-    return attn, mlp
+    counts = counts or st.arch.counts()
+    return fold(st, segment_values(st, metric, counts), counts)
 
 
 def weight_times_grad(w: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
