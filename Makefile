@@ -47,8 +47,8 @@ bench-registry: $(STAMP)
 bench-task: $(STAMP)
 	$(BIN)/python bench/task_aligned.py
 
-bench-build: $(STAMP)  ## build speed and memory: compaction, lean accumulation, streamed calibration (CPU; --scale gpu on a GPU)
-	$(BIN)/python bench/build_speed.py
+bench-build: $(STAMP)  ## build speed and memory: compaction, lean accumulation, streamed calibration (CPU; ARGS="--scale gpu" on a GPU)
+	$(BIN)/python bench/build_speed.py --corpus $(SHARED)/corpus $(ARGS)
 
 clean:
 	rm -rf runs .pytest_cache .ruff_cache

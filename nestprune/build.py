@@ -430,12 +430,14 @@ def _build(model_dir: Path, data: Path | None, out: Path, cfg: BuildConfig, devi
         plan_cfg = resuming.continued_config(cfg, saved) if saved is not None else cfg
         plan = plan_for_build(plan_cfg, read_config(model_dir), device, dtype, objective, ranks=group.world,
                               shard=group.shard, local_ranks=group.local_world)
+        if not plan.fits:
+            tries = (["--batch-size 1"] if plan.micro_batch > 1 else []) + (
+                ["--accumulator bf16-stochastic or fp32-host"] if plan.accumulator == "fp32" else
+                ["--accumulator fp32-host"] if plan.accumulator != "fp32-host" else [])
+            tries += ["a shorter --seq-len", "more ranks" if group.shard else "--shard over several GPUs"]
+            raise NestpruneError(f"the build {plan.verdict()}; try {', '.join(tries)} or a larger device")
         if hasattr(reporter, "on_plan"):
             reporter.on_plan(plan)
-        if not plan.fits:
-            raise NestpruneError(f"the build {plan.verdict()}; try --batch-size 1, --accumulator bf16-stochastic "
-                                 "or fp32-host, a shorter --seq-len, "
-                                 + ("more ranks" if group.shard else "--shard over several GPUs") + " or a larger device")
         micro_batch, accumulator = plan.micro_batch, plan.accumulator
     micro_batch, accumulator = resolved(cfg, micro_batch, accumulator)
     group.agree("the inputs (model config, calibration data, options, the memory plan's micro-batch, the checkpoint "

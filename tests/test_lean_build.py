@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import FAMILY_CONFIGS, SAMPLE_TEXT, make_tiny_model
+from torch.utils._python_dispatch import TorchDispatchMode
 from typer.testing import CliRunner
 
 from nestprune.artifact import read_artifact
@@ -152,8 +153,17 @@ def test_fp32_weights_accumulate_in_a_persistent_grad():
 # streamed calibration
 
 
-def test_streamed_windows_are_the_in_memory_windows(tokenizer, tmp_path):
+@pytest.mark.parametrize("docs_per_batch,chars_per_batch,sizes", [
+    (256, 1 << 18, [3]), (2, 1 << 18, [2, 1]), (256, 5, [2, 1]), (3, 1, [1, 1, 1])])
+def test_streamed_windows_are_the_in_memory_windows(tokenizer, tmp_path, monkeypatch, docs_per_batch,
+                                                    chars_per_batch, sizes):
+    """Whatever the tokeniser's batches (by documents, by characters, one document each)."""
+    import nestprune.rank.calibration as cal
+
+    monkeypatch.setattr(cal, "DOCS_PER_BATCH", docs_per_batch)
+    monkeypatch.setattr(cal, "CHARS_PER_BATCH", chars_per_batch)
     docs = [f"document {i} " + " ".join(SAMPLE_TEXT.split()[i : i + 3 + (i * 7) % 40]) for i in range(90)]
+    assert [len(b) for b in cal._batches(iter(["ab", "cde", "f"]))] == sizes
     path = tmp_path / "c.txt"
     path.write_text(f"\n{DOC_SEPARATOR}\n".join(docs) + "\n")
     stream = tokenize_documents(read_documents(path), tokenizer)
@@ -292,3 +302,96 @@ def test_plan_only_reads_nothing_but_the_config(tmp_path):
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)))
     p = plan_only(Path(tmp_path), BuildConfig(samples=8, seq_len=16, device="cpu", batch_size=3))
     assert p.fits and p.micro_batch == 3 and p.dtype == "float32" and p.steps == 16
+
+
+def test_a_build_that_does_not_fit_is_one_line_before_the_weights(tiny_model_dir, sample_text_file, tmp_path,
+                                                                   monkeypatch):
+    """On the command line: one ``error:`` line (and nothing on stdout) saying what the step needs and what
+    would fit, in readable units; status 2 (the settings do not fit); no weights loaded, nothing written."""
+    from test_cli_errors import one_error_line
+
+    import nestprune.build as build_mod
+    from nestprune.cli.main import app
+
+    monkeypatch.setattr(build_mod, "load_model", lambda *a: pytest.fail("loaded the weights"))
+    out = tmp_path / "out"
+    res = CliRunner().invoke(app, ["build", str(tiny_model_dir("llama")), "--data", str(sample_text_file), "--out",
+                                   str(out), "--samples", "6", "--seq-len", "16", "--steps", "3",
+                                   "--device-memory", "64KiB"])
+    line = one_error_line(res, 2)
+    assert "does not fit: needs" in line and "KiB usable of 64.0 KiB" in line and "would fit" in line
+    assert not out.exists() and not list(tmp_path.glob(".*out*"))
+
+
+# ---------------------------------------------------------------------------------------------
+# no host sync per micro-batch
+
+
+class _CountHostReads(TorchDispatchMode):
+    """Counts the ops that read a tensor's value on the host (a device sync on a GPU)."""
+
+    READS = (torch.ops.aten._local_scalar_dense.default, torch.ops.aten.is_nonzero.default,
+             torch.ops.aten.equal.default)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reads = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.reads += func in self.READS
+        return func(*args, **(kwargs or {}))
+
+
+class _PositionsLM:
+    """The LM loss on batches that bring their own position ids (as a packed-sequence objective would)."""
+
+    name = "positions"
+
+    def __init__(self, windows: torch.Tensor) -> None:
+        self.windows = windows
+
+    def batches(self, batch_size: int):
+        for i in range(0, len(self.windows), batch_size):
+            ids = self.windows[i : i + batch_size]
+            yield {"input_ids": ids, "position_ids": torch.arange(ids.shape[1]).expand_as(ids)}
+
+    def loss(self, model, batch):
+        ids = batch["input_ids"]
+        logits = model(input_ids=ids, position_ids=batch["position_ids"], use_cache=False).logits
+        nll = torch.nn.functional.cross_entropy(logits[:, :-1].float().transpose(1, 2), ids[:, 1:], reduction="none")
+        return nll.mean(1).sum() / len(self.windows)
+
+    def provenance(self) -> dict:
+        return {}
+
+
+@pytest.mark.parametrize("family", ["llama-gqa", "gemma3"])  # gemma3: two masks (sliding and full) per forward
+def test_the_loss_is_read_once_per_step_not_per_micro_batch(family):
+    """Host reads over a whole gradient pass: one (the summed loss), whatever the number of micro-batches;
+    transformers' packed-sequence check is skipped only while the model makes the position ids."""
+    from transformers import masking_utils
+
+    model = make_tiny_model(family)
+    windows = torch.randint(3, 300, (8, 12))
+    calib = CalibrationSet(windows=windows, source="m", sha256="0" * 64, seed=0, documents=1,
+                           tokens_available=windows.numel())
+    named = dict(model.named_parameters())
+    params = {n: p for n, p in named.items() if ".layers.1." in n and n.endswith("proj.weight")}
+    original = masking_utils.find_packed_sequence_indices
+    losses = []
+    for micro in (8, 2, 1):
+        with _CountHostReads() as count:
+            loss, _ = accumulate_gradients(model, LanguageModeling(calib), params, micro)
+        assert count.reads == 1, (micro, count.reads)
+        losses.append(loss)
+    assert losses[0] == pytest.approx(losses[2], rel=1e-6)
+    assert masking_utils.find_packed_sequence_indices is original  # put back
+    # position ids from the batch: the check runs (a value read per forward), and gives the same loss
+    reads = []
+    for micro in (8, 2):
+        with _CountHostReads() as count:
+            loss, _ = accumulate_gradients(model, _PositionsLM(windows), params, micro)
+        reads.append(count.reads)
+        assert loss == pytest.approx(losses[0], rel=1e-5)
+    assert reads[1] > reads[0] > 1
+    assert masking_utils.find_packed_sequence_indices is original

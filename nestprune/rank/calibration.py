@@ -12,7 +12,6 @@ span the windows cover. Memory: a few bytes per document plus the covered tokens
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +22,10 @@ import torch
 from nestprune.errors import NestpruneError
 from nestprune.io.text import iter_documents, sha256_file
 
-DOCS_PER_BATCH = 256  # documents tokenised at once
+# documents tokenised at once: up to this many, and up to this many characters (the tokenizer's output for a
+# batch — ids as Python ints and its per-token encodings — takes ~100-200 bytes a token while it lives)
+DOCS_PER_BATCH = 256
+CHARS_PER_BATCH = 1 << 18
 
 
 @dataclass(frozen=True)
@@ -42,9 +44,17 @@ class CalibrationSet:
         return int(self.windows.numel())
 
 
-def _batches(docs: Iterable[str], size: int = DOCS_PER_BATCH) -> Iterator[list[str]]:
-    it = iter(docs)
-    while batch := list(itertools.islice(it, size)):
+def _batches(docs: Iterable[str]) -> Iterator[list[str]]:
+    """Consecutive documents, at most DOCS_PER_BATCH of them and (past the first) CHARS_PER_BATCH characters."""
+    batch: list[str] = []
+    chars = 0
+    for doc in docs:
+        if batch and (len(batch) >= DOCS_PER_BATCH or chars + len(doc) > CHARS_PER_BATCH):
+            yield batch
+            batch, chars = [], 0
+        batch.append(doc)
+        chars += len(doc)
+    if batch:
         yield batch
 
 

@@ -40,7 +40,7 @@ from nestprune.rank.compact import CompactPolicy, LayerLayout, default_policy, s
 from nestprune.rank.compact import expand_ as expand_layer_
 from nestprune.rank.distributed import SINGLE, Group, sharded_scores, zero_sharded_
 from nestprune.rank.mask import layer_tensors
-from nestprune.rank.memory import install_accumulators, remove_accumulators
+from nestprune.rank.memory import install_accumulators, remove_accumulators, skip_packed_check
 from nestprune.rank.methods import GispConfig, GispOneShotConfig, RankJob, RankResult, Reporter
 from nestprune.rank.schedule import order_within_step, ratio_step, select_pruned
 from nestprune.rank.score import layer_scores, normalise
@@ -156,6 +156,8 @@ def accumulate_gradients(
     hooks: list = []
     batches = list(objective.batches(batch_size))
     total = torch.zeros((), dtype=torch.float64, device=device)
+    # no batch brings position ids (the model makes 0..T-1): no packed-sequence check, no host sync per batch
+    undo_check = skip_packed_check() if not any("position_ids" in b for b in batches) else (lambda: None)
     try:
         buffers, hooks = install_accumulators(params, accumulator, buffers=buffers, generator=generator)
         for i, batch in enumerate(batches):
@@ -172,6 +174,7 @@ def accumulate_gradients(
                  for n, p in params.items()}
     finally:
         remove_accumulators(params, hooks)
+        undo_check()
     return float(total), grads
 
 

@@ -196,23 +196,37 @@ def register_fused_attention() -> str:
     return attention.register(FUSED_ATTENTION)
 
 
-@contextmanager
-def meta_safe_masks() -> Iterator[None]:
-    """transformers' packed-sequence check reads a tensor value (``.item()``), which meta tensors do not
-    have; on meta it answers "not packed", as it does for the build's windows. Only masked attention
-    implementations (eager) reach it; :func:`fused_attention` has no mask function and skips it."""
+def skip_packed_check(applies: Callable[[torch.Tensor], bool] = lambda position_ids: True) -> Callable[[], None]:
+    """transformers' packed-sequence check (``masking_utils.find_packed_sequence_indices``, run by every
+    forward without an attention mask) reads a tensor value: a host sync per forward on a GPU, and an error
+    on meta. Until the returned undo is called it answers "not packed" without reading anything wherever
+    ``applies(position_ids)`` — right whenever the model makes its own position ids (0..T-1 in every row),
+    as for the build's windows. A transformers version without the check is left alone."""
     from transformers import masking_utils
 
-    original = masking_utils.find_packed_sequence_indices
+    original = getattr(masking_utils, "find_packed_sequence_indices", None)
+    if original is None:
+        return lambda: None
 
     def find_packed(position_ids: torch.Tensor):
-        return None if position_ids.device.type == "meta" else original(position_ids)
+        return None if applies(position_ids) else original(position_ids)
+
+    def undo() -> None:
+        masking_utils.find_packed_sequence_indices = original
 
     masking_utils.find_packed_sequence_indices = find_packed
+    return undo
+
+
+@contextmanager
+def meta_safe_masks() -> Iterator[None]:
+    """:func:`skip_packed_check` on meta tensors only (they have no values to read). Only masked attention
+    implementations (eager) reach the check; :func:`fused_attention` has no mask function and skips it."""
+    undo = skip_packed_check(lambda position_ids: position_ids.device.type == "meta")
     try:
         yield
     finally:
-        masking_utils.find_packed_sequence_indices = original
+        undo()
 
 
 def hf_config(config: Mapping[str, Any]):

@@ -84,7 +84,11 @@ def parse_memory(text: str | int) -> int:
 
 
 def format_bytes(n: int | float) -> str:
-    return f"{n / GiB:.1f} GiB"
+    """GiB with one decimal from 1 GiB up; MiB or KiB below (a small model's plan stays readable)."""
+    for unit, name in ((GiB, "GiB"), (1 << 20, "MiB")):
+        if n >= unit:
+            return f"{n / unit:.1f} {name}"
+    return f"{n / 1024:.1f} KiB"
 
 
 def detect_device_memory(device: torch.device | int | None = None) -> int | None:
