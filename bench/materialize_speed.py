@@ -2,7 +2,7 @@
 time ratio and peak memory; and every command's startup against ``python -c "import torch"``.
 
     python bench/materialize_speed.py [--layers 16 --hidden 2048 --heads 16 --kv-heads 4
-                                       --intermediate 5632 --vocab 32000 --repeats 5]
+                                       --intermediate 5632 --vocab 32000 --repeats 5] [--before DIR]
 
 Writes a random fp16 Llama (GQA) of the given shape straight to safetensors shards (~1.7 GB by default,
 never instantiating a model), a random-order artifact for it (the writer's cost does not depend on
@@ -17,6 +17,8 @@ runs made seconds apart on this shared machine:
 
 Files are in the page cache for every run (they were just written), so this compares CPU + write cost,
 not cold-disk reads; ``sync`` runs (untimed) before each run so none pays for another's writeback.
+``--before DIR`` (a source tree of older nestprune code, e.g. ``git archive main | tar -x -C DIR``) adds every
+case and the materialize / pull startup run with that code, in the same rounds: before and after side by side.
 Writes a Markdown table (``--out``, default bench/results/materialize.md).
 """
 
@@ -37,7 +39,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+SRC = Path(os.environ.get("NESTPRUNE_BENCH_SRC") or ROOT)  # the code a child measures (``--before``: older code)
+sys.path.insert(0, str(SRC))
 
 CASES = (  # (label, operation, sparsity, layout, multiple_of)
     ("materialize per-layer s=0.3", "materialize", 0.3, "per-layer", None),
@@ -45,6 +48,23 @@ CASES = (  # (label, operation, sparsity, layout, multiple_of)
     ("materialize uniform s=0.3, multiple of 128", "materialize", 0.3, "uniform", 128),
     ("pull per-layer s=0.3 from a local registry", "pull", 0.3, "per-layer", None),
     ("pull uniform s=0.3, multiple of 128, from a local registry", "pull", 0.3, "uniform", 128),
+)
+NOTES = (
+    "## Notes",
+    "",
+    "How the writer spends its time (``nestprune.variant.hf``, ``nestprune.registry.source``): every byte of the "
+    "base is hashed once, from a mapping of the page cache, by the same job that then writes that block's kept "
+    "rows straight from the mapping (``pwritev``) — the default content check costs no second read; columns "
+    "(o_proj, down_proj) are gathered by numpy into a reused buffer. A local-registry pull checks every chunk's "
+    "sha256 and writes straight from the mapped blobs. What remains is the work itself: one kernel copy per kept "
+    "byte, the hash of every base byte (XXH3; SHA-256 of every kept chunk for a pull, about 1.3 GB/s per core "
+    "here), the element gathers of down_proj's kept columns and the transposes of a pull's o_proj / down_proj.",
+    "",
+    "Two properties of these virtual machines shaped the writer (measured while developing it, not by this "
+    "script): a `pwrite` of 16 MiB at once, or from a buffer on transparent huge pages, cost 1.5–2.3 CPU s per "
+    "496 MB where 1 MiB writes from small pages cost 0.15–0.26; so every write is cut into 1 MiB calls and every "
+    "buffer is mapped with MADV_NOHUGEPAGE (``nestprune.io.buffers``). Two threads writing one file made the "
+    "kernel spin on the file's lock; writes to one file now take turns on a lock in Python, where waiting sleeps.",
 )
 STARTUP = (  # (label, argv after `python`)
     ('python -c "import torch"', ["-c", "import torch"]),
@@ -232,30 +252,43 @@ def cpu_seconds() -> float:
     return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
 
 
-def measure(op: str, *args: str) -> dict:
+def code_env(src: Path | None) -> dict[str, str]:
+    """The environment of a child measuring the code in ``src`` (None: this tree)."""
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    if src is not None:
+        env["NESTPRUNE_BENCH_SRC"] = str(src)
+        env["PYTHONPATH"] = str(src)
+    return env
+
+
+def measure(op: str, *args: str, src: Path | None = None) -> dict:
     os.sync()  # every run starts with no dirty pages left by the previous one (untimed)
     res = subprocess.run([sys.executable, __file__, "--child", op, *args], capture_output=True, text=True,
-                         env={**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")})
+                         env=code_env(src))
     if res.returncode:
         raise SystemExit(f"{op} failed:\n{res.stderr}")
     return json.loads(res.stdout.strip().splitlines()[-1])
 
 
-def once(op: str, out: Path, *args: str) -> dict:
+def once(op: str, out: Path, *args: str, src: Path | None = None) -> dict:
     shutil.rmtree(out, ignore_errors=True)
-    r = measure(op, *args)
+    r = measure(op, *args, src=src)
     shutil.rmtree(out, ignore_errors=True)
     return r
 
 
-def startup_seconds(argv: list[str], repeats: int) -> float:
-    """Best wall time of ``python argv`` (a whole process: interpreter, imports, the command)."""
-    best = float("inf")
+def startup_seconds(argv: list[str], repeats: int, src: Path | None = None) -> tuple[float, float]:
+    """Best wall time and best CPU time (user + sys) of ``python argv`` (a whole process: interpreter, imports,
+    the command, the exit)."""
+    best, best_cpu = float("inf"), float("inf")
     for _ in range(repeats):
+        r0 = resource.getrusage(resource.RUSAGE_CHILDREN)
         t = time.perf_counter()
-        subprocess.run([sys.executable, *argv], check=True, capture_output=True, cwd=ROOT)
+        subprocess.run([sys.executable, *argv], check=True, capture_output=True, cwd=src or ROOT, env=code_env(src))
         best = min(best, time.perf_counter() - t)
-    return best
+        r1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+        best_cpu = min(best_cpu, r1.ru_utime - r0.ru_utime + r1.ru_stime - r0.ru_stime)
+    return best, best_cpu
 
 
 def median(xs: list[float]) -> float:
@@ -283,7 +316,10 @@ def main() -> None:
     p.add_argument("--vocab", type=int, default=32000)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "materialize.md")
+    p.add_argument("--before", type=Path, default=None,
+                   help="a source tree of older nestprune code to measure in the same rounds")
     a = p.parse_args()
+    versions = [("", None)] + ([("before: ", a.before.resolve())] if a.before else [])
 
     work = Path(tempfile.mkdtemp(prefix="nestprune-bench-"))
     load = [os.getloadavg()[0]]
@@ -301,18 +337,19 @@ def main() -> None:
               f"(made and pushed in {time.perf_counter() - t0:.0f}s)", flush=True)
         idle = measure("idle")
         copies: list[dict] = []
-        runs: dict[str, list[dict]] = {label: [] for label, *_ in CASES}
+        runs: dict[str, list[dict]] = {tag + label: [] for label, *_ in CASES for tag, _ in versions}
         for rnd in range(a.repeats):
             copies.append(once("copy", work / "copy", str(base), str(work / "copy")))
             for label, op, s, layout, mult in CASES:
-                out = work / "variant"
-                args = ((str(art), str(base)) if op == "materialize" else (f"{reg}/bench",)) + (
-                    str(out), str(s), layout, str(mult or "none"))
-                r = once(op, out, *args)
-                r["ratio"] = copies[-1]["seconds"] / r["seconds"]
-                runs[label].append(r)
-                print(f"round {rnd + 1}: {label}: {r['seconds']:.2f}s, cp {copies[-1]['seconds']:.2f}s, "
-                      f"{r['ratio']:.2f}x cp's speed", flush=True)
+                for tag, src in versions:
+                    out = work / "variant"
+                    args = ((str(art), str(base)) if op == "materialize" else (f"{reg}/bench",)) + (
+                        str(out), str(s), layout, str(mult or "none"))
+                    r = once(op, out, *args, src=src)
+                    r["ratio"] = copies[-1]["seconds"] / r["seconds"]
+                    runs[tag + label].append(r)
+                    print(f"round {rnd + 1}: {tag}{label}: {r['seconds']:.2f}s, cp {copies[-1]['seconds']:.2f}s, "
+                          f"{r['ratio']:.2f}x cp's speed, {r['cpu_s']:.2f} CPU s", flush=True)
             load.append(os.getloadavg()[0])
         # startup: a tiny model, so the command's own work is negligible next to its imports
         tiny = argparse.Namespace(layers=2, hidden=64, heads=4, kv_heads=2, intermediate=128, vocab=256)
@@ -331,9 +368,12 @@ def main() -> None:
             ("nestprune gc (dry run, local registry)", ["-m", "nestprune", "gc", str(treg)]),
             ("nestprune inspect (artifact)", ["-m", "nestprune", "inspect", str(tart)]),
         ):
-            startup.append((label, startup_seconds(argv, a.repeats)))
-        for label, secs in startup:
-            print(f"startup {label}: {secs:.2f}s", flush=True)
+            for tag, src in versions:
+                if tag and label.split()[1] not in ("materialize", "pull"):
+                    continue
+                startup.append((tag + label, startup_seconds(argv, a.repeats, src)))
+        for label, (secs, cpu) in startup:
+            print(f"startup {label}: {secs:.2f}s, {cpu:.2f} CPU s", flush=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
@@ -369,7 +409,7 @@ def main() -> None:
             f"| {label} | {median(ratios):.2f} | {max(ratios):.2f} / {min(ratios):.2f} | {best['seconds']:.2f} | "
             f"{median([r.get('cpu_s', float('nan')) for r in rs]):.2f} | {best['bytes'] / 1e9:.2f} | {max(r['max_rss_mb'] for r in rs):.0f} | "
             f"{max(r['anon_peak_mb'] - r['anon_after_imports_mb'] for r in rs):.0f} |")
-    torch_s = startup[0][1]
+    torch_s, torch_cpu = startup[0][1]
     lines += [
         "",
         f"Peak RSS (VmHWM, the maximum over rounds) includes the ~{idle['max_rss_mb']:.0f} MB of a process that only "
@@ -379,15 +419,16 @@ def main() -> None:
         "",
         "## Startup",
         "",
-        "Wall time of the whole process (best of the rounds), on a tiny model so the work itself is negligible. "
-        "Target: `materialize` and `pull` within 1 s of `python -c \"import torch\"`.",
+        "Wall time and CPU time of the whole process (interpreter, imports, the command, the exit; best of the "
+        "rounds), on a tiny model so the work itself is negligible. Target: `materialize` and `pull` within 1 s of "
+        "`python -c \"import torch\"`.",
         "",
-        "| command | seconds | − import torch |",
-        "|---|---|---|",
+        "| command | seconds | − import torch | CPU s | − import torch (CPU) |",
+        "|---|---|---|---|---|",
     ]
-    for label, secs in startup:
-        lines.append(f"| {label} | {secs:.2f} | {secs - torch_s:+.2f} |")
-    lines.append("")
+    for label, (secs, cpu) in startup:
+        lines.append(f"| {label} | {secs:.2f} | {secs - torch_s:+.2f} | {cpu:.2f} | {cpu - torch_cpu:+.2f} |")
+    lines += ["", *NOTES, ""]
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text("\n".join(lines))
     print(f"wrote {a.out}")

@@ -80,8 +80,6 @@ def test_parallel_small_block_jobs_write_the_same_bytes(models, expected, tmp_pa
     that every tensor is many jobs, writes what the sequential writer and ``take`` write."""
     base, art = models["q"]
     monkeypatch.setattr(hf, "BLOCK_BYTES", 4096)
-    monkeypatch.setattr(hf, "KERNEL_COPY_MIN", 2048)
-    monkeypatch.setattr(hf, "COALESCE_GAP", 512)
     monkeypatch.setattr(hf, "PARALLEL_MIN_BYTES", 0)
     materialize(art, base, tmp_path / "v", sparsity=0.3, layout=layout)
     same(tmp_path / "v", expected("q", 0.3, layout))

@@ -8,9 +8,12 @@ content    (default check) every byte of every tensor, hashed fast: each tensor'
            XXH3-128 over its dtype, shape and block hashes (``schemas.artifact.ContentFingerprint``). Any changed
            bit of any tensor changes its digest (up to a 2^-128 chance per tensor, for data nobody crafted to
            collide), so a fine-tune, a partial fine-tune, a merged adapter or a one-row edit of the same shapes
-           is refused. Every byte is read: a sample of rows cannot see a one-row edit. The read also brings the
-           base into the page cache, where materialize's own reads then find it (``bench/fingerprint_cost.py``
-           measures the cost). The digest does not depend on how tensors are split into files.
+           is refused. Every byte is read: a sample of rows cannot see a one-row edit. Blocks are hashed straight
+           from mapped views of the page cache (no copy). ``materialize`` does not read the base twice for it:
+           the variant writer hashes each block of the base while it holds it to cut the kept rows out
+           (``ContentCheck``) and compares the digests before it publishes the variant
+           (``bench/fingerprint_cost.py`` measures the cost). The digest does not depend on how tensors are split
+           into files.
 files      sha256 of every weight file (``--full-check``): byte-exact files, headers and metadata included.
 
 Artifacts of schema version 1 have no content fingerprint: they are checked as before (config, file names
@@ -24,11 +27,11 @@ import json
 import math
 import os
 import struct
-from collections.abc import Iterator, Mapping
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Mapping
 from contextlib import ExitStack
 from dataclasses import dataclass
 from enum import StrEnum
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -46,7 +49,7 @@ if TYPE_CHECKING:
     from nestprune.schemas.artifact import ArtifactManifest
 
 BLOCK_BYTES = 16 << 20
-READ_THREADS = 4  # blocks read (pread releases the GIL) while others are hashed
+READ_THREADS = 4  # blocks hashed at once (XXH3 releases the GIL; a cold block waits on the disk meanwhile)
 MAX_HEADER_BYTES = 100 << 20  # safetensors' own limit
 ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
             "U16": 2, "U32": 4, "U64": 8, "F8_E4M3": 1, "F8_E5M2": 1}
@@ -189,17 +192,21 @@ def content_sha256(tensors: Mapping[str, TensorDigest]) -> str:
     return h.hexdigest()
 
 
-def _blocks(spans: list[TensorSpan], block_bytes: int) -> Iterator[tuple[int, TensorSpan, int, int]]:
-    for i, s in enumerate(spans):
-        for off in range(0, s.nbytes, block_bytes):
-            yield i, s, s.start + off, min(block_bytes, s.nbytes - off)
+def block_count(nbytes: int, block_bytes: int) -> int:
+    return max(1, -(-nbytes // block_bytes))  # an empty tensor has one (empty) block
 
 
-def content_fingerprint(model_dir: Path, block_bytes: int = BLOCK_BYTES, threads: int = READ_THREADS,
-                        spans: Mapping[str, TensorSpan] | None = None) -> ContentFingerprint:
-    """Hash every tensor of ``model_dir`` (every byte; see the module docstring)."""
-    spans = dict(spans) if spans is not None else tensor_spans(model_dir)
-    order = sorted(spans.values(), key=lambda s: (str(s.file), s.start))  # sequential reads, file by file
+def hash_spans(spans: list[TensorSpan], block_bytes: int = BLOCK_BYTES, threads: int = READ_THREADS,
+               into: Mapping[str, list[bytes | None]] | None = None) -> dict[str, list[bytes]]:
+    """The block digests of every tensor in ``spans`` (every byte read), hashed straight from mapped views of the
+    page cache (no copy into buffers), one block per job on ``threads`` threads — XXH3 releases the GIL — with
+    the blocks ahead asked of the disk while the current ones are hashed (a cold file is read in parallel).
+    With ``into``, blocks already there (not None) are not read again."""
+    from nestprune.io.buffers import mapped
+    from nestprune.io.parallel import run_jobs
+
+    order = sorted(spans, key=lambda s: (str(s.file), s.start))  # sequential reads, file by file
+    out: dict[str, list[bytes | None]] = {}
     with ExitStack() as stack:
         fds: dict[Path, int] = {}
         for s in order:
@@ -208,22 +215,86 @@ def content_fingerprint(model_dir: Path, block_bytes: int = BLOCK_BYTES, threads
                 stack.callback(os.close, fd)
                 fds[s.file] = fd
 
-        def block(job: tuple[int, TensorSpan, int, int]) -> tuple[int, bytes]:
-            i, s, offset, n = job
-            data = os.pread(fds[s.file], n, offset)
-            if len(data) != n:
-                raise NestpruneError(f"{s.file} ended early while reading tensor {s.name} (was it changed "
-                                     "while being read?)")
-            return i, xxhash.xxh3_128_digest(data)
+        def block(s: TensorSpan, k: int) -> tuple[str, int, bytes]:
+            n = min(block_bytes, s.nbytes - k * block_bytes)
+            try:
+                with mapped(fds[s.file], s.start + k * block_bytes, n, ahead=threads * block_bytes) as view:
+                    return s.name, k, xxhash.xxh3_128_digest(view)
+            except NestpruneError:
+                raise NestpruneError(f"{s.file} ended early while reading tensor {s.name} (was it changed while "
+                                     "being read?)") from None
 
-        per_tensor: list[list[bytes]] = [[] for _ in order]
-        with ThreadPoolExecutor(max(1, threads)) as pool:
-            for i, d in pool.map(block, _blocks(order, block_bytes)):
-                per_tensor[i].append(d)
-    tensors = {s.name: TensorDigest(dtype=s.dtype, shape=list(s.shape), digest=_tensor_digest(s.dtype, s.shape, b))
-               for s, b in zip(order, per_tensor, strict=True)}
+        jobs = []
+        for s in order:
+            have = (into or {}).get(s.name)
+            out[s.name] = list(have) if have is not None else [None] * block_count(s.nbytes, block_bytes)
+            jobs += [partial(block, s, k) for k, d in enumerate(out[s.name]) if d is None]
+        for name, k, digest in run_jobs(jobs, max(1, threads)):
+            out[name][k] = digest
+    return out  # type: ignore[return-value]
+
+
+def content_fingerprint(model_dir: Path, block_bytes: int = BLOCK_BYTES, threads: int = READ_THREADS,
+                        spans: Mapping[str, TensorSpan] | None = None) -> ContentFingerprint:
+    """Hash every tensor of ``model_dir`` (every byte; see the module docstring)."""
+    spans = dict(spans) if spans is not None else tensor_spans(model_dir)
+    blocks = hash_spans(list(spans.values()), block_bytes, threads)
+    tensors = {s.name: TensorDigest(dtype=s.dtype, shape=list(s.shape), digest=_tensor_digest(s.dtype, s.shape, blocks[s.name]))
+               for s in spans.values()}
     tensors = dict(sorted(tensors.items()))
     return ContentFingerprint(block_bytes=block_bytes, sha256=content_sha256(tensors), tensors=tensors)
+
+
+class ContentCheck:
+    """A content check fed as the base is read anyway: whoever holds a tensor's bytes (the variant writer's jobs,
+    each with one block of a tensor in hand) hands their block digests to ``add``; ``finish`` reads and hashes
+    what nobody handed in (``rest``, e.g. the local files), compares every digest with the fingerprint and raises
+    ``fail(names of the tensors that differ)``. The variant writer calls ``finish`` before it publishes anything,
+    so a base that fails leaves nothing behind, as a check made before writing would — at the cost of one read
+    of the base instead of two. Thread-safe: each (tensor, block) has one slot, written once."""
+
+    def __init__(self, expected: ContentFingerprint, fail: Callable[[list[str]], NestpruneError],
+                 rest: Callable[[list[str], Mapping[str, list[bytes | None]]], Mapping[str, list[bytes]]] | None = None,
+                 blocks: Mapping[str, int] | None = None):
+        self.expected, self.fail, self.rest = expected, fail, rest
+        self.block_bytes = expected.block_bytes
+        sizes = blocks or {n: block_count(math.prod(t.shape) * ITEMSIZE[t.dtype], self.block_bytes)
+                           for n, t in expected.tensors.items()}
+        self._blocks: dict[str, list[bytes | None]] = {n: [None] * k for n, k in sizes.items()}
+
+    def wants(self, name: str) -> bool:
+        """Whether digests of ``name`` are still missing."""
+        return any(d is None for d in self._blocks.get(name, ()))
+
+    def add(self, name: str, k: int, digest: bytes) -> None:
+        self._blocks[name][k] = digest
+
+    def finish(self) -> None:
+        missing = [n for n in self._blocks if self.wants(n)]
+        if missing and self.rest is not None:
+            for name, got in self.rest(missing, self._blocks).items():
+                self._blocks[name] = list(got)
+        changed = [n for n, t in self.expected.tensors.items() if n in self._blocks and not self.wants(n)
+                   and _tensor_digest(t.dtype, tuple(t.shape), self._blocks[n]) != t.digest]  # type: ignore[arg-type]
+        if changed:
+            raise self.fail(changed)
+
+
+def local_check(model_dir: Path, expected: ContentFingerprint, spans: Mapping[str, TensorSpan]) -> ContentCheck:
+    """A ``ContentCheck`` of a local base directory whose tensors (``spans``) have the fingerprint's names, dtypes
+    and shapes (``compare_tensors``): every tensor must be seen; what the reader did not hand in is read here."""
+    model_dir = Path(model_dir)
+
+    def fail(changed: list[str]) -> NestpruneError:
+        return NestpruneError(
+            f"{model_dir} {NOT_THE_BASE}: {len(changed)} of {len(expected.tensors)} tensors hold other values "
+            f"({_examples(changed)}); same shapes, other weights (a fine-tune, another checkpoint or a merged "
+            "adapter?)")
+
+    def rest(names: list[str], have: Mapping[str, list[bytes | None]]) -> Mapping[str, list[bytes]]:
+        return hash_spans([spans[n] for n in names], expected.block_bytes, into=have)
+
+    return ContentCheck(expected, fail, rest, {n: block_count(s.nbytes, expected.block_bytes) for n, s in spans.items()})
 
 
 def fingerprint(model_dir: Path) -> BaseFingerprint:
@@ -231,7 +302,7 @@ def fingerprint(model_dir: Path) -> BaseFingerprint:
     model_dir = Path(model_dir)
     files = [FileDigest(name=f.name, size=f.stat().st_size, sha256=sha256_file(f)) for f in weight_files(model_dir)]
     return BaseFingerprint(path=str(model_dir), config_sha256=sha256_file(config_path(model_dir)), files=files,
-                           content=content_fingerprint(model_dir))
+                           content=content_fingerprint(model_dir, BLOCK_BYTES))  # (looked up now: tests shrink it)
 
 
 # --- checks ------------------------------------------------------------------------------------------------
@@ -255,20 +326,20 @@ def compare_tensors(have: Mapping[str, tuple[str, tuple[int, ...]]], want: Conte
     return None
 
 
-def check_content(model_dir: Path, expected: ContentFingerprint, spans: Mapping[str, TensorSpan] | None = None) -> None:
+def begin_content_check(model_dir: Path, expected: ContentFingerprint,
+                        spans: Mapping[str, TensorSpan] | None = None) -> ContentCheck:
+    """The content check, names, dtypes and shapes done (cheap), the read of every byte still to come
+    (``ContentCheck.finish``, or fed by a reader first)."""
     model_dir = Path(model_dir)
     spans = spans if spans is not None else tensor_spans(model_dir)
-    shapes = {n: (s.dtype, s.shape) for n, s in spans.items()}
-    why = compare_tensors(shapes, expected)
+    why = compare_tensors({n: (s.dtype, s.shape) for n, s in spans.items()}, expected)
     if why:
         raise NestpruneError(f"{model_dir} {NOT_THE_BASE}: {why}")
-    got = content_fingerprint(model_dir, expected.block_bytes, spans=spans)
-    if got.sha256 != expected.sha256:
-        changed = [n for n, t in expected.tensors.items() if got.tensors[n].digest != t.digest]
-        raise NestpruneError(
-            f"{model_dir} {NOT_THE_BASE}: {len(changed)} of {len(expected.tensors)} tensors hold other values "
-            f"({_examples(changed)}); same shapes, other weights (a fine-tune, another checkpoint or a merged "
-            "adapter?)")
+    return local_check(model_dir, expected, spans)
+
+
+def check_content(model_dir: Path, expected: ContentFingerprint, spans: Mapping[str, TensorSpan] | None = None) -> None:
+    begin_content_check(model_dir, expected, spans).finish()
 
 
 def check_fingerprint(model_dir: Path, expected: BaseFingerprint, full: bool = False) -> BaseCheck:
@@ -277,12 +348,20 @@ def check_fingerprint(model_dir: Path, expected: BaseFingerprint, full: bool = F
     Always config.json's sha256; then with ``full`` every weight file's sha256 (names and sizes first), else
     the content fingerprint where the artifact has one, else (schema 1 artifacts) weight file names and sizes.
     """
+    kind, pending = begin_check(model_dir, expected, full)
+    if pending is not None:
+        pending.finish()
+    return kind
+
+
+def begin_check(model_dir: Path, expected: BaseFingerprint, full: bool = False) -> tuple[BaseCheck, ContentCheck | None]:
+    """``check_fingerprint`` with the content check (the read of every tensor byte) returned pending, for a reader
+    of the base to feed as it reads (``ContentCheck``); None when the check is something else (done here)."""
     model_dir = Path(model_dir)
     if sha256_file(config_path(model_dir)) != expected.config_sha256:
         raise NestpruneError(f"{model_dir} {NOT_THE_BASE} (config.json differs)")
     if not full and expected.content is not None:
-        check_content(model_dir, expected.content)
-        return BaseCheck.CONTENT
+        return BaseCheck.CONTENT, begin_content_check(model_dir, expected.content)
     have = {f.name: f for f in weight_files(model_dir)}
     want = {f.name: f for f in expected.files}
     if set(have) != set(want):
@@ -294,11 +373,11 @@ def check_fingerprint(model_dir: Path, expected: BaseFingerprint, full: bool = F
         if have[name].stat().st_size != f.size:
             raise NestpruneError(f"{model_dir} {NOT_THE_BASE} ({name} differs in size)")
     if not full:
-        return BaseCheck.SIZES
+        return BaseCheck.SIZES, None
     for name, f in want.items():
         if sha256_file(have[name]) != f.sha256:
             raise NestpruneError(f"{model_dir} {NOT_THE_BASE} ({name} sha256 differs)")
-    return BaseCheck.FILES
+    return BaseCheck.FILES, None
 
 
 def check_base_arch(model_dir: Path, manifest: ArtifactManifest) -> None:
@@ -320,11 +399,24 @@ def check_base(model_dir: Path, manifest: ArtifactManifest, full: bool = False) 
 # --- sources -----------------------------------------------------------------------------------------------
 
 class CheckedSource:
-    """A ``TensorSource`` whose whole-tensor reads are checked against a content fingerprint as they stream
-    (no extra read): what a registry pull uses, whose partial reads are checked by their chunk sha256."""
+    """A ``TensorSource`` whose whole tensors are checked against a content fingerprint (a registry version: its
+    sliced reads are checked by their chunk sha256, and only whole tensors can be compared with the base's
+    digests). ``take`` of a whole tensor checks it at once; a writer that moves bytes with the source's own
+    ``copy_jobs`` hands the whole tensors it wrote to ``content_check`` and calls its ``finish`` before it
+    publishes (``nestprune.variant.hf``)."""
 
     def __init__(self, source: TensorSource, content: ContentFingerprint, where: str):
         self.source, self.content, self.where = source, content, where
+
+        def fail(changed: list[str]) -> NestpruneError:
+            return NestpruneError(f"{where}: tensor {changed[0]} does not hold what the artifact's base held (its "
+                                  "content fingerprint differs); the registry copy is not of this base")
+
+        self.content_check = ContentCheck(content, fail)  # no ``rest``: what was not seen whole is not compared
+        if hasattr(source, "copy_jobs"):
+            self.copy_jobs = source.copy_jobs  # type: ignore[attr-defined]
+        if hasattr(source, "write_workers"):
+            self.write_workers = source.write_workers  # type: ignore[attr-defined]
 
     def names(self) -> list[str]:
         return self.source.names()
@@ -339,8 +431,7 @@ class CheckedSource:
         t = self.source.take(name, axis, index)
         if index is None and name in self.content.tensors:
             if digest_tensor(t, self.content.block_bytes) != self.content.tensors[name].digest:
-                raise NestpruneError(f"{self.where}: tensor {name} does not hold what the artifact's base held "
-                                     "(its content fingerprint differs); the registry copy is not of this base")
+                raise self.content_check.fail([name])
         return t
 
 

@@ -35,7 +35,7 @@ def row_runs(index: np.ndarray) -> list[tuple[int, int]]:
     breaks = np.flatnonzero(np.diff(index) != 1) + 1
     starts = np.concatenate([[0], breaks])
     ends = np.concatenate([breaks, [len(index)]])
-    return [(int(index[s]), int(index[e - 1]) + 1) for s, e in zip(starts, ends, strict=True)]
+    return list(zip(index[starts].tolist(), (index[ends - 1] + 1).tolist(), strict=True))
 
 
 class TensorSource(Protocol):
@@ -80,6 +80,7 @@ class SafetensorsSource:
 
     def __init__(self, model_dir: Path):
         self.model_dir = Path(model_dir)
+        self.content_check = None  # a ``fingerprint.ContentCheck`` a writer feeds as it reads (``materialize``)
         self._stack = ExitStack()
         self._where: dict[str, object] = {}
         try:

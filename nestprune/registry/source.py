@@ -8,10 +8,13 @@ in parallel — checks every chunk against its sha256 before use, and returns ex
 
 ``copy_jobs`` is what the HF writer uses instead of ``take``: a tensor stored whole (embeddings, norms,
 lm_head) is written in blocks of whole chunks straight from the fetched bytes (no gather, memory bounded
-by the block); a permuted tensor is fetched once (its kept chunks), then gathered into original order in
-blocks of output rows. Jobs hold at most ``MEMORY_BYTES`` of fetched bytes together (a job waits for room);
-kept bytes of one permuted tensor above ``SPILL_BYTES`` are held in an unlinked temporary file instead, so a
-pull's memory stays bounded whatever the model.
+by the block); a permuted tensor is fetched once (its kept chunks), then written in original order: rows
+straight from the fetched bytes (one ``pwritev`` per ~1 MB of rows, no gather), transposed tensors (o_proj,
+down_proj) gathered and transposed in blocks of output rows in two reused buffers. Jobs hold at most
+``MEMORY_BYTES`` of fetched bytes together (a job waits for room); kept bytes of one permuted tensor above
+``SPILL_BYTES`` are held in an unlinked temporary file instead, so a pull's memory stays bounded whatever the
+model. From a local directory with no cache to fill, nothing is fetched: the chunks are checked and written
+straight from the mapped blob (``LocalStore.mapped_range``, the page cache itself).
 
 A chunk whose bytes do not match its sha256 is fetched again (``ATTEMPTS`` tries: a flipped bit in transit
 is transient, a corrupt registry copy is not) and never used.
@@ -31,18 +34,19 @@ import numpy as np
 import torch
 
 from nestprune.errors import NestpruneError
+from nestprune.io.buffers import scratch, small_pages
 from nestprune.io.parallel import default_workers
 from nestprune.io.weights import DTYPES
 from nestprune.registry.cache import ChunkCache, sha256
 from nestprune.registry.nested import stored_order, stored_rows_of, tensor_from_bytes
-from nestprune.registry.stores import ATTEMPTS, DEFAULT_JOBS, PART_BYTES, KeyNotFound, Store
+from nestprune.registry.stores import ATTEMPTS, DEFAULT_JOBS, PART_BYTES, KeyNotFound, ShortBlob, Store
 from nestprune.registry.versions import blob_key
 from nestprune.schemas.registry import FileRef, TensorEntry, VersionManifestV1
 
 BLOCK_BYTES = 16 << 20  # what one write job of a whole tensor fetches and writes
 SPILL_BYTES = 256 << 20  # kept bytes of one permuted tensor above which they wait in a temporary file
-MEMORY_BYTES = 1 << 30
-_BITS = {1: np.int8, 2: np.int16, 4: np.int32, 8: np.int64}  # a dtype's bits, for copies that only move them  # fetched bytes all of a pull's jobs may hold in memory at once
+MEMORY_BYTES = 1 << 30  # fetched bytes all of a pull's jobs may hold in memory at once
+_TORCH_BITS = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}  # a dtype's bits: copies only move them
 
 
 @dataclass
@@ -89,7 +93,7 @@ class _Budget:
     def __init__(self, total: int):
         self.total = total
         self.out = 0  # bytes of buffers handed out
-        self.kept: dict[int, list[bytearray]] = {}  # free buffers by size
+        self.kept: dict[int, list[mmap.mmap]] = {}  # free buffers by size
         self._cond = threading.Condition()
 
     @staticmethod
@@ -99,7 +103,7 @@ class _Budget:
     def _kept_bytes(self) -> int:
         return sum(k * len(v) for k, v in self.kept.items())
 
-    def take(self, n: int) -> bytearray:
+    def take(self, n: int) -> mmap.mmap:
         size = self.size_for(n)
         with self._cond:
             self._cond.wait_for(lambda: self.out + size <= self.total or self.out == 0)
@@ -109,9 +113,9 @@ class _Budget:
             for k in sorted(self.kept, reverse=True):  # make room: drop kept buffers of other sizes
                 while self.kept[k] and self.out + self._kept_bytes() > self.total:
                     self.kept[k].pop()
-        return bytearray(size)
+        return small_pages(size)
 
-    def give(self, buf: bytearray) -> None:
+    def give(self, buf: mmap.mmap) -> None:
         with self._cond:
             self.out -= len(buf)
             if self.out + self._kept_bytes() + len(buf) <= self.total:
@@ -120,36 +124,55 @@ class _Budget:
 
 
 class _Held:
-    """Fetched chunks of one tensor laid end to end: a buffer from ``budget``, or — above ``SPILL_BYTES`` — an
-    unlinked temporary file, mapped (page cache the kernel can write back and evict)."""
+    """Verified chunks of one tensor, ``at[c]`` = where chunk ``c`` starts in ``buf``. Either the chunks laid end
+    to end in a buffer from ``budget`` (or — above ``SPILL_BYTES`` — in an unlinked temporary file, mapped: page
+    cache the kernel can write back and evict); or, from a local store with no cache to fill, the blob itself,
+    mapped (``view``: nothing copied; chunks at their own offsets from the first one)."""
 
-    def __init__(self, size: int, budget: _Budget | None = None):
+    def __init__(self, size: int, budget: _Budget | None = None, view: memoryview | None = None,
+                 closer: Callable[[], None] | None = None):
         self.size = size
-        spill = size > min(SPILL_BYTES, budget.total if budget else SPILL_BYTES)
-        self._budget = None if spill else budget
-        self._file = tempfile.TemporaryFile(prefix="nestprune-pull-") if spill else None
+        self.mapped = view is not None
+        self.at: dict[int, int] = {}
+        self._closer = closer
+        self._budget = budget
+        self._file = None
         self._map: mmap.mmap | None = None
-        self._buf: bytearray | None = None
-        if self._file is not None:
+        if view is not None:
+            self._budget = None
+            self.buf: memoryview = view
+            return
+        spill = size > min(SPILL_BYTES, budget.total if budget else SPILL_BYTES)
+        if spill:
+            self._budget = None
+            self._file = tempfile.TemporaryFile(prefix="nestprune-pull-")
             self._file.truncate(size)
             self._map = mmap.mmap(self._file.fileno(), size) if size else None
-            self.buf: memoryview = memoryview(self._map) if self._map is not None else memoryview(b"")
+            self.buf = memoryview(self._map) if self._map is not None else memoryview(b"")
         else:
-            self._buf = self._budget.take(size) if self._budget is not None else bytearray(size)
-            self.buf = memoryview(self._buf)[:size]
+            self._map = self._budget.take(size) if self._budget is not None else small_pages(size)
+            self.buf = memoryview(self._map)[:size]
+
+    def rows(self, e: TensorEntry, rows: np.ndarray) -> np.ndarray:
+        """Row of ``buf`` (in rows of the stored tensor) of each stored row in ``rows`` (whose chunks it holds)."""
+        ids = np.array(sorted(self.at), dtype=np.int64)
+        starts = np.array([self.at[c] for c in ids.tolist()], dtype=np.int64)  # chunks start on whole rows
+        return starts[np.searchsorted(ids, rows // e.chunk_rows)] // _row_bytes(e) + rows % e.chunk_rows
 
     def close(self) -> None:
         try:
             self.buf.release()
-            if self._map is not None:
+            if self._map is not None and self._budget is None:
                 self._map.close()
         except BufferError:  # a view is still alive (an exception is unwinding): the collector frees it
-            self._buf = None
+            self._map = None
+        if self._closer is not None:
+            self._closer()
         if self._file is not None:
             self._file.close()  # unlinked since it was made: nothing stays on disk
-        if self._budget is not None and self._buf is not None:
-            self._budget.give(self._buf)
-        self._budget = self._buf = None
+        if self._budget is not None and self._map is not None:
+            self._budget.give(self._map)
+        self._budget = self._map = self._closer = None
 
 
 class RegistrySource:
@@ -242,9 +265,8 @@ class RegistrySource:
 
     def _whole_job(self, name: str, e: TensorEntry, a: int, b: int, sink) -> int:
         step = _row_bytes(e) * e.chunk_rows
-        held = _Held(min(b * step, e.size) - a * step, self._budget)
+        held = self._hold(name, e, list(range(a, b)))
         try:
-            self._fill(name, e, list(range(a, b)), held)
             return sink.write(a * step, held.buf)
         finally:
             held.close()
@@ -253,35 +275,33 @@ class RegistrySource:
         if len(idx) == 0:
             return 0
         rows = self._stored_rows(e, idx)
-        need = np.unique(rows // e.chunk_rows)
-        step = _row_bytes(e) * e.chunk_rows
-        sizes = [min((c + 1) * step, e.size) - c * step for c in need.tolist()]
-        held = _Held(sum(sizes), self._budget)
+        held = self._hold(name, e, np.unique(rows // e.chunk_rows).tolist())
         try:
-            self._fill(name, e, need.tolist(), held)
+            local = held.rows(e, rows)  # row of ``held`` for each kept index, in order
             row = _row_bytes(e)
-            slot = np.searchsorted(need, rows // e.chunk_rows)
-            local = slot * e.chunk_rows + rows % e.chunk_rows  # row of ``held`` for each kept index, in order
-            units = np.frombuffer(held.buf, dtype=np.dtype((np.void, row)))
-            written = 0
-            if not e.transposed:  # output rows = kept stored rows in original order, in blocks of rows
-                per = max(1, BLOCK_BYTES // row)
-                for i in range(0, len(local), per):
-                    written += sink.write(i * row, np.take(units, local[i: i + per]))
-                return written
-            # transposed (o_proj, down_proj): output (rows, kept) = held rows ``local`` transposed, by row blocks;
-            # torch's blocked transpose copy is ~3x numpy's here
+            if not e.transposed:  # output rows = kept stored rows in original order: written straight from ``held``
+                runs = np.flatnonzero(np.diff(local) != 1) + 1  # runs of rows adjacent in ``held``
+                first = local[np.r_[0, runs]] * row
+                last = (local[np.r_[runs - 1, len(local) - 1]] + 1) * row
+                return sink.write(0, [held.buf[x:y] for x, y in zip(first.tolist(), last.tolist(), strict=True)])
+            # transposed (o_proj, down_proj): output (rows, kept) = held rows ``local`` transposed, by blocks of output
+            # rows gathered then transposed in two reused buffers (torch's blocked transpose copy: ~3x numpy's)
             itemsize = DTYPES[e.dtype].itemsize
             cols = e.stored_shape[1]  # = output rows
-            kept = torch.from_numpy(np.frombuffer(held.buf, dtype=_BITS[itemsize]).reshape(-1, cols))
+            src = tensor_from_bytes(held.buf, _TORCH_BITS[itemsize], (-1, cols))
             order = torch.from_numpy(np.ascontiguousarray(local, dtype=np.int64))
             per = max(1, BLOCK_BYTES // max(1, len(local) * itemsize))
+            written = 0
             for r in range(0, cols, per):
-                part = kept[:, r: r + per].index_select(0, order).t().contiguous()  # (rows in block, kept)
+                n = min(per, cols - r)
+                picked = torch.frombuffer(scratch(len(local) * n * itemsize, 1), dtype=src.dtype).view(len(local), n)
+                torch.index_select(src[:, r: r + n], 0, order, out=picked)
+                part = torch.frombuffer(scratch(len(local) * n * itemsize, 2), dtype=src.dtype).view(n, len(local))
+                part.copy_(picked.t())
                 written += sink.write(r * len(local) * itemsize, part.numpy())
             return written
         finally:
-            units = kept = None  # noqa: F841  (drop the views before the buffer goes)
+            src = picked = part = None  # noqa: F841  (drop the views before the buffer goes)
             held.close()
 
     # --- bytes ----------------------------------------------------------------------------------------
@@ -290,15 +310,10 @@ class RegistrySource:
         rest = tuple(e.stored_shape[1:])
         if len(rows) == 0:
             return torch.empty((0, *rest), dtype=dtype)
-        need = np.unique(rows // e.chunk_rows)
-        step = _row_bytes(e) * e.chunk_rows
-        held = _Held(sum(min((c + 1) * step, e.size) - c * step for c in need.tolist()), self._budget)
+        held = self._hold(name, e, np.unique(rows // e.chunk_rows).tolist())
         try:
-            self._fill(name, e, need.tolist(), held)
             block = tensor_from_bytes(held.buf, dtype, (-1, *rest) if rest else (-1,))
-            slot = np.searchsorted(need, rows // e.chunk_rows)  # position of each row's chunk among those read
-            local = slot * e.chunk_rows + rows % e.chunk_rows
-            out = block.index_select(0, torch.as_tensor(local, dtype=torch.long))
+            out = block.index_select(0, torch.as_tensor(held.rows(e, rows), dtype=torch.long))
             del block
             return out
         finally:
@@ -310,23 +325,59 @@ class RegistrySource:
                 self._net = ThreadPoolExecutor(self.workers, thread_name_prefix="nestprune-net")
             return self._net
 
-    def _fill(self, name: str, e: TensorEntry, ids: list[int], held: _Held) -> None:
-        """Put the verified bytes of chunks ``ids`` (ascending) end to end into ``held``: from the cache where it
-        has them, else with ranged reads of runs of adjacent missing chunks, in parts of at most
-        ``PART_BYTES`` fetched in parallel."""
+    def _hold(self, name: str, e: TensorEntry, ids: list[int]) -> _Held:
+        """The verified bytes of chunks ``ids`` (ascending) of tensor ``name``: mapped straight from the blob where
+        the store is a local directory and there is no cache to fill (nothing copied), else fetched into a
+        buffer (``_fill``). Any chunk that fails its sha256 is an error."""
+        step = _row_bytes(e) * e.chunk_rows
+        spans = {c: (c * step, min((c + 1) * step, e.size)) for c in ids}
+        map_range = getattr(self.store, "mapped_range", None)
+        if map_range is not None and self.cache is None and ids:
+            lo, hi = spans[ids[0]][0], spans[ids[-1]][1]
+            ctx = map_range(blob_key(e.blob), lo, hi - lo)
+            try:
+                view = ctx.__enter__()
+            except ShortBlob:
+                view = None  # read it the usual way: the short chunk is reported there
+            except KeyNotFound:
+                raise self._missing(name, e) from None
+            if view is not None:
+                held = _Held(hi - lo, view=view, closer=lambda: ctx.__exit__(None, None, None))
+                held.at = {c: a - lo for c, (a, _) in spans.items()}
+                return self._fill(name, e, ids, held)
+        held = _Held(sum(b - a for a, b in spans.values()), self._budget)
+        pos = 0
+        for c in ids:
+            held.at[c] = pos
+            pos += spans[c][1] - spans[c][0]
+        return self._fill(name, e, ids, held)
+
+    def _missing(self, name: str, e: TensorEntry) -> NestpruneError:
+        return NestpruneError(f"{self.store.url}: blob sha256:{e.blob[:12]} of tensor {name} is missing; the "
+                              "registry is damaged (push this model again)")
+
+    def _fill(self, name: str, e: TensorEntry, ids: list[int], held: _Held) -> _Held:
+        """Check chunks ``ids`` (ascending) of ``held`` against their sha256 — reading them first into their places
+        ``held.at`` unless ``held`` maps the blob: from the cache where it has them, else with ranged reads of runs
+        of adjacent missing chunks, in parts of at most ``PART_BYTES``, fetched (or checked) in parallel. Returns
+        ``held``; closes it if anything fails."""
+        try:
+            self._fill_parts(name, e, ids, held)
+        except BaseException:
+            held.close()
+            raise
+        return held
+
+    def _fill_parts(self, name: str, e: TensorEntry, ids: list[int], held: _Held) -> None:
         step = _row_bytes(e) * e.chunk_rows
 
         def span(c: int) -> tuple[int, int]:
             return c * step, min((c + 1) * step, e.size)
 
-        at: dict[int, int] = {}
-        pos = 0
-        for c in ids:
-            at[c] = pos
-            pos += span(c)[1] - span(c)[0]
+        at = held.at
         missing: list[int] = []
         for c in ids:
-            data = self.cache.get(e.chunks[c]) if self.cache else None
+            data = self.cache.get(e.chunks[c]) if self.cache and not held.mapped else None
             if data is None or len(data) != span(c)[1] - span(c)[0]:
                 missing.append(c)
             else:
@@ -345,9 +396,11 @@ class RegistrySource:
             start, end = span(run[0])[0], span(run[-1])[1]
             dest = held.buf[at[run[0]]: at[run[0]] + (end - start)]
             bad: list[int] = []
-            for attempt in range(ATTEMPTS):
+            for attempt in range(1 if held.mapped else ATTEMPTS):  # the mapped blob is what it is: no retry
                 try:
-                    if read_into is not None:
+                    if held.mapped:
+                        n = len(dest)
+                    elif read_into is not None:
                         n = read_into(blob_key(e.blob), start, dest)
                     else:
                         data = self.store.read_range(blob_key(e.blob), start, end)
@@ -355,10 +408,7 @@ class RegistrySource:
                         dest[:n] = memoryview(data)[:n]
                         del data
                 except KeyNotFound:
-                    raise NestpruneError(
-                        f"{self.store.url}: blob sha256:{e.blob[:12]} of tensor {name} is missing; "
-                        "the registry is damaged (push this model again)"
-                    ) from None
+                    raise self._missing(name, e) from None
                 self.stats.add(fetched=n, requests=1, retries=1 if attempt else 0)
                 bad = []
                 for c in run:

@@ -15,12 +15,13 @@ urllib3 for HTTP (connection reuse, thread-safe pools). Other fsspec URLs go thr
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import threading
 import time
 import urllib.parse
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +29,7 @@ from typing import Protocol, TypeVar
 
 from nestprune.errors import NestpruneError
 from nestprune.io import atomic
+from nestprune.io.buffers import mapped
 
 T = TypeVar("T")
 DEFAULT_JOBS = 8  # concurrent transfers (``--jobs``)
@@ -42,6 +44,10 @@ def default_registry_dir() -> Path:
 
 class KeyNotFound(NestpruneError):
     """A key the registry does not hold."""
+
+
+class ShortBlob(Exception):
+    """A blob shorter than a read asked for (the reader reports it as a failed chunk)."""
 
 
 class Transient(Exception):
@@ -132,6 +138,25 @@ class LocalStore:
             return got
         finally:
             os.close(fd)
+
+    @contextlib.contextmanager
+    def mapped_range(self, key: str, start: int, length: int) -> Iterator[memoryview]:
+        """A read-only view of ``length`` bytes of ``key`` from ``start``, mapped straight on the page cache (no
+        copy) for the ``with`` block; a blob shorter than that is ``ShortBlob``."""
+        try:
+            fd = os.open(self._path(key), os.O_RDONLY)
+        except (FileNotFoundError, NotADirectoryError):
+            raise KeyNotFound(f"{self.url}: no {key}") from None
+        try:
+            if os.fstat(fd).st_size < start + length:
+                raise ShortBlob(key)
+            with mapped(fd, start, length) as view:
+                os.close(fd)  # the mapping holds the file
+                fd = -1
+                yield view
+        finally:
+            if fd >= 0:
+                os.close(fd)
 
     def write(self, key: str, data: bytes | memoryview) -> None:
         atomic.write_file(self._path(key), data)

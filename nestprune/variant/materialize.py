@@ -120,11 +120,13 @@ def materialize(
 
     The base must be the artifact's (``io.fingerprint.check_base``, in two steps): config.json's sha256, the manifest's
     architecture, and the content of every tensor (with ``full_check``: every file's sha256; artifacts of
-    schema version 1 only have file names and sizes, and ``base_check`` says "sizes"). ``verify`` compares
+    schema version 1 only have file names and sizes, and ``base_check`` says "sizes"). The content check reads
+    the base once, with the writer: the hf writer hashes every block of the base as it cuts the variant out of it
+    and refuses before it publishes anything (other writers: the check reads the base first). ``verify`` compares
     fp64 logits with the masked base's (``variant.verify``).
     """
     from nestprune.artifact import read_artifact
-    from nestprune.io.fingerprint import check_base_arch, check_fingerprint
+    from nestprune.io.fingerprint import begin_check, check_base_arch
 
     check_target(sparsity, params)
     inputs = (Path(artifact_path), Path(base_dir))
@@ -135,8 +137,12 @@ def materialize(
     manifest, ranking = read_artifact(Path(artifact_path))
     check_base_arch(Path(base_dir), manifest)  # cheap checks first: the read of every byte comes last
     spec = plan_target(ranking, sparsity, params, layout, multiple_of)
-    base_check = check_fingerprint(Path(base_dir), manifest.base, full=full_check)
+    base_check, pending = begin_check(Path(base_dir), manifest.base, full=full_check)
+    if pending is not None and not getattr(writer(format).load(), "feeds_content_check", False):
+        pending.finish()  # a writer that cannot hash the base as it reads it: read it once more, first
+        pending = None
     with SafetensorsSource(Path(base_dir)) as source:
+        source.content_check = pending  # the writer finishes it before it publishes anything
         written = materialize_variant(
             source, ranking, spec, Path(base_dir), Path(out), format=format, base=manifest.base,
             artifact_digest=manifest.digest(), requested_params=params, shard_bytes=shard_bytes,
