@@ -160,10 +160,23 @@ def _build(model_dir: Path, data: Path | None, out: Path, method: str, objective
     )
 
 
-def resume_command() -> str:
-    """The command line that continues this build: the one given, with ``--resume``."""
+def resume_command(env: dict[str, str] | None = None) -> str:
+    """The command line that continues this build: the one given, with ``--resume``; under torchrun, the torchrun
+    launch of as many ranks per node and nodes (the launcher's own rendezvous options are not visible to a rank)."""
+    import os
+
+    env = os.environ if env is None else env
     args = invocation()
-    return shlex.join(["nestprune", *args, *([] if "--resume" in args else ["--resume"])])
+    tail = [*args, *([] if "--resume" in args else ["--resume"])]
+    try:
+        world, local = int(env.get("WORLD_SIZE", "1")), int(env.get("LOCAL_WORLD_SIZE", env.get("WORLD_SIZE", "1")))
+    except ValueError:
+        world = local = 1
+    if world <= 1 or local < 1:
+        return shlex.join(["nestprune", *tail])
+    nodes = max(1, world // local)
+    launch = ["torchrun", f"--nproc-per-node={local}", *([f"--nnodes={nodes}"] if nodes > 1 else []), "-m", "nestprune"]
+    return shlex.join([*launch, *tail]) + (" (with the same rendezvous options)" if nodes > 1 else "")
 
 
 def register(app: typer.Typer) -> None:

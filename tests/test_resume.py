@@ -598,3 +598,15 @@ def test_a_checkpoint_write_that_fails_before_its_commit_leaves_the_previous_one
         step(1)
     assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
     assert load_checkpoint(folder).doc.steps_done == 1
+
+
+def test_the_resume_hint_under_torchrun_relaunches_as_many_ranks(monkeypatch):
+    from nestprune.cli import build as cli_build
+
+    monkeypatch.setattr(cli_build, "invocation", lambda: ["build", "m", "--data", "d x", "--out", "a"])
+    assert cli_build.resume_command({}) == "nestprune build m --data 'd x' --out a --resume"
+    one_node = cli_build.resume_command({"WORLD_SIZE": "4", "LOCAL_WORLD_SIZE": "4", "RANK": "0"})
+    assert one_node == "torchrun --nproc-per-node=4 -m nestprune build m --data 'd x' --out a --resume"
+    two_nodes = cli_build.resume_command({"WORLD_SIZE": "16", "LOCAL_WORLD_SIZE": "8", "RANK": "0"})
+    assert two_nodes.startswith("torchrun --nproc-per-node=8 --nnodes=2 -m nestprune build m ")
+    assert two_nodes.endswith("--resume (with the same rendezvous options)")
